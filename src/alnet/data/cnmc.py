@@ -1,0 +1,255 @@
+"""Find a C-NMC 2019 dataset on disk and list its cells.
+
+Both public layouts load (DESIGN.md §1):
+
+    Kaggle  C-NMC_Leukemia/training_data/fold_{0,1,2}/{all,hem}/UID_*.bmp
+            C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data/<n>.bmp (+ _labels.csv beside it)
+            C-NMC_Leukemia/testing_data/C-NMC_test_final_phase_data/<n>.bmp   (unlabelled)
+    TCIA    C-NMC_training_data/fold_{0,1,2}/{all,hem}/UID_*.bmp
+            C-NMC_test_prelim_phase_data/<n>.bmp (+ C-NMC_test_prelim_phase_data_labels.csv)
+            C-NMC_test_final_phase_data/<n>.bmp
+
+A root that is itself `training_data` (it holds `fold_*` folders) loads too. Everything the scan could not
+use is returned as a `Problem` (file + what to do), never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALL, HEM = 1, 0
+CLASS_NAMES = {ALL: "all", HEM: "hem"}
+IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
+
+# UID_<subject>_<image>_<cell>_all.bmp (ALL) and UID_H<subject>_<image>_<cell>_hem.bmp (HEM); case varies.
+_NAME = re.compile(r"^UID_(H?)(\d+)_(\d+)_(\d+)_(all|hem)$", re.IGNORECASE)
+
+
+class DatasetError(Exception):
+    """The dataset cannot be used at all (no layout, nothing labelled). The message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    path: Path
+    label: int | None  # 1 ALL, 0 HEM, None for the unlabelled final test set
+    subject: str | None  # "13" for ALL subjects, "H13" for HEM subjects; None when unknown
+    fold: int | None  # training fold, None outside the training data
+    split: str  # "train", "prelim" or "final"
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: Path
+    message: str  # says what is wrong and what to do
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass
+class Layout:
+    name: str  # "kaggle", "tcia" or "training_data"
+    training: Path | None = None
+    prelim: Path | None = None
+    prelim_labels: Path | None = None
+    final: Path | None = None
+
+
+@dataclass
+class Dataset:
+    root: Path
+    layout: Layout
+    cells: list[Cell] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def select(self, split: str | None = None, labelled: bool | None = None) -> list[Cell]:
+        return [
+            c
+            for c in self.cells
+            if (split is None or c.split == split) and (labelled is None or (c.label is not None) == labelled)
+        ]
+
+
+def parse_name(name: str) -> tuple[str, int]:
+    """`UID_h3_1_2_hem.bmp` -> ("H3", 0); raises ValueError when the name does not follow the C-NMC scheme."""
+    match = _NAME.match(Path(name).stem)
+    if not match:
+        raise ValueError(f"{name!r} is not a C-NMC cell name (UID_<subject>_<image>_<cell>_all|hem)")
+    hem_prefix, number, _image, _cell, kind = match.groups()
+    label = ALL if kind.lower() == "all" else HEM
+    if bool(hem_prefix) != (label == HEM):
+        raise ValueError(f"{name!r} mixes an {'HEM' if hem_prefix else 'ALL'} subject id with a {kind} suffix")
+    # HEM subjects carry the H prefix, so an ALL and a HEM subject can never share an id.
+    subject = f"H{int(number)}" if label == HEM else str(int(number))
+    return subject, label
+
+
+def _first_dir(*candidates: Path) -> Path | None:
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def _has_folds(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() and p.name.lower().startswith("fold_") for p in path.iterdir())
+
+
+def locate(root: Path) -> Layout:
+    """Find the parts of a C-NMC dataset under `root` (the root itself, C-NMC_Leukemia/ or one folder down)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such directory; pass the folder that holds the C-NMC data")
+    bases = [root, root / "C-NMC_Leukemia"] + sorted(p for p in root.iterdir() if p.is_dir())
+    for base in bases:
+        if _has_folds(base):  # the root is the training folder itself
+            return Layout("training_data", training=base)
+        kaggle = _first_dir(base / "training_data")
+        tcia = _first_dir(base / "C-NMC_training_data")
+        if not (kaggle or tcia):
+            continue
+        layout = Layout("kaggle" if kaggle else "tcia", training=kaggle or tcia)
+        layout.prelim = _first_dir(
+            base / "validation_data" / "C-NMC_test_prelim_phase_data", base / "C-NMC_test_prelim_phase_data"
+        )
+        if layout.prelim is not None:
+            for csv_path in (layout.prelim.parent / LABELS_CSV, layout.prelim / LABELS_CSV, base / LABELS_CSV):
+                if csv_path.is_file():
+                    layout.prelim_labels = csv_path
+                    break
+        layout.final = _first_dir(
+            base / "testing_data" / "C-NMC_test_final_phase_data", base / "C-NMC_test_final_phase_data"
+        )
+        return layout
+    raise DatasetError(
+        f"{root}: no C-NMC dataset found; expected C-NMC_Leukemia/training_data/fold_0/all/*.bmp (Kaggle) "
+        "or C-NMC_training_data/fold_0/all/*.bmp (TCIA) below it"
+    )
+
+
+def _is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in {"thumbs.db", "desktop.ini"}
+
+
+def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -> None:
+    fold_dirs = sorted((p for p in training.iterdir() if p.is_dir() and p.name.lower().startswith("fold_")),
+                       key=lambda p: p.name)
+    for fold_dir in fold_dirs:
+        try:
+            fold = int(fold_dir.name.split("_", 1)[1])
+        except ValueError:
+            problems.append(Problem(fold_dir, "fold folder name is not fold_<number>: rename it; skipped"))
+            continue
+        for label, class_name in CLASS_NAMES.items():
+            class_dir = _first_dir(fold_dir / class_name, fold_dir / class_name.upper())
+            if class_dir is None:
+                problems.append(Problem(fold_dir / class_name, "class folder missing: this fold has no "
+                                        f"{class_name.upper()} images"))
+                continue
+            files = sorted(p for p in class_dir.iterdir() if p.is_file() and not _is_hidden(p))
+            if not files:
+                problems.append(Problem(class_dir, f"class folder is empty: this fold has no {class_name.upper()} "
+                                        "images"))
+            for path in files:
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    problems.append(Problem(path, "not an image file: move it out of the dataset; skipped"))
+                    continue
+                try:
+                    subject, name_label = parse_name(path.name)
+                except ValueError as err:
+                    problems.append(Problem(path, f"{err}; rename it to the C-NMC scheme; skipped"))
+                    continue
+                if name_label != label:
+                    problems.append(Problem(path, f"name says {CLASS_NAMES[name_label].upper()} but the file is "
+                                            f"in the {class_name} folder: move it; skipped"))
+                    continue
+                cells.append(Cell(path, label, subject, fold, "train"))
+
+
+def _scan_prelim(layout: Layout, cells: list[Cell], problems: list[Problem]) -> None:
+    images = {p.name: p for p in sorted(layout.prelim.iterdir())
+              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    if layout.prelim_labels is None:
+        problems.append(Problem(layout.prelim, f"{LABELS_CSV} not found beside this folder: the preliminary "
+                                "test images are used as unlabelled"))
+        cells.extend(Cell(p, None, None, None, "prelim") for p in images.values())
+        return
+    listed: set[str] = set()
+    with open(layout.prelim_labels, newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"Patient_ID", "new_names", "labels"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{layout.prelim_labels}: header lacks {', '.join(sorted(missing))}; expected "
+                               "Patient_ID,new_names,labels")
+        for line, row in enumerate(reader, start=2):
+            where = Path(f"{layout.prelim_labels}:{line}")
+            name = (row["new_names"] or "").strip()
+            listed.add(name)
+            if name not in images:
+                problems.append(Problem(where, f"{name or '(empty)'} is listed but not in {layout.prelim.name}/: "
+                                        "restore the image or delete the row; skipped"))
+                continue
+            try:
+                label = int(row["labels"])
+                if label not in (ALL, HEM):
+                    raise ValueError
+                subject, name_label = parse_name(row["Patient_ID"].strip())
+            except (ValueError, TypeError) as err:
+                problems.append(Problem(where, f"row for {name} is malformed ({err or 'labels must be 0 or 1'}): "
+                                        "fix the row; skipped"))
+                continue
+            if name_label != label:
+                problems.append(Problem(where, f"labels={label} contradicts Patient_ID {row['Patient_ID']}: "
+                                        "the labels column is used"))
+            cells.append(Cell(images[name], label, subject, None, "prelim"))
+    for name, path in images.items():
+        if name not in listed:
+            problems.append(Problem(path, f"not listed in {layout.prelim_labels.name}: add a row for it; skipped"))
+
+
+def scan(root: Path | str) -> Dataset:
+    """List every cell of the C-NMC dataset under `root`, with the problems found on the way."""
+    root = Path(root)
+    layout = locate(root)
+    dataset = Dataset(root, layout)
+    if layout.training is not None:
+        _scan_training(layout.training, dataset.cells, dataset.problems)
+    if layout.prelim is not None:
+        _scan_prelim(layout, dataset.cells, dataset.problems)
+    if layout.final is not None:
+        dataset.cells.extend(
+            Cell(p, None, None, None, "final") for p in sorted(layout.final.iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    if not dataset.cells:
+        raise DatasetError(f"{root}: a C-NMC layout was found ({layout.name}) but it holds no usable images; "
+                           "check the problems listed by `alnet info`")
+    return dataset
+
+
+def summarize(cells: list[Cell]) -> dict:
+    """Images and subjects per split, fold and class: {"images", "subjects", "by_split": split -> fold -> class}.
+
+    Folds are keyed `fold_<n>` (`none` outside the training data); classes `all`, `hem` (`unlabelled` when
+    the label is unknown, as in the final test set)."""
+    tree: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: [0, set()])))
+    for c in cells:
+        fold = f"fold_{c.fold}" if c.fold is not None else "none"
+        cls = CLASS_NAMES.get(c.label, "unlabelled")
+        entry = tree[c.split][fold][cls]
+        entry[0] += 1
+        if c.subject is not None:
+            entry[1].add(c.subject)
+    by_split = {
+        split: {fold: {cls: {"images": n, "subjects": len(s)} for cls, (n, s) in sorted(classes.items())}
+                for fold, classes in sorted(folds.items())}
+        for split, folds in tree.items()
+    }
+    return {
+        "images": len(cells),
+        "subjects": len({c.subject for c in cells if c.subject is not None}),
+        "by_split": by_split,
+    }

@@ -1,0 +1,94 @@
+"""ALNet (Jawahar et al., Comput. Biol. Med. 2022), layer for layer as the paper's Table 2.
+
+    CL1   Conv 5×5×32 → Conv 5×5×32 → MaxPool 2 → MaxPool 2 → BatchNorm     224 → 54×54×32
+    CL2   Conv 5×5×64 → Conv 5×5×64 → MaxPool 2 → MaxPool 2 → BatchNorm      54 → 11×11×64
+    CL3   Conv 5×5×128 → MaxPool 2 → BatchNorm                                11 → 3×3×128
+    head  Flatten 1152 → Dropout → Dense 128 ReLU → Dense 2 (sigmoid)
+
+Valid padding and ReLU after every convolution; 535,010 trainable parameters. The text's "3×3 pooling"
+contradicts the table's shapes, so pooling is 2×2 stride 2 (DESIGN.md §2).
+
+The model was written in Keras; to be faithful, weights are Glorot-uniform with zero biases and BatchNorm
+uses Keras' momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3. `forward` returns logits: the paper's sigmoid
+(or a softmax, with `head="softmax"`) is applied by the loss and by `probability_all`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+HEADS = ("sigmoid", "softmax")
+
+
+def _cluster(in_channels: int, out_channels: int, convs: int, pools: int) -> nn.Sequential:
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    for i in range(1, convs + 1):
+        layers[f"conv{i}"] = nn.Conv2d(in_channels if i == 1 else out_channels, out_channels, 5)
+        layers[f"relu{i}"] = nn.ReLU(inplace=True)
+    for i in range(1, pools + 1):
+        layers[f"pool{i}"] = nn.MaxPool2d(2, 2)
+    layers["bn"] = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.01)
+    return nn.Sequential(layers)
+
+
+class ALNet(nn.Module):
+    def __init__(self, num_classes: int = 2, dropout: float = 0.2, input_size: int = 224, head: str = "sigmoid"):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, not {head!r}")
+        self.head_type = head
+        self.input_size = input_size
+        self.cl1 = _cluster(3, 32, convs=2, pools=2)  # Table 2, cluster layer 1
+        self.cl2 = _cluster(32, 64, convs=2, pools=2)  # cluster layer 2
+        self.cl3 = _cluster(64, 128, convs=1, pools=1)  # cluster layer 3
+        side = self.feature_side(input_size)
+        if side < 1:
+            raise ValueError(f"input_size {input_size} is too small for ALNet's valid convolutions (min 152)")
+        self.flatten = nn.Flatten()
+        self.dropout = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(128 * side * side, 128)
+        self.relu = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(128, num_classes)
+        self.reset_parameters()
+
+    @staticmethod
+    def feature_side(input_size: int) -> int:
+        """Spatial side after CL3: 224 → 3 (Table 2)."""
+        side = input_size
+        for convs, pools in ((2, 2), (2, 2), (1, 1)):
+            side -= 4 * convs
+            for _ in range(pools):
+                side //= 2
+        return side
+
+    def reset_parameters(self) -> None:
+        """Keras defaults: Glorot-uniform kernels, zero biases, BatchNorm gamma 1 / beta 0."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                module.reset_parameters()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cl3(self.cl2(self.cl1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.flatten(self.features(x))
+        return self.fc2(self.relu(self.fc1(self.dropout(x))))
+
+
+def probability_all(logits: torch.Tensor, head: str) -> torch.Tensor:
+    """P(ALL) from the two outputs. For the paper's two independent sigmoids, normalise them so that
+    p > 0.5 exactly when the ALL output is the larger one (Keras' argmax prediction)."""
+    if head == "softmax":
+        return torch.softmax(logits.float(), dim=1)[:, 1]
+    s = torch.sigmoid(logits.float())
+    return s[:, 1] / (s[:, 0] + s[:, 1])
+
+
+def alnet(**kwargs) -> ALNet:
+    return ALNet(**kwargs)

@@ -1,0 +1,34 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alnet.data.synthetic import write_dataset
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-mini"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Every test gets a cache folder of its own, never the user's."""
+    monkeypatch.setenv("ALNET_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def mini_root() -> Path:
+    if not (MINI / "C-NMC_Leukemia").is_dir():
+        pytest.skip(f"real C-NMC sample not found at {MINI} (it ships beside the repository as ../shared)")
+    return MINI
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small synthetic C-NMC set: 3 folds, 3 subjects per class, 4 cells each, prelim + final sets."""
+    return write_dataset(tmp_path_factory.mktemp("synthetic"), n_subjects=3, cells_per_subject=4,
+                         prelim_subjects=1, final_images=3, seed=1)
+
+
+@pytest.fixture
+def synthetic_copy(synthetic_root, tmp_path) -> Path:
+    """A writable copy of the synthetic set, for tests that damage it."""
+    return Path(shutil.copytree(synthetic_root, tmp_path / "data"))
