@@ -53,8 +53,8 @@ def draw_cell(label: int, stain: Stain, rng: np.random.Generator) -> np.ndarray:
     blast = label == 1
     cx, cy = SIZE / 2 + rng.normal(0, 12, 2)
     cell_r = rng.normal(95 if blast else 85, 12)
-    nucleus_fraction = np.clip(rng.normal(0.80 if blast else 0.70, 0.06), 0.45, 0.95)
-    irregularity = abs(rng.normal(0.07 if blast else 0.035, 0.02))
+    nucleus_fraction = np.clip(rng.normal(0.82 if blast else 0.66, 0.05), 0.45, 0.95)
+    irregularity = abs(rng.normal(0.09 if blast else 0.03, 0.02))
     dx, dy = _X - cx, _Y - cy
     r = np.hypot(dx, dy)
     theta = np.arctan2(dy, dx)

@@ -1,0 +1,280 @@
+"""Training and evaluation: a Lightning module (model logic) and a data module (batches from the uint8 cache).
+
+Batches are gathered whole from the in-memory uint8 array (no decoding, no per-image Python work), moved to
+the device, turned into floats there and augmented there with per-sample parameters (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from .config import RunConfig
+from .data.augment import augmented_copies, make_augment, to_float
+from .models import create_model, probability_all
+
+PADDING = -1  # row index of filler samples that keep every rank's batch count equal under DDP
+
+
+# --- data ----------------------------------------------------------------------------------------------------
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside distributed runs."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def shard(order: np.ndarray, rank: int, world_size: int, pad_with_repeats: bool) -> np.ndarray:
+    """This rank's share of `order`: padded to a multiple of world_size (with repeats of the first rows when
+    training, PADDING when evaluating), then every world_size-th row. Shards are disjoint apart from padding."""
+    extra = -len(order) % world_size
+    if extra:
+        filler = np.resize(order, extra) if pad_with_repeats else np.full(extra, PADDING, dtype=order.dtype)
+        order = np.concatenate([order, filler])
+    return order[rank::world_size]
+
+
+class BatchOrder(Sampler):
+    """Yields arrays of row indices, one per batch, for this rank; reshuffled per epoch from (seed, epoch)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0):
+        self.rows, self.batch_size, self.shuffle, self.seed = np.asarray(rows), batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def _mine(self) -> np.ndarray:
+        order = self.rows
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(order)
+        return shard(order, *world(), pad_with_repeats=self.shuffle)
+
+    def __iter__(self):
+        mine = self._mine()
+        for start in range(0, len(mine), self.batch_size):
+            yield mine[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        return -(-len(self._mine()) // self.batch_size)
+
+
+class CellBatches(Dataset):
+    """`dataset[rows]` is a whole batch: uint8 images N×H×W×3, labels and row indices."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __getitem__(self, rows: np.ndarray) -> dict:
+        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        safe = index.clamp(min=0)
+        return {"image": self.images[safe], "label": self.labels[safe], "index": index}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+class CellData(L.LightningDataModule):
+    """Train / validation / test batches of one split, read from the prepared uint8 array."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, train, val, test, config: RunConfig):
+        super().__init__()
+        self.images, self.labels = images, labels
+        self.train_rows, self.val_rows, self.test_rows = (np.asarray(r, dtype=np.int64) for r in (train, val, test))
+        self.config = config
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.config.double_offline and len(self.train_rows):
+            # The paper doubled each training split once, offline: append one augmented copy of each image.
+            c = self.config
+            copies = augmented_copies(self.images[self.train_rows].numpy(), make_augment(c.rotation, c.zoom, c.contrast),
+                                      seed=c.seed)
+            first_new = len(self.images)
+            self.images = torch.cat([self.images, torch.from_numpy(copies)])
+            self.labels = torch.cat([self.labels, self.labels[self.train_rows]])
+            self.train_rows = np.concatenate([self.train_rows, np.arange(first_new, first_new + len(copies))])
+
+    def _loader(self, rows, shuffle: bool) -> DataLoader:
+        sampler = BatchOrder(rows, self.config.batch_size, shuffle, self.config.seed)
+        return DataLoader(CellBatches(self.images, self.labels), sampler=sampler, batch_size=None,
+                          pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self):
+        return self._loader(self.train_rows, shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_rows, shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_rows, shuffle=False)
+
+
+# --- model logic ---------------------------------------------------------------------------------------------
+
+class CellClassifier(L.LightningModule):
+    """Any registered model + the paper's loss and optimiser; records per-epoch history and test predictions."""
+
+    def __init__(self, config: dict, train_subjects: list[str] | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = c = RunConfig(**config)
+        self.model = create_model(c.model, dropout=c.dropout, input_size=c.image_size, head=c.head,
+                                  bn_momentum=c.bn_momentum)
+        self.augment = make_augment(c.rotation, c.zoom, c.contrast) if c.augment else None
+        self.channels_last = False
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
+        self.history: list[dict] = []
+        self._val_row: dict = {}
+        self._outputs: list[torch.Tensor] = []
+        self.test_predictions: dict[str, np.ndarray] | None = None
+
+    # inputs -------------------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        x = to_float(batch["image"])  # uint8 → float on the device
+        if self.training and self.augment is not None:
+            x = self.augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        batch["image"] = x
+        return batch
+
+    def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
+        return probability_all(logits, self.config.head)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.config.head == "sigmoid":  # the paper: binary cross-entropy on two sigmoids, one-hot targets
+            return F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 2).float())
+        return F.cross_entropy(logits, labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    # training -----------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        # Reseed per (seed, epoch, rank): dropout and augmentation draw the same numbers after a resume.
+        rank = self.global_rank
+        torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 1_009 + rank)
+        self.train_loss.reset()
+        self.train_accuracy.reset()
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logits = self(batch["image"])
+        loss = self.loss(logits, batch["label"])
+        self.train_loss.update(loss.detach(), weight=len(logits))
+        self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits))
+        return loss
+
+    def _masked(self, batch: dict):
+        keep = batch["index"] >= 0
+        logits = self(batch["image"][keep])
+        return logits, batch["label"][keep], batch["index"][keep]
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, labels, _ = self._masked(batch)
+        if len(labels):
+            self.val_loss.update(self.loss(logits, labels), weight=len(labels))
+            self.val_accuracy.update(self.probability_all(logits), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self._val_row = {"val_loss": float(self.val_loss.compute()), "val_accuracy": float(self.val_accuracy.compute())}
+        self.log("val_loss", self._val_row["val_loss"], prog_bar=True, sync_dist=False)
+        self.log("val_accuracy", self._val_row["val_accuracy"], prog_bar=True, sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        # Runs after validation and before ModelCheckpoint saves, so each checkpoint carries its epoch's row.
+        row = {"epoch": self.current_epoch + 1, "train_loss": float(self.train_loss.compute()),
+               "train_accuracy": float(self.train_accuracy.compute())}
+        row.update(self._val_row or {"val_loss": float("nan"), "val_accuracy": float("nan")})
+        self._val_row = {}
+        self.history.append(row)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["alnet_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("alnet_history", []))
+
+    # evaluation ---------------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        prob = self.probability_all(logits)
+        self._outputs.append(torch.stack([batch["index"].double(), prob.double(), batch["label"].double()], 1))
+
+    def on_test_epoch_end(self) -> None:
+        mine = torch.cat(self._outputs) if self._outputs else torch.zeros((0, 3), dtype=torch.float64,
+                                                                          device=self.device)
+        gathered = self.all_gather(mine)  # every rank has the same number of rows (padding included)
+        rows = gathered.reshape(-1, 3).cpu().numpy()
+        rows = rows[rows[:, 0] >= 0]
+        index, first = np.unique(rows[:, 0].astype(np.int64), return_index=True)
+        self.test_predictions = {"index": index, "prob_all": rows[first, 1], "label": rows[first, 2].astype(int)}
+
+    def configure_optimizers(self):
+        c = self.config
+        if c.optimizer == "rmsprop":  # Keras RMSprop: rho → alpha, epsilon outside the square root as in torch
+            return torch.optim.RMSprop(self.parameters(), lr=c.lr, alpha=c.rho, eps=c.eps)
+        return torch.optim.Adam(self.parameters(), lr=c.lr, eps=c.eps)
+
+
+# --- devices and precision -----------------------------------------------------------------------------------
+
+def cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(config: RunConfig) -> tuple[str, str, bool]:
+    """(accelerator, Lightning precision, channels-last) for this machine and configuration."""
+    cuda = torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda")
+    accelerator = "gpu" if cuda else "cpu"
+    if config.precision == "32":
+        return accelerator, "32-true", cuda
+    if config.precision == "bf16" or (config.precision == "auto" and not cuda and cpu_has_bf16()):
+        return accelerator, "bf16-mixed", True
+    if cuda and config.precision in ("auto", "16"):
+        return accelerator, "bf16-mixed" if torch.cuda.is_bf16_supported() and config.precision == "auto" \
+            else "16-mixed", True
+    return accelerator, "32-true", False
+
+
+def threads_per_process(devices: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // max(1, devices))
+
+
+def config_dict(config: RunConfig) -> dict:
+    return asdict(config)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator banners, tips) out of the user's terminal."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
