@@ -237,6 +237,21 @@ class CellClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=c.lr, eps=c.eps)
 
 
+def load_module(path) -> CellClassifier:
+    """A trained module from a checkpoint file, on the CPU, ready for evaluation."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
+    try:
+        module = CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a file that is not a Lightning checkpoint of this package
+        raise ValueError(f"{path}: not an alnet checkpoint ({type(err).__name__}); pass a .ckpt written by "
+                         "`alnet train`") from None
+    return module.eval()
+
+
 # --- devices and precision -----------------------------------------------------------------------------------
 
 def cpu_has_bf16() -> bool:

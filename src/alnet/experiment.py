@@ -236,3 +236,71 @@ def write_outputs(run_dir: Path, result: dict, predictions: dict[str, list[dict]
                ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"])
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     write_run_figures(run_dir / "figures", predictions, history)
+
+
+# --- evaluation of finished runs and single checkpoints -------------------------------------------------------
+
+def test_rows(module: CellClassifier, images: torch.Tensor, labels: torch.Tensor, rows: np.ndarray) -> dict:
+    """P(ALL) for `rows` with a trained module (one process, the configured precision)."""
+    quiet_lightning()
+    config = module.config
+    if resolve_precision(config)[2]:
+        module.channels_last = True
+        module.model.to(memory_format=torch.channels_last)
+    single = RunConfig(**{**asdict(config), "devices": 1, "strategy": "auto"})
+    trainer = make_trainer(single, [], Path.cwd(), progress=False, validate=False)
+    empty = np.array([], dtype=np.int64)
+    trainer.test(module, dataloaders=CellData(images, labels, empty, empty, rows, single).test_dataloader(),
+                 verbose=False)
+    return module.test_predictions
+
+
+def evaluate_run(run_dir: Path, prepared: Prepared) -> dict:
+    """Re-test each fold's chosen checkpoint of a finished run on the same splits."""
+    from .engine import load_module
+
+    run_dir = Path(run_dir)
+    config = RunConfig.from_yaml(run_dir / "config.yaml")
+    recorded = json.loads((run_dir / "data.json").read_text()).get("images")
+    if recorded is not None and recorded != len(prepared.cells):
+        raise RunError(f"{run_dir}: the run used {recorded} images, this dataset has {len(prepared.cells)}; "
+                       "evaluate on the dataset the run was trained on")
+    splits = make_splits(config.protocol, prepared.cells, config.seed, config.val_fraction)
+    images, labels = tensors(prepared)
+    predictions = {}
+    for split in splits:
+        chosen = run_dir / "folds" / split.name / "checkpoint.txt"
+        if not chosen.is_file():
+            raise RunError(f"{run_dir}: fold {split.name} has not finished; finish it with "
+                           f"`alnet train --resume {run_dir}`")
+        module = load_module(run_dir / "checkpoints" / split.name / chosen.read_text().strip())
+        predictions[split.name] = prediction_rows(split.name, prepared.cells,
+                                                  test_rows(module, images, labels, split.test))
+    return summarize_run(config, splits, predictions, world_size=1)
+
+
+def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str = "auto", include_seen: bool = False,
+                        log: Callable[[str], None] = print) -> dict:
+    """Test one checkpoint on the labelled images of a dataset, leaving out the subjects it was trained on."""
+    cells = prepared.cells
+    labelled = [i for i, c in enumerate(cells) if c.label is not None]
+    if split == "auto":
+        split = "prelim" if any(cells[i].split == "prelim" for i in labelled) else "train"
+    if split not in ("prelim", "train", "all"):
+        raise RunError(f"unknown split {split!r}: use prelim, train or all")
+    rows = [i for i in labelled if split == "all" or cells[i].split == split]
+    seen = set(module.hparams.get("train_subjects") or [])
+    if not include_seen:
+        kept = [i for i in rows if cells[i].subject not in seen]
+        if len(kept) < len(rows):
+            log(f"left out {len(rows) - len(kept)} image(s) of {len({cells[i].subject for i in rows} & seen)} "
+                "subject(s) this checkpoint was trained on (--include-seen keeps them)")
+        rows = kept
+    if not rows:
+        raise RunError(f"no labelled {split} images to evaluate on (after leaving out subjects seen in training)")
+    images, labels = tensors(prepared)
+    predictions = prediction_rows(split, cells, test_rows(module, images, labels, np.array(rows)))
+    entry = {"fold": split, "note": "subjects seen in training included" if include_seen else
+             "subjects seen in training left out", **fold_metrics(predictions)}
+    return _json_safe({"protocol": "evaluation", "model": module.config.model, "note": entry["note"],
+                       "folds": [entry], "summary": M.summarize([entry]), "world_size": 1})
