@@ -211,6 +211,8 @@ def train(
     batch_size: Optional[int] = typer.Option(None, help="Images per batch (default 32)."),
     lr: Optional[float] = typer.Option(None, help="Learning rate (paper: 1e-4)."),
     dropout: Optional[float] = typer.Option(None, help="Dropout before the dense layer (paper: 0.2)."),
+    image_size: Optional[int] = typer.Option(None, help="Input side in pixels (paper: 224; at least 136)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment", help="Online augmentation."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 on capable CPUs, AMP on CUDA), 32, bf16, 16."),
     devices: Optional[int] = typer.Option(None, help="Processes/GPUs (with --strategy ddp)."),
     strategy: Optional[str] = typer.Option(None, help="Lightning strategy, e.g. ddp."),
@@ -238,7 +240,7 @@ def train(
         run_dir = resume
     else:
         run_config = _load_config(config, protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  dropout=dropout, precision=precision, devices=devices, strategy=strategy,
+                                  dropout=dropout, image_size=image_size, augment=augment, precision=precision, devices=devices, strategy=strategy,
                                   seed=seed, deterministic=deterministic)
         if out_dir is None:
             import time
@@ -248,8 +250,11 @@ def train(
     if data is None:
         fail("--data is required: pass the folder holding the C-NMC dataset")
     result = _run(run_config, data, run_dir, cache, workers, resume=resume is not None, progress=progress)
-    print_metrics(result, f"ALNet, {result['protocol']} protocol")
-    out.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
+    from .experiment import is_main_process
+
+    if is_main_process():  # under DDP every rank gets here; one table is enough
+        print_metrics(result, f"{run_config.model}, {result['protocol']} protocol")
+        out.print(f"run directory: {run_dir}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -123,7 +123,7 @@ class CellData(L.LightningDataModule):
 class CellClassifier(L.LightningModule):
     """Any registered model + the paper's loss and optimiser; records per-epoch history and test predictions."""
 
-    def __init__(self, config: dict, train_subjects: list[str] | None = None):
+    def __init__(self, config: dict, seen_subjects: list[str] | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.config = c = RunConfig(**config)
@@ -140,13 +140,11 @@ class CellClassifier(L.LightningModule):
 
     # inputs -------------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        x = to_float(batch["image"])  # uint8 → float on the device
-        if self.training and self.augment is not None:
-            x = self.augment(x)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        batch["image"] = x
+        batch["image"] = to_float(batch["image"])  # uint8 → float, on the device
         return batch
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
         return probability_all(logits, self.config.head)
@@ -162,14 +160,19 @@ class CellClassifier(L.LightningModule):
 
     # training -----------------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        # Reseed per (seed, epoch, rank): dropout and augmentation draw the same numbers after a resume.
-        rank = self.global_rank
-        torch.manual_seed(self.config.seed * 1_000_003 + self.current_epoch * 1_009 + rank)
         self.train_loss.reset()
         self.train_accuracy.reset()
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Reseed per (seed, epoch, batch, rank): dropout and augmentation draw the same numbers after a resume.
+        torch.manual_seed(((self.config.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx) * 1_009
+                          + self.global_rank)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logits = self(batch["image"])
+        x = batch["image"]
+        if self.augment is not None:  # after the reseed above, so a resumed run augments identically
+            x = self.augment(x)
+        logits = self(self._input(x))
         loss = self.loss(logits, batch["label"])
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
@@ -178,7 +181,7 @@ class CellClassifier(L.LightningModule):
 
     def _masked(self, batch: dict):
         keep = batch["index"] >= 0
-        logits = self(batch["image"][keep])
+        logits = self(self._input(batch["image"][keep]))
         return logits, batch["label"][keep], batch["index"][keep]
 
     def on_validation_epoch_start(self) -> None:
@@ -217,7 +220,7 @@ class CellClassifier(L.LightningModule):
         self._outputs = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
+        logits = self(self._input(batch["image"]))
         prob = self.probability_all(logits)
         self._outputs.append(torch.stack([batch["index"].double(), prob.double(), batch["label"].double()], 1))
 
@@ -293,3 +296,4 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # expected when resuming

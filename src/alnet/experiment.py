@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,7 +32,7 @@ from .config import RunConfig
 from .data.cnmc import Cell
 from .data.preprocess import Prepared
 from .data.protocols import Split, make_splits
-from .engine import CellClassifier, CellData, quiet_lightning, resolve_precision, threads_per_process
+from .engine import CellClassifier, CellData, quiet_lightning, resolve_precision, threads_per_process, world
 
 HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
 PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted"]
@@ -74,8 +75,8 @@ def make_trainer(config: RunConfig, callbacks: Sequence[Callback], root: Path, p
     )
 
 
-def build_module(config: RunConfig, train_subjects: list[str]) -> CellClassifier:
-    module = CellClassifier(asdict(config), train_subjects=train_subjects)
+def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
+    module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
     if resolve_precision(config)[2]:
         module.channels_last = True
         module.model.to(memory_format=torch.channels_last)
@@ -112,7 +113,10 @@ def _train_split(config, split, images, labels, cells, run_dir, resume, callback
         keep.append(ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_loss", mode="min",
                                     save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False))
     trainer = make_trainer(config, [*keep, *callbacks], fold_dir, progress, validate=len(split.val) > 0)
-    module = build_module(config, sorted({cells[i].subject for i in split.train}))
+    # Seed per split (not from whatever earlier folds left behind): a resumed run builds the same weights.
+    L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
+    # Subjects used for training or for choosing the checkpoint: `evaluate` leaves them out later.
+    module = build_module(config, sorted({cells[i].subject for i in np.r_[split.train, split.val]}))
     data = CellData(images, labels, split.train, split.val, split.test, config)
     last = checkpoints / "last.ckpt"
     resume_from = str(last) if resume and last.is_file() else None
@@ -180,17 +184,24 @@ def train_run(
         if not (run_dir / "config.yaml").is_file():
             raise RunError(f"{run_dir}: no config.yaml, so nothing to resume; start a new run with --out")
         config = RunConfig.from_yaml(run_dir / "config.yaml")
-    elif (run_dir / "config.yaml").exists():
+    elif is_main_process() and (run_dir / "config.yaml").exists():  # DDP ranks > 0 start after rank 0 wrote it
         raise RunError(f"{run_dir}: a run already lives here; continue it with --resume {run_dir} or pick another --out")
     config.validate()
     if config.devices > 1:
         torch.set_num_threads(threads_per_process(config.devices))
     L.seed_everything(config.seed, workers=True, verbose=False)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(config.deterministic or was_deterministic)
+    try:
+        return _train_splits(config, prepared, run_dir, data_root, resume, callbacks, progress, log)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train_splits(config, prepared, run_dir, data_root, resume, callbacks, progress, log) -> dict:
     cells = prepared.cells
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
-    if is_main_process():
+    if is_main_process() and not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run_dir / "config.yaml")
         (run_dir / "data.json").write_text(json.dumps(
@@ -210,11 +221,10 @@ def train_run(
             continue
         log(f"{split.name}: training on {len(split.train)} images, validating on {len(split.val)}, "
             f"testing on {len(split.test)} ({split.note})")
-        rows, fold_history = _train_split(config, split, images, labels, cells, run_dir, resume, callbacks,
-                                          progress, log)
-        predictions[split.name], world_size = rows, max(world_size, torch.distributed.get_world_size()
-                                                        if torch.distributed.is_initialized() else 1)
+        predictions[split.name], fold_history = _train_split(config, split, images, labels, cells, run_dir, resume,
+                                                             callbacks, progress, log)
         history += fold_history
+        world_size = max(world_size, world()[1])
     result = summarize_run(config, splits, predictions, world_size)
     if is_main_process():
         write_outputs(run_dir, result, predictions, history)
@@ -289,12 +299,12 @@ def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str =
     if split not in ("prelim", "train", "all"):
         raise RunError(f"unknown split {split!r}: use prelim, train or all")
     rows = [i for i in labelled if split == "all" or cells[i].split == split]
-    seen = set(module.hparams.get("train_subjects") or [])
+    seen = set(module.hparams.get("seen_subjects") or [])  # training + validation subjects
     if not include_seen:
         kept = [i for i in rows if cells[i].subject not in seen]
         if len(kept) < len(rows):
             log(f"left out {len(rows) - len(kept)} image(s) of {len({cells[i].subject for i in rows} & seen)} "
-                "subject(s) this checkpoint was trained on (--include-seen keeps them)")
+                "subject(s) this checkpoint was trained or validated on (--include-seen keeps them)")
         rows = kept
     if not rows:
         raise RunError(f"no labelled {split} images to evaluate on (after leaving out subjects seen in training)")

@@ -82,7 +82,7 @@ class ALNet(nn.Module):
         self.cl3 = ClusterLayer(64, 128, convs=1, pools=1, bn_momentum=bn_momentum)  # cluster layer 3
         side = self.feature_side(input_size)
         if side < 1:
-            raise ValueError(f"input_size {input_size} is too small for ALNet's valid convolutions (min 152)")
+            raise ValueError(f"input_size {input_size} is too small for ALNet's valid convolutions (min 136)")
         self.flatten = nn.Flatten()
         self.dropout = nn.Dropout(dropout)
         self.fc1 = nn.Linear(128 * side * side, 128)

@@ -1,0 +1,66 @@
+import json
+
+from typer.testing import CliRunner
+
+from alnet.cli import app
+
+runner = CliRunner()
+
+
+def test_help_explains_every_command():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("info", "prepare", "synth", "train", "evaluate", "demo"):
+        assert command in result.output
+    train_help = runner.invoke(app, ["train", "--help"]).output
+    assert "--protocol" in train_help and "--resume" in train_help
+
+
+def test_synth_writes_a_dataset_that_info_reads(tmp_path):
+    result = runner.invoke(app, ["synth", str(tmp_path / "d"), "--n-subjects", "2", "--cells-per-subject", "2",
+                                 "--prelim-subjects", "1", "--final-images", "1"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(runner.invoke(app, ["info", str(tmp_path / "d"), "--json"]).stdout)
+    assert info["images"] == 2 * 2 * 2 + 2 * 2 + 1 and info["subjects"] == 6
+
+
+def test_train_then_evaluate_the_run_and_one_checkpoint(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--data", str(synthetic_root), "--config", "subject", "--epochs", "1",
+                                 "--image-size", "136", "--batch-size", "8", "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "prelim" in result.output and f"run directory: {run}" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["protocol"] == "subject" and set(metrics["prelim"]["confusion"]) == {"tp", "tn", "fp", "fn"}
+
+    again = runner.invoke(app, ["evaluate", str(run), "--data", str(synthetic_root)])
+    assert again.exit_code == 0, again.output
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    for fold, original in zip(evaluation["folds"], metrics["folds"]):
+        assert fold["confusion"] == original["confusion"]
+
+    checkpoint = run / "checkpoints" / "fold_0" / (run / "folds" / "fold_0" / "checkpoint.txt").read_text().strip()
+    one = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(synthetic_root), "--split", "train",
+                              "--out", str(tmp_path / "one.json")])
+    assert one.exit_code == 0, one.output
+    assert "left out" in one.output  # the subjects fold_0's model trained on
+    result = json.loads((tmp_path / "one.json").read_text())
+    assert result["folds"][0]["images"] == metrics["folds"][0]["images"]  # only fold 0's unseen subjects remain
+
+
+def test_a_second_train_into_the_same_directory_is_refused(synthetic_root, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: alnet\n")
+    result = runner.invoke(app, ["train", "--data", str(synthetic_root), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "--resume" in result.output
+
+
+def test_bad_configuration_and_checkpoint_files_are_one_line_errors(synthetic_root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochz: 3\n")
+    result = runner.invoke(app, ["train", "--data", str(synthetic_root), "--config", str(bad)])
+    assert result.exit_code == 2 and "unknown setting(s) epochz" in result.output
+    fake = tmp_path / "model.ckpt"
+    fake.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["evaluate", str(fake), "--data", str(synthetic_root)])
+    assert result.exit_code == 2 and "not an alnet checkpoint" in result.output

@@ -1,0 +1,160 @@
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from alnet.config import RunConfig
+from alnet.data.augment import make_augment
+from alnet.data.cnmc import scan
+from alnet.data.preprocess import PrepareParams, prepare
+from alnet.engine import PADDING, BatchOrder, CellClassifier, CellData, quiet_lightning, shard
+from alnet.experiment import RunError, tensors, train_run
+
+SMALL = dict(image_size=136, batch_size=8, bn_momentum=0.5, seed=7)
+
+
+@pytest.fixture(scope="module")
+def small_prepared(synthetic_root, tmp_path_factory):
+    return prepare(scan(synthetic_root).cells, tmp_path_factory.mktemp("cache"), PrepareParams(size=136))
+
+
+def test_shards_are_disjoint_and_cover_every_row():
+    order = np.arange(11)
+    shards = [shard(order, rank, 3, pad_with_repeats=False) for rank in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    real = np.concatenate([s[s != PADDING] for s in shards])
+    assert sorted(real.tolist()) == list(range(11))
+    training = [shard(order, rank, 3, pad_with_repeats=True) for rank in range(3)]
+    assert PADDING not in np.concatenate(training)
+
+
+def test_batch_order_reshuffles_per_epoch_reproducibly():
+    order = BatchOrder(np.arange(50), 8, shuffle=True, seed=1)
+    first = np.concatenate(list(order))
+    order.set_epoch(1)
+    second = np.concatenate(list(order))
+    order.set_epoch(0)
+    assert np.array_equal(first, np.concatenate(list(order)))
+    assert not np.array_equal(first, second) and sorted(second.tolist()) == list(range(50))
+    assert len(order) == 7
+
+
+def test_augmentation_draws_parameters_per_sample():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 64, 64)
+    out = make_augment()(image.repeat(4, 1, 1, 1))
+    assert out.shape == (4, 3, 64, 64)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
+
+
+def test_offline_doubling_appends_one_augmented_copy_per_training_image(small_prepared):
+    images, labels = tensors(small_prepared)
+    train = np.arange(10)
+    data = CellData(images, labels, train, [], [], RunConfig(double_offline=True, augment=False, **SMALL))
+    data.setup("fit")
+    assert len(data.train_rows) == 20
+    assert torch.equal(data.labels[data.train_rows[10:]], labels[train])
+    assert not torch.equal(data.images[data.train_rows[10:]], images[train])
+
+
+def test_alnet_fits_the_cnmc_mini_training_images(mini_root, tmp_path):
+    """Real cells: the training loss falls and the trained model classifies its own training images."""
+    quiet_lightning()
+    prepared = prepare(scan(mini_root).cells, tmp_path)
+    images, labels = tensors(prepared)
+    rows = np.arange(len(prepared.cells))
+    config = RunConfig(epochs=15, batch_size=8, augment=False, bn_momentum=0.5, seed=0)
+    module = CellClassifier(asdict(config))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=config.epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, use_distributed_sampler=False)
+    data = CellData(images, labels, rows, [], rows, config)
+    trainer.fit(module, datamodule=data)
+    trainer.test(module, datamodule=data, verbose=False)
+    losses = [h["train_loss"] for h in module.history]
+    assert losses[-1] < 0.5 * losses[0]
+    predicted = module.test_predictions["prob_all"] > 0.5
+    assert (predicted == module.test_predictions["label"]).mean() >= 0.9
+
+
+class CrashAtEpoch(Callback):
+    def __init__(self, fold: str, epoch: int):
+        self.fold, self.epoch = fold, epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.fold in str(trainer.default_root_dir) and trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+def test_a_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(small_prepared, tmp_path):
+    config = RunConfig(protocol="subject", epochs=3, precision="32", deterministic=True, **SMALL)
+    whole = train_run(config, small_prepared, tmp_path / "whole", progress=False, log=lambda m: None)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(config, small_prepared, tmp_path / "resumed", progress=False, log=lambda m: None,
+                  callbacks=[CrashAtEpoch("fold_1", 2)])
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert (tmp_path / "resumed" / "checkpoints" / "fold_1" / "last.ckpt").is_file()
+    messages = []
+    resumed = train_run(RunConfig(), small_prepared, tmp_path / "resumed", resume=True, progress=False,
+                        log=messages.append)
+    assert "fold_0: already finished, kept" in messages
+    assert any(m.startswith("fold_1: resuming from") for m in messages)
+    assert resumed == whole
+    history = lambda run: (tmp_path / run / "history.csv").read_text()  # noqa: E731
+    assert history("resumed") == history("whole")
+
+
+def test_a_run_directory_is_never_overwritten(small_prepared, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: alnet\n")
+    with pytest.raises(RunError, match="--resume"):
+        train_run(RunConfig(epochs=1, **SMALL), small_prepared, tmp_path / "run", progress=False)
+
+
+def test_run_directory_holds_config_history_predictions_metrics_and_figures(small_prepared, tmp_path):
+    config = RunConfig(protocol="paper", epochs=2, double_offline=True, augment=False, **SMALL)
+    result = train_run(config, small_prepared, tmp_path / "run", progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "history.csv", "predictions.csv", "metrics.json", "subjects.csv", "splits.json",
+                 "figures/roc.png", "figures/curves_fold_0.png", "figures/confusion_fold_2.png",
+                 "checkpoints/fold_0/last.ckpt"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["protocol"] == "paper" and "subjects appear in both train and test" in metrics["note"]
+    assert [f["fold"] for f in metrics["folds"]] == ["fold_0", "fold_1", "fold_2"] and "prelim" not in metrics
+    for key in ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc"):
+        assert set(metrics["summary"][key]) == {"mean", "std"}
+        assert all(key in f for f in metrics["folds"])
+    assert set(metrics["folds"][0]["confusion"]) == {"tp", "tn", "fp", "fn"}
+    assert RunConfig.from_yaml(run / "config.yaml") == config
+    rows = (run / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "fold,path,subject,label,probability_all,predicted"
+    assert len(rows) - 1 == sum(f["images"] for f in metrics["folds"])
+    history = (run / "history.csv").read_text().splitlines()
+    assert len(history) == 1 + 3 * 2
+
+
+def test_two_process_ddp_run_shards_the_data_and_gathers_metrics_once(synthetic_root, tmp_path):
+    alnet = Path(sys.executable).with_name("alnet")
+    command = [str(alnet), "train", "--data", str(synthetic_root), "--protocol", "paper", "--epochs", "1",
+               "--devices", "2", "--strategy", "ddp", "--precision", "32", "--image-size", "136",
+               "--batch-size", "4", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run"),
+               "--no-progress"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2
+    splits = json.loads((tmp_path / "run" / "splits.json").read_text())
+    lines = (tmp_path / "run" / "predictions.csv").read_text().splitlines()[1:]
+    for split, fold in zip(splits, metrics["folds"]):
+        paths = [line.split(",")[1] for line in lines if line.startswith(split["name"] + ",")]
+        assert len(paths) == len(set(paths)) == split["test"]["images"] == fold["images"]
+    assert done.stdout.count("run directory:") == 1, "one process reports"

@@ -1,0 +1,86 @@
+import pytest
+import torch
+from torch import nn
+
+from alnet.models import ALNet, available_models, create_model, probability_all
+
+# Table 2 of the paper: (layer, output shape H×W×C, trainable parameters).
+TABLE_2 = [
+    ("cl1.conv1", (220, 220, 32), 2432), ("cl1.relu1", (220, 220, 32), 0),
+    ("cl1.conv2", (216, 216, 32), 25632), ("cl1.relu2", (216, 216, 32), 0),
+    ("cl1.pool1", (108, 108, 32), 0), ("cl1.pool2", (54, 54, 32), 0), ("cl1.bn", (54, 54, 32), 64),
+    ("cl2.conv1", (50, 50, 64), 51264), ("cl2.relu1", (50, 50, 64), 0),
+    ("cl2.conv2", (46, 46, 64), 102464), ("cl2.relu2", (46, 46, 64), 0),
+    ("cl2.pool1", (23, 23, 64), 0), ("cl2.pool2", (11, 11, 64), 0), ("cl2.bn", (11, 11, 64), 128),
+    ("cl3.conv1", (7, 7, 128), 204928), ("cl3.relu1", (7, 7, 128), 0),
+    ("cl3.pool1", (3, 3, 128), 0), ("cl3.bn", (3, 3, 128), 256),
+    ("flatten", (1152,), 0), ("dropout", (1152,), 0), ("fc1", (128,), 147584), ("relu", (128,), 0),
+    ("fc2", (2,), 258),
+]
+
+
+def _layer_parameters(model: ALNet, name: str) -> int:
+    module = model.get_submodule(name) if not name.split(".")[-1].startswith(("relu", "pool")) else None
+    return sum(p.numel() for p in module.parameters() if p.requires_grad) if module is not None else 0
+
+
+def test_alnet_matches_table_2_row_by_row():
+    model = create_model("alnet").eval()
+    rows = list(model.table_rows(torch.zeros(1, 3, 224, 224)))
+    print(f"\n{'layer':<12}{'output':>16}{'params':>10}")
+    for (name, output), (paper_name, paper_shape, paper_params) in zip(rows, TABLE_2, strict=True):
+        shape = tuple(output.shape[2:]) + (output.shape[1],) if output.dim() == 4 else tuple(output.shape[1:])
+        params = _layer_parameters(model, name)
+        print(f"{name:<12}{str(shape):>16}{params:>10}")
+        assert (name, shape, params) == (paper_name, paper_shape, paper_params)
+
+
+def test_alnet_has_535010_trainable_parameters_and_535458_in_all():
+    model = create_model("alnet")
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 535_010
+    buffers = sum(b.numel() for n, b in model.named_buffers() if "running" in n)
+    assert sum(p.numel() for p in model.parameters()) + buffers == 535_458
+
+
+def test_fast_forward_equals_the_layer_by_layer_order_of_table_2():
+    torch.manual_seed(0)
+    model = create_model("alnet").eval()
+    x = torch.rand(3, 3, 224, 224)
+    assert torch.equal(list(model.table_rows(x))[-1][1], model(x))
+
+
+def test_keras_initialisation_glorot_uniform_zero_bias_and_batchnorm_settings():
+    model = create_model("alnet")
+    conv = model.cl2.conv2
+    fan_in, fan_out = 64 * 25, 64 * 25
+    limit = (6 / (fan_in + fan_out)) ** 0.5
+    assert conv.weight.abs().max() <= limit and conv.weight.abs().max() > 0.9 * limit
+    assert all(m.bias.abs().sum() == 0 for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    bn = model.cl1.bn
+    assert bn.eps == 1e-3 and abs(bn.momentum - 0.01) < 1e-12
+
+
+def test_dropout_input_size_and_head_are_parameters():
+    model = create_model("alnet", dropout=0.3, input_size=160, head="softmax")
+    assert model.dropout.p == 0.3
+    assert model(torch.zeros(2, 3, 160, 160)).shape == (2, 2)
+    assert model.fc1.in_features == 128 * 1 * 1
+
+
+def test_probability_of_all_is_above_half_exactly_when_the_all_output_wins():
+    logits = torch.tensor([[2.0, -1.0], [-1.0, 2.0], [0.3, 0.3]])
+    for head in ("sigmoid", "softmax"):
+        p = probability_all(logits, head)
+        assert p[0] < 0.5 < p[1] and torch.isclose(p[2], torch.tensor(0.5))
+
+
+def test_registry_is_the_one_way_in_and_names_unknown_models():
+    assert "alnet" in available_models()
+    with pytest.raises(ValueError, match="alnet"):
+        create_model("lenet")
+
+
+def test_too_small_inputs_are_refused_with_the_minimum():
+    assert create_model("alnet", input_size=136).eval()(torch.zeros(1, 3, 136, 136)).shape == (1, 2)
+    with pytest.raises(ValueError, match="min 136"):
+        ALNet(input_size=135)
