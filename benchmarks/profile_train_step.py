@@ -1,0 +1,68 @@
+"""Where an ALNet training step spends its time on this machine (default CPU path: bf16 + channels-last).
+
+Prints the torch.profiler table of the top operators over a few steps (batch 32, augmentation on), grouped
+into convolution, element-wise/pooling, augmentation and the rest, as one JSON line at the end.
+Usage: python benchmarks/profile_train_step.py [--steps 4] [--batch-size 32]
+"""
+
+import argparse
+import json
+from dataclasses import asdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from alnet.config import RunConfig
+from alnet.engine import CellClassifier, resolve_precision
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    config = RunConfig(batch_size=args.batch_size)
+    _, precision, channels_last = resolve_precision(config)
+    module = CellClassifier(asdict(config))
+    module.channels_last = channels_last
+    if channels_last:
+        module.model.to(memory_format=torch.channels_last)
+    optimizer = module.configure_optimizers()
+    images = torch.randint(0, 255, (args.batch_size, 224, 224, 3), dtype=torch.uint8)
+    labels = torch.randint(0, 2, (args.batch_size,))
+    batch = {"image": images, "label": labels, "index": torch.arange(args.batch_size)}
+
+    def step():
+        b = module.on_after_batch_transfer(dict(batch), 0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = module.training_step(b, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    module.train()
+    module.log = lambda *a, **k: None  # outside a Trainer
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {"convolution": ("convolution", "mkldnn_conv"), "elementwise_and_pooling": (
+        "threshold", "relu", "clamp", "max_pool", "fill_", "batch_norm"), "augmentation": (
+        "grid_sampler", "affine", "linalg", "bmm", "warp")}
+    shares = {name: 0.0 for name in groups}
+    for e in events:
+        for name, keys in groups.items():
+            if any(k in e.key for k in keys):
+                shares[name] += e.self_cpu_time_total
+                break
+    print(json.dumps({"precision": precision, "batch_size": args.batch_size,
+                      "step_ms": round(total / args.steps / 1000, 1),
+                      **{f"{k}_share": round(v / total, 3) for k, v in shares.items()}}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""ALNet training and inference throughput: the project's default path against a plain PyTorch pipeline.
+
+Ours: images decoded once into the uint8 cache, whole batches gathered from memory, augmentation on the
+device, Lightning with the default precision (bf16 autocast + channels-last on CPUs with bf16).
+Plain: torchvision ImageFolder + PIL transforms in a DataLoader, fp32 eager, a hand-written loop — measured with
+0 and with 2 loader workers; the faster of the two is the baseline (the conservative ratio).
+
+Prints one JSON line: train_images_per_s, baseline_train_images_per_s, train_ratio, infer_images_per_s,
+baseline_infer_images_per_s, infer_ratio (and the settings). The cache build is not timed (it happens once per
+dataset; benchmarks/prepare.py measures it).
+Usage: python benchmarks/train.py [--data DIR] [--images 256] [--epochs 3] [--batch-size 32]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision import datasets, transforms
+
+from alnet.config import RunConfig
+from alnet.data.cnmc import scan
+from alnet.data.preprocess import prepare
+from alnet.data.synthetic import write_dataset
+from alnet.engine import CellClassifier, CellData, quiet_lightning, resolve_precision
+from alnet.experiment import build_module, tensors
+from alnet.models import create_model
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (training batches only; no validation is configured)."""
+
+    def __init__(self):
+        self.seconds = []
+
+    def on_train_epoch_start(self, trainer, module):
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def ours(prepared, epochs: int, batch_size: int) -> tuple[float, float, str]:
+    quiet_lightning()
+    config = RunConfig(epochs=epochs, batch_size=batch_size)
+    accelerator, precision, _ = resolve_precision(config)
+    images, labels = tensors(prepared)
+    rows = np.arange(len(prepared.cells))
+    module = build_module(config, [])
+    timer = EpochTimer()
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=epochs, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+                        callbacks=[timer])
+    data = CellData(images, labels, rows, [], rows, config)
+    trainer.fit(module, datamodule=data)
+    train_rate = len(rows) / np.median(timer.seconds[1:])  # first epoch warms up oneDNN kernels
+    trainer.test(module, datamodule=data, verbose=False)  # warm-up
+    start = time.perf_counter()
+    trainer.test(module, datamodule=data, verbose=False)
+    return train_rate, len(rows) / (time.perf_counter() - start), precision
+
+
+def plain_datasets(training_root: Path, train: bool):
+    steps = [transforms.Resize((224, 224))]
+    if train:
+        steps += [transforms.RandomRotation(15), transforms.RandomHorizontalFlip(),
+                  transforms.RandomAffine(0, scale=(0.9, 1.1)), transforms.ColorJitter(contrast=0.2)]
+    transform = transforms.Compose(steps + [transforms.ToTensor()])
+    folds = sorted(p for p in training_root.iterdir() if p.name.startswith("fold_"))
+    return ConcatDataset([datasets.ImageFolder(str(f), transform=transform) for f in folds])
+
+
+def plain(training_root: Path, epochs: int, batch_size: int, workers: int) -> tuple[float, float]:
+    """What a first script does: ImageFolder + PIL, fp32, eager, a hand-written loop."""
+    torch.manual_seed(0)
+    model = create_model("alnet")
+    optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.9, eps=1e-7)
+    loader = DataLoader(plain_datasets(training_root, True), batch_size=batch_size, shuffle=True,
+                        num_workers=workers)
+    seconds = []
+    for _ in range(epochs):
+        start, seen = time.perf_counter(), 0
+        model.train()
+        for x, y in loader:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(x), torch.nn.functional.one_hot(y, 2).float())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+        seconds.append(time.perf_counter() - start)
+    train_rate = seen / np.median(seconds[1:] or seconds)
+    model.eval()
+    loader = DataLoader(plain_datasets(training_root, False), batch_size=batch_size, num_workers=workers)
+    start, seen = time.perf_counter(), 0
+    with torch.no_grad():
+        for x, _ in loader:
+            torch.sigmoid(model(x))
+            seen += len(x)
+    return train_rate, seen / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="a C-NMC root; default: a synthetic set of --images images")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or write_dataset(Path(tmp) / "synthetic", n_subjects=max(1, args.images // 20),
+                                          cells_per_subject=10, prelim_subjects=0, final_images=0)
+        dataset = scan(root)
+        cells = dataset.select(split="train")
+        prepared = prepare(cells, Path(tmp) / "cache")
+        train_rate, infer_rate, precision = ours(prepared, args.epochs, args.batch_size)
+        baselines = {w: plain(dataset.layout.training, max(2, args.epochs - 1), args.batch_size, w) for w in (0, 2)}
+    best = max(baselines.values(), key=lambda rates: rates[0])
+    best_infer = max(rates[1] for rates in baselines.values())
+    print(json.dumps({
+        "images": len(cells), "batch_size": args.batch_size, "precision": precision,
+        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "train_images_per_s": round(train_rate, 1), "baseline_train_images_per_s": round(best[0], 1),
+        "train_ratio": round(train_rate / best[0], 2),
+        "infer_images_per_s": round(infer_rate, 1), "baseline_infer_images_per_s": round(best_infer, 1),
+        "infer_ratio": round(infer_rate / best_infer, 2),
+        "baseline_by_workers": {w: {"train": round(r[0], 1), "infer": round(r[1], 1)} for w, r in baselines.items()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
