@@ -15,7 +15,6 @@ import argparse
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +28,7 @@ from alnet.config import RunConfig
 from alnet.data.cnmc import scan
 from alnet.data.preprocess import prepare
 from alnet.data.synthetic import write_dataset
-from alnet.engine import CellClassifier, CellData, quiet_lightning, resolve_precision
+from alnet.engine import CellData, quiet_lightning, resolve_precision
 from alnet.experiment import build_module, tensors
 from alnet.models import create_model
 

@@ -191,13 +191,14 @@ def print_metrics(result: dict, title: str) -> None:
 def _run(config, data_root: Path, run_dir: Path, cache, workers, resume: bool, progress: bool = True) -> dict:
     from .data.protocols import LeakageError
     from .experiment import RunError, train_run
+    from .models import WeightsError
 
     prepared = prepare_data(data_root, cache, config.image_size, workers, strict=False, crop=config.crop)
     _print_problems(prepared.skipped, "image(s) skipped (unreadable)")
     try:
         return train_run(config, prepared, run_dir, data_root=data_root, resume=resume, progress=progress,
                          log=lambda message: console.print(message, highlight=False, soft_wrap=True))
-    except (RunError, LeakageError, ValueError) as err:
+    except (RunError, LeakageError, ValueError, WeightsError) as err:
         fail(str(err))
 
 
@@ -205,6 +206,12 @@ def _run(config, data_root: Path, run_dir: Path, cache, workers, resume: bool, p
 def train(
     data: Optional[Path] = typer.Option(None, help="C-NMC data root (Kaggle or TCIA layout)."),
     config: Optional[str] = typer.Option(None, help="YAML run configuration or a preset: paper, subject."),
+    model: Optional[str] = typer.Option(None, help="alnet (default), or a baseline: alexnet, vgg16, googlenet, "
+                                        "resnet50."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="Baselines: start from ImageNet weights (default) or scratch."),
+    weights: Optional[Path] = typer.Option(None, help="Baselines: the ImageNet weights file to load."),
+    finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Baselines: train the backbone too."),
     protocol: Optional[str] = typer.Option(None, help="subject (default; leave-one-fold-out by subject) or "
                                             "paper (image-level 80/20 per fold, as published)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs per fold (paper: 140)."),
@@ -239,9 +246,11 @@ def train(
         run_config = RunConfig.from_yaml(resume / "config.yaml")
         run_dir = resume
     else:
-        run_config = _load_config(config, protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  dropout=dropout, image_size=image_size, augment=augment, precision=precision, devices=devices, strategy=strategy,
-                                  seed=seed, deterministic=deterministic)
+        run_config = _load_config(config, model=model, pretrained=pretrained,
+                                  weights=str(weights) if weights else None, finetune=finetune,
+                                  protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  dropout=dropout, image_size=image_size, augment=augment, precision=precision,
+                                  devices=devices, strategy=strategy, seed=seed, deterministic=deterministic)
         if out_dir is None:
             import time
 
@@ -299,6 +308,118 @@ def evaluate(
     if out_file is not None:
         out_file.write_text(json.dumps(result, indent=2))
         out.print(f"metrics written to {out_file}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def compare(
+    data: Path = typer.Option(..., help="C-NMC data root."),
+    models: str = typer.Option("alnet,alexnet,vgg16,googlenet,resnet50", help="Comma-separated models."),
+    config: Optional[str] = typer.Option(None, help="YAML run configuration or a preset: paper, subject."),
+    protocol: Optional[str] = typer.Option(None, help="subject (default) or paper."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per fold, for every model."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per batch."),
+    image_size: Optional[int] = typer.Option(None, help="Input side in pixels (224 as in the paper)."),
+    augment: Optional[bool] = typer.Option(None, "--augment/--no-augment",
+                                           help="Online augmentation (off: frozen baselines train on features "
+                                           "computed once)."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="Baselines from ImageNet weights (default) or from scratch."),
+    finetune: Optional[bool] = typer.Option(None, "--finetune/--frozen", help="Baselines: train the backbone too."),
+    precision: Optional[str] = typer.Option(None, help="auto, 32, bf16, 16."),
+    seed: Optional[int] = typer.Option(None, help="Random seed, the same for every model."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Where the runs and tables go."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes for the cache."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Train and test several models under one protocol and seed; tables shaped like the paper's 8 and 9."""
+    from .compare import compare as run_comparison
+    from .data.protocols import LeakageError
+    from .experiment import RunError
+    from .models import WeightsError, available_models
+
+    names = [m.strip().lower() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in available_models()]
+    if unknown or not names:
+        fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())}")
+    base = _load_config(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                        augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed)
+    prepared = prepare_data(data, cache, base.image_size, workers, strict=False, crop=base.crop)
+    try:
+        rows, table9 = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress,
+                                      log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except (RunError, LeakageError, ValueError, WeightsError) as err:
+        fail(str(err))
+    table = Table(title=f"model comparison, {base.protocol} protocol (mean over test folds)")
+    for column in ("model", "params", "recall", "prec", "acc", "F1", "spec", "AUC", "wF1", "time s", "img/s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for r in rows:
+        table.add_row(r["model"], f"{r['trainable_parameters']:,}", *(_fmt(r[m]) for m in (
+            "recall", "precision", "accuracy", "f1", "specificity", "auc", "weighted_f1")),
+            f"{r['training_seconds']:.0f}", f"{r['images_per_s']:.1f}")
+    out.print(table)
+    out.print(f"tables: {out_dir / 'comparison.csv'}, {out_dir / 'comparison.md'}, {out_dir / 'report.html'}",
+              highlight=False, soft_wrap=True)
+
+
+def _checkpoint_of(target: Path) -> Path:
+    """A checkpoint file, or the final model of a run directory (prelim, else fold_0)."""
+    if target.is_file():
+        return target
+    for fold in ("prelim", "fold_0"):
+        chosen = target / "folds" / fold / "checkpoint.txt"
+        if chosen.is_file():
+            return target / "checkpoints" / fold / chosen.read_text().strip()
+    fail(f"{target}: neither a checkpoint file nor a finished run directory; pass a .ckpt or a run directory")
+
+
+@app.command()
+def explain(
+    target: Path = typer.Argument(..., help="A run directory (its final model) or a checkpoint (.ckpt)."),
+    image: Path = typer.Argument(..., help="A cell image in any format Pillow reads."),
+    show_feature_maps: bool = typer.Option(False, "--feature-maps", help="Write feature maps (paper's Fig. 5)."),
+    show_gradcam: bool = typer.Option(False, "--gradcam", help="Write a Grad-CAM overlay for the ALL output."),
+    layer: Optional[list[str]] = typer.Option(None, help="Layer name(s) to show (default: the first and sixth "
+                                              "layer; for Grad-CAM a late convolution)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where the PNGs go (default explain-<image>/)."),
+):
+    """Show what a trained model computes on one image: feature maps and/or Grad-CAM."""
+    from .engine import load_module
+    from .explain import default_feature_layers, feature_maps, gradcam, image_tensor, plot_feature_maps
+
+    if not (show_feature_maps or show_gradcam):
+        fail("nothing to show: add --feature-maps and/or --gradcam")
+    try:
+        module = load_module(_checkpoint_of(target))
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    try:
+        pixels, x = image_tensor(image, module.config.image_size, module.config.crop)
+    except Exception as err:
+        fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
+    out_dir = out_dir or Path(f"explain-{image.stem}")
+    with torch_no_grad():
+        probability = float(module.probability_all(module.model.eval()(x))[0])
+    out.print(f"{image}: P(ALL) = {probability:.3f} → {'ALL' if probability > 0.5 else 'HEM'} "
+              f"({module.config.model})", highlight=False, soft_wrap=True)
+    written = []
+    try:
+        if show_feature_maps:
+            layers = layer or default_feature_layers(module.model)
+            written += plot_feature_maps(feature_maps(module.model, x, layers), out_dir)
+        if show_gradcam:
+            written.append(gradcam(module.model, module.config.model, pixels, x, out_dir,
+                                   layer[0] if layer and not show_feature_maps else None))
+    except ValueError as err:
+        fail(str(err))
+    for path in written:
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def torch_no_grad():
+    import torch
+
+    return torch.no_grad()
 
 
 @app.command()

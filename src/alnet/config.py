@@ -14,7 +14,10 @@ class ConfigError(Exception):
 
 @dataclass
 class RunConfig:
-    model: str = "alnet"
+    model: str = "alnet"  # alnet, or a baseline: alexnet, vgg16, googlenet, resnet50
+    pretrained: bool = True  # baselines: ImageNet weights (False: train from scratch)
+    weights: str | None = None  # baselines: an explicit weights file instead of $TORCH_HOME/hub/checkpoints/
+    finetune: bool = False  # baselines: also train the backbone (default: frozen, as in the paper)
     protocol: str = "subject"  # "subject" (honest default) or "paper" (image-level split, reproduction)
     epochs: int = 140
     batch_size: int = 32
@@ -41,7 +44,10 @@ class RunConfig:
     deterministic: bool = False
 
     def validate(self) -> "RunConfig":
+        from .models import available_models
+
         checks = [
+            (self.model in available_models(), f"model must be one of {', '.join(available_models())}"),
             (self.protocol in ("subject", "paper"), "protocol must be 'subject' or 'paper'"),
             (self.optimizer in ("rmsprop", "adam"), "optimizer must be 'rmsprop' or 'adam'"),
             (self.head in ("sigmoid", "softmax"), "head must be 'sigmoid' or 'softmax'"),

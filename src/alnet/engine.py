@@ -7,8 +7,6 @@ the device, turned into floats there and augmented there with per-sample paramet
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
-
 import lightning as L
 import numpy as np
 import torch
@@ -96,8 +94,8 @@ class CellData(L.LightningDataModule):
         if stage == "fit" and self.config.double_offline and len(self.train_rows):
             # The paper doubled each training split once, offline: append one augmented copy of each image.
             c = self.config
-            copies = augmented_copies(self.images[self.train_rows].numpy(), make_augment(c.rotation, c.zoom, c.contrast),
-                                      seed=c.seed)
+            augment = make_augment(c.rotation, c.zoom, c.contrast)
+            copies = augmented_copies(self.images[self.train_rows].numpy(), augment, seed=c.seed)
             first_new = len(self.images)
             self.images = torch.cat([self.images, torch.from_numpy(copies)])
             self.labels = torch.cat([self.labels, self.labels[self.train_rows]])
@@ -127,8 +125,8 @@ class CellClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = c = RunConfig(**config)
-        self.model = create_model(c.model, dropout=c.dropout, input_size=c.image_size, head=c.head,
-                                  bn_momentum=c.bn_momentum)
+        self.model = create_model(c.model, **model_kwargs(c))
+        self.on_features = False  # True while training a frozen backbone's head on precomputed features
         self.augment = make_augment(c.rotation, c.zoom, c.contrast) if c.augment else None
         self.channels_last = False
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
@@ -140,11 +138,12 @@ class CellClassifier(L.LightningModule):
 
     # inputs -------------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        batch["image"] = to_float(batch["image"])  # uint8 → float, on the device
+        if not self.on_features:
+            batch["image"] = to_float(batch["image"])  # uint8 → float, on the device
         return batch
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
         return probability_all(logits, self.config.head)
@@ -156,7 +155,7 @@ class CellClassifier(L.LightningModule):
         return F.cross_entropy(logits, labels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model.head(x) if self.on_features else self.model(x)
 
     # training -----------------------------------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
@@ -170,7 +169,7 @@ class CellClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["image"]
-        if self.augment is not None:  # after the reseed above, so a resumed run augments identically
+        if self.augment is not None and not self.on_features:  # after the reseed above, so a resumed run augments identically
             x = self.augment(x)
         logits = self(self._input(x))
         loss = self.loss(logits, batch["label"])
@@ -235,9 +234,48 @@ class CellClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         c = self.config
+        trainable = [p for p in self.parameters() if p.requires_grad]  # a frozen backbone is left out
         if c.optimizer == "rmsprop":  # Keras RMSprop: rho → alpha, epsilon outside the square root as in torch
-            return torch.optim.RMSprop(self.parameters(), lr=c.lr, alpha=c.rho, eps=c.eps)
-        return torch.optim.Adam(self.parameters(), lr=c.lr, eps=c.eps)
+            return torch.optim.RMSprop(trainable, lr=c.lr, alpha=c.rho, eps=c.eps)
+        return torch.optim.Adam(trainable, lr=c.lr, eps=c.eps)
+
+
+def model_kwargs(c: RunConfig) -> dict:
+    """The settings each kind of model takes from a run configuration."""
+    if c.model == "alnet":
+        return {"dropout": c.dropout, "input_size": c.image_size, "head": c.head, "bn_momentum": c.bn_momentum}
+    return {"dropout": c.dropout, "head": c.head, "pretrained": c.pretrained, "weights": c.weights,
+            "finetune": c.finetune}
+
+
+def uses_cached_features(module: CellClassifier) -> bool:
+    """A frozen backbone seeing un-augmented images gives the same features every epoch: compute them once."""
+    c = module.config
+    return getattr(module.model, "frozen", False) and not c.augment and not c.double_offline
+
+
+@torch.no_grad()
+def extract_features(module: CellClassifier, images: torch.Tensor, rows: np.ndarray, batch_size: int = 64,
+                     progress=None) -> torch.Tensor:
+    """Backbone features of `rows` (N×H×W×3 uint8) → a float tensor with one row per image of `images`
+    (rows not asked for stay zero), computed in eval mode with the run's precision."""
+    model = module.model.eval()
+    _, precision, channels_last = resolve_precision(module.config)
+    device = next(model.parameters()).device
+    out = None
+    for start in range(0, len(rows), batch_size):
+        idx = torch.from_numpy(np.asarray(rows[start:start + batch_size], dtype=np.int64))
+        x = to_float(images[idx].to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            f = model.features(x).float()
+        if out is None:
+            out = torch.zeros((len(images), f.shape[1]), dtype=torch.float32)
+        out[idx] = f.cpu()
+        if progress:
+            progress(min(start + batch_size, len(rows)), len(rows))
+    return out
 
 
 def load_module(path) -> CellClassifier:
@@ -248,7 +286,12 @@ def load_module(path) -> CellClassifier:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
     try:
-        module = CellClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        hparams = checkpoint["hyper_parameters"]
+        # The checkpoint holds every weight: build the model without fetching ImageNet weights first.
+        module = CellClassifier({**hparams["config"], "pretrained": False}, hparams.get("seen_subjects"))
+        module.load_state_dict(checkpoint["state_dict"])
+        module.config.pretrained = hparams["config"].get("pretrained", True)
     except Exception as err:  # a file that is not a Lightning checkpoint of this package
         raise ValueError(f"{path}: not an alnet checkpoint ({type(err).__name__}); pass a .ckpt written by "
                          "`alnet train`") from None
@@ -282,10 +325,6 @@ def threads_per_process(devices: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, devices))
 
 
-def config_dict(config: RunConfig) -> dict:
-    return asdict(config)
-
-
 def quiet_lightning() -> None:
     """Keep Lightning's start-up chatter (accelerator banners, tips) out of the user's terminal."""
     import logging
@@ -297,3 +336,4 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # expected when resuming
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen backbones, on purpose

@@ -32,7 +32,8 @@ from .config import RunConfig
 from .data.cnmc import Cell
 from .data.preprocess import Prepared
 from .data.protocols import Split, make_splits
-from .engine import CellClassifier, CellData, quiet_lightning, resolve_precision, threads_per_process, world
+from .engine import (CellClassifier, CellData, extract_features, quiet_lightning, resolve_precision,
+                     threads_per_process, uses_cached_features, world)
 
 HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
 PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted"]
@@ -117,7 +118,15 @@ def _train_split(config, split, images, labels, cells, run_dir, resume, callback
     L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
     # Subjects used for training or for choosing the checkpoint: `evaluate` leaves them out later.
     module = build_module(config, sorted({cells[i].subject for i in np.r_[split.train, split.val]}))
-    data = CellData(images, labels, split.train, split.val, split.test, config)
+    inputs = images
+    if uses_cached_features(module):
+        # Frozen backbone, no augmentation: every epoch would see the same features, so compute them once and
+        # train the head on them (this is what makes the paper's 1,600-epoch baselines cheap).
+        needed = np.unique(np.r_[split.train, split.val, split.test])
+        log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
+        inputs = extract_features(module, images, needed)
+        module.on_features = True
+    data = CellData(inputs, labels, split.train, split.val, split.test, config)
     last = checkpoints / "last.ckpt"
     resume_from = str(last) if resume and last.is_file() else None
     if resume_from:
@@ -185,7 +194,8 @@ def train_run(
             raise RunError(f"{run_dir}: no config.yaml, so nothing to resume; start a new run with --out")
         config = RunConfig.from_yaml(run_dir / "config.yaml")
     elif is_main_process() and (run_dir / "config.yaml").exists():  # DDP ranks > 0 start after rank 0 wrote it
-        raise RunError(f"{run_dir}: a run already lives here; continue it with --resume {run_dir} or pick another --out")
+        raise RunError(f"{run_dir}: a run already lives here; continue it with --resume {run_dir} or pick another "
+                       "--out")
     config.validate()
     if config.devices > 1:
         torch.set_num_threads(threads_per_process(config.devices))
@@ -227,12 +237,14 @@ def _train_splits(config, prepared, run_dir, data_root, resume, callbacks, progr
         world_size = max(world_size, world()[1])
     result = summarize_run(config, splits, predictions, world_size)
     if is_main_process():
-        write_outputs(run_dir, result, predictions, history)
+        write_outputs(run_dir, result, predictions, history, config)
     return result
 
 
-def write_outputs(run_dir: Path, result: dict, predictions: dict[str, list[dict]], history: list[dict]) -> None:
+def write_outputs(run_dir: Path, result: dict, predictions: dict[str, list[dict]], history: list[dict],
+                  config: RunConfig) -> None:
     from .report.figures import write_run_figures
+    from .report.html import write_run_report
 
     all_rows = [r for rows in predictions.values() for r in rows]
     _write_csv(run_dir / "predictions.csv", all_rows, PREDICTION_FIELDS)
@@ -246,6 +258,7 @@ def write_outputs(run_dir: Path, result: dict, predictions: dict[str, list[dict]
                ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"])
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     write_run_figures(run_dir / "figures", predictions, history)
+    write_run_report(run_dir, result, asdict(config))
 
 
 # --- evaluation of finished runs and single checkpoints -------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import numpy as np
@@ -121,7 +120,3 @@ def per_subject(subjects, labels, prob_all, threshold: float = 0.5) -> list[dict
             "accuracy": float((called_all == (labels[idx] == 1)).mean()),
         })
     return rows
-
-
-def is_finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -6,9 +6,12 @@ from typing import Callable
 
 from torch import nn
 
+from . import transfer
 from .alnet import ALNet, alnet, probability_all
+from .transfer import TransferNet, WeightsError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {"alnet": alnet}
+_REGISTRY.update({name: transfer.builder(name) for name in transfer.BACKBONES})
 
 
 def register(name: str, builder: Callable[..., nn.Module]) -> None:
@@ -27,4 +30,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return builder(**kwargs)
 
 
-__all__ = ["ALNet", "create_model", "available_models", "register", "probability_all"]
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["ALNet", "TransferNet", "WeightsError", "create_model", "available_models", "register",
+           "probability_all", "trainable_parameters"]

@@ -10,13 +10,13 @@ contradicts the table's shapes, so pooling is 2×2 stride 2 (DESIGN.md §2).
 
 The model was written in Keras; to be faithful, weights are Glorot-uniform with zero biases and BatchNorm
 uses Keras' momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3. With so slow running statistics a model needs a
-few hundred steps before its evaluation-mode output means anything; short runs lower `bn_momentum`. `forward` returns logits: the paper's sigmoid
-(or a softmax, with `head="softmax"`) is applied by the loss and by `probability_all`.
+few hundred steps before its evaluation-mode output means anything; short runs lower `bn_momentum`.
+
+`forward` returns logits: the paper's sigmoid (or a softmax, with `head="softmax"`) is applied by the loss
+and by `probability_all`.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
