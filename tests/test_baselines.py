@@ -1,7 +1,6 @@
 import csv
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch

@@ -91,7 +91,7 @@ def _fmt(value, digits=3):
 
 
 def write_tables(out: Path, rows: list[dict], table9: list[dict], protocol: str, note: str) -> None:
-    from .report.html import PAPER_ALNET, write_comparison_report
+    from .report.html import PAPER_ALNET, paper_fold_accuracy, write_comparison_report
 
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -112,9 +112,8 @@ def write_tables(out: Path, rows: list[dict], table9: list[dict], protocol: str,
         lines += ["", "## ALNet accuracy per fold (shape of the paper's Table 9)", "",
                   "| fold | train accuracy | test accuracy | paper test accuracy |", "|---|---|---|---|"]
         for r in table9:
-            paper = PAPER_ALNET["fold_accuracy"].get(r["fold"], PAPER_ALNET["mean_accuracy"] if r["fold"] == "mean"
-                                                     else None)
-            lines.append(f"| {r['fold']} | {_fmt(r['train_accuracy'])} | {_fmt(r['test_accuracy'])} | {_fmt(paper)} |")
+            lines.append(f"| {r['fold']} | {_fmt(r['train_accuracy'])} | {_fmt(r['test_accuracy'])} | "
+                         f"{_fmt(paper_fold_accuracy(r['fold']))} |")
     lines += ["", "Paper rows are the published ALNet figures (image-level split), for reference only."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     write_comparison_report(out, rows, table9, protocol, note)

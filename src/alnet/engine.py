@@ -169,7 +169,8 @@ class CellClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x = batch["image"]
-        if self.augment is not None and not self.on_features:  # after the reseed above, so a resumed run augments identically
+        # Augment here, after the reseed above, so that a resumed run augments identically.
+        if self.augment is not None and not self.on_features:
             x = self.augment(x)
         logits = self(self._input(x))
         loss = self.loss(logits, batch["label"])
