@@ -32,3 +32,18 @@ def synthetic_root(tmp_path_factory) -> Path:
 def synthetic_copy(synthetic_root, tmp_path) -> Path:
     """A writable copy of the synthetic set, for tests that damage it."""
     return Path(shutil.copytree(synthetic_root, tmp_path / "data"))
+
+
+@pytest.fixture(scope="session")
+def mini_checkpoint(mini_root, tmp_path_factory) -> Path:
+    """A small ALNet (136 px) trained for one epoch on the real cnmc-mini images (paper protocol, fold 0)."""
+    from alnet.config import RunConfig
+    from alnet.data.cnmc import scan
+    from alnet.data.preprocess import PrepareParams, prepare
+    from alnet.experiment import train_run
+
+    base = tmp_path_factory.mktemp("mini-run")
+    prepared = prepare(scan(mini_root).cells, base / "cache", PrepareParams(size=136))
+    config = RunConfig(protocol="paper", epochs=1, image_size=136, batch_size=16, bn_momentum=0.5)
+    train_run(config, prepared, base / "run", progress=False, log=lambda m: None)
+    return base / "run" / "checkpoints" / "fold_0" / "last.ckpt"

@@ -423,6 +423,119 @@ def torch_no_grad():
 
 
 @app.command()
+def tune(
+    data: Path = typer.Option(..., help="C-NMC data root; only its training folds are used."),
+    grid: Path = typer.Option(Path("configs/grid.yaml"), help="Search space (see configs/grid.yaml)."),
+    sampler: str = typer.Option("grid", help="grid (every combination, as the paper) or tpe."),
+    trials: Optional[int] = typer.Option(None, help="Trials for --sampler tpe (default 20)."),
+    config: Optional[str] = typer.Option(None, help="Base configuration (YAML or preset) under the grid."),
+    image_size: Optional[int] = typer.Option(None, help="Input side in pixels."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (sampler and validation subjects)."),
+    out_dir: Path = typer.Option(Path("runs/tune"), "--out", help="Study folder: study.db, trials.csv, best.yaml."),
+    cache: Optional[Path] = typer.Option(None, help="Cache folder."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes for the cache."),
+    progress: bool = typer.Option(False, help="Show a progress bar per trial."),
+):
+    """Grid (or TPE) search scored on validation subjects; resumable; writes the best configuration as YAML."""
+    from .config import ConfigError
+    from .tune import read_grid
+    from .tune import tune as run_tune
+
+    try:
+        read_grid(grid)
+    except ConfigError as err:
+        fail(str(err))
+    base = _load_config(config, image_size=image_size, seed=seed)
+    prepared = prepare_data(data, cache, base.image_size, workers, strict=False, crop=base.crop)
+    try:
+        best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress,
+                                         log=lambda m: console.print(m, highlight=False, soft_wrap=True))
+    except ConfigError as err:
+        fail(str(err))
+    table = Table(title=f"{len(complete)} finished trial(s), best first (validation accuracy)")
+    names = list(complete[0].params)
+    for column in ("trial", *names, "val acc"):
+        table.add_column(column, justify="right")
+    for t in sorted(complete, key=lambda t: -t.value):
+        table.add_row(str(t.number), *(str(t.params[n]) for n in names), f"{t.value:.3f}")
+    out.print(table)
+    out.print(f"best validation accuracy {score:.3f}; configuration written to {out_dir / 'best.yaml'} "
+              f"(train with: alnet train --data {data} --config {out_dir / 'best.yaml'})", highlight=False,
+              soft_wrap=True)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="A checkpoint (.ckpt) or an exported model (.onnx)."),
+    paths: list[str] = typer.Argument(..., help="Image files, folders or globs (any size and format Pillow reads)."),
+    out_file: Path = typer.Option(Path("predictions.csv"), "--out", help="CSV with one row per image."),
+    tta: bool = typer.Option(False, help="Average over flips (test-time augmentation)."),
+    batch_size: int = typer.Option(64, help="Images per batch."),
+):
+    """Classify new cell images: path, label (ALL/HEM), P(ALL), model and checkpoint per row."""
+    import csv
+
+    from .predict import expand_paths, load_predictor, predict_files
+
+    files, missing = expand_paths(paths)
+    for item in missing:
+        console.print(f"[yellow]{item}: matches no file; skipped[/]", highlight=False, soft_wrap=True)
+    if not files:
+        fail("no images to classify; pass image files, folders or globs")
+    try:
+        predictor = load_predictor(model)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    with progress_bar("classifying") as bar:
+        task = bar.add_task("predict", total=len(files))
+        rows, failed = predict_files(predictor, files, batch_size, tta,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+    with open(out_file, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "label", "probability_all", "model", "checkpoint"])
+        writer.writeheader()
+        writer.writerows(rows)
+    n_all = sum(r["label"] == "ALL" for r in rows)
+    out.print(f"{len(rows)} image(s) classified ({n_all} ALL, {len(rows) - n_all} HEM) → {out_file}",
+              highlight=False, soft_wrap=True)
+    _print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (.ckpt) written by `alnet train`."),
+    onnx: Path = typer.Option(..., help="Where to write the ONNX model."),
+):
+    """Write an ONNX model (dynamic batch axis; outputs P(ALL)) with its preprocessing in the metadata."""
+    from .export import export_onnx
+
+    try:
+        path = export_onnx(checkpoint, onnx)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    out.print(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], output `probability_all`; run it with "
+              f"`alnet predict {path} IMAGES…`", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Argument(..., help="A checkpoint (.ckpt) or an exported model (.onnx)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default; 0.0.0.0 exposes it)."),
+    port: int = typer.Option(8000, help="Port."),
+):
+    """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
+    import uvicorn
+
+    from .serve import create_app
+
+    try:
+        application = create_app(checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    out.print(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)", highlight=False, soft_wrap=True)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command()
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Where the synthetic data, cache and run go."),
     epochs: int = typer.Option(10, help="Epochs per fold."),

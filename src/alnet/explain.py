@@ -86,9 +86,9 @@ def plot_feature_maps(maps: dict[str, torch.Tensor], out: Path, max_channels: in
     return written
 
 
-def gradcam(model: nn.Module, model_name: str, pixels: np.ndarray, x: torch.Tensor, out: Path,
-            layer: str | None = None, target: int = 1) -> Path:
-    """Grad-CAM of output `target` (1: ALL) at `layer`, overlaid on the image; writes gradcam.png."""
+def gradcam_overlay(model: nn.Module, model_name: str, pixels: np.ndarray, x: torch.Tensor,
+                    layer: str | None = None, target: int = 1) -> tuple[np.ndarray, str]:
+    """Grad-CAM of output `target` (1: ALL) at `layer` over the image: (uint8 H×W×3 overlay, layer name)."""
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.image import show_cam_on_image
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -101,7 +101,13 @@ def gradcam(model: nn.Module, model_name: str, pixels: np.ndarray, x: torch.Tens
     x = x.clone().requires_grad_(True)  # a frozen backbone still needs gradients to flow to its activations
     with GradCAM(model=model, target_layers=[modules[layer]]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
-    overlay = show_cam_on_image(pixels.astype(np.float32) / 255, heat, use_rgb=True)
+    return show_cam_on_image(pixels.astype(np.float32) / 255, heat, use_rgb=True), layer
+
+
+def gradcam(model: nn.Module, model_name: str, pixels: np.ndarray, x: torch.Tensor, out: Path,
+            layer: str | None = None, target: int = 1) -> Path:
+    """Grad-CAM beside the input image; writes gradcam.png into `out`."""
+    overlay, layer = gradcam_overlay(model, model_name, pixels, x, layer, target)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gradcam.png"
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
