@@ -1,0 +1,62 @@
+"""CPU inference: onnxruntime on the exported model against the PyTorch path of `alnet predict`, same run.
+
+Both classify the same uint8 batches (decoding excluded): PyTorch with the checkpoint's default precision
+(bf16 autocast + channels-last on CPUs with bf16) and in fp32, onnxruntime in fp32 (its CPU provider).
+Without --checkpoint an untrained ALNet is saved and exported (speed does not depend on the weights).
+Prints one JSON line of images/s and ratios.
+Usage: python benchmarks/onnx_inference.py [--checkpoint CKPT] [--images 256] [--batch-size 64]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alnet.config import RunConfig
+from alnet.engine import CellClassifier
+from alnet.export import export_onnx
+from alnet.predict import load_predictor
+
+
+def rate(predictor, images: np.ndarray, batch_size: int) -> float:
+    predictor(images[:batch_size])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        predictor(images[i:i + batch_size])
+    return len(images) / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            checkpoint = Path(tmp) / "alnet.ckpt"
+            module = CellClassifier(asdict(RunConfig()))
+            torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+        onnx_path = export_onnx(checkpoint, Path(tmp) / "alnet.onnx")
+        default = load_predictor(checkpoint)
+        size = default.image_size
+        images = np.random.default_rng(0).integers(0, 255, (args.images, size, size, 3), dtype=np.uint8)
+        torch_default = rate(default, images, args.batch_size)
+        torch_fp32 = rate(load_predictor(checkpoint, precision="32"), images, args.batch_size)
+        onnx = rate(load_predictor(onnx_path), images, args.batch_size)
+    print(json.dumps({
+        "images": args.images, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+        "onnxruntime_images_per_s": round(onnx, 1), "torch_default_images_per_s": round(torch_default, 1),
+        "torch_fp32_images_per_s": round(torch_fp32, 1),
+        "onnx_vs_torch_default": round(onnx / torch_default, 2), "onnx_vs_torch_fp32": round(onnx / torch_fp32, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
