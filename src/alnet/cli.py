@@ -398,7 +398,9 @@ def explain(
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
     out_dir = out_dir or Path(f"explain-{image.stem}")
-    with torch_no_grad():
+    import torch
+
+    with torch.no_grad():
         probability = float(module.probability_all(module.model.eval()(x))[0])
     out.print(f"{image}: P(ALL) = {probability:.3f} → {'ALL' if probability > 0.5 else 'HEM'} "
               f"({module.config.model})", highlight=False, soft_wrap=True)
@@ -414,12 +416,6 @@ def explain(
         fail(str(err))
     for path in written:
         out.print(f"wrote {path}", highlight=False, soft_wrap=True)
-
-
-def torch_no_grad():
-    import torch
-
-    return torch.no_grad()
 
 
 @app.command()
