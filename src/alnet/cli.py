@@ -234,12 +234,11 @@ def train(
 ):
     """Train ALNet under a protocol and test it: writes a run directory with metrics, predictions, figures."""
     if resume is not None:
-        import json as _json
+        from .config import RunConfig
 
         data_json = resume / "data.json"
         if data is None and data_json.is_file():
-            data = Path(_json.loads(data_json.read_text())["root"] or "")
-        from .config import RunConfig
+            data = Path(json.loads(data_json.read_text())["root"] or "")
 
         if not (resume / "config.yaml").is_file():
             fail(f"{resume}: no config.yaml, so nothing to resume; start a new run with --out")
@@ -252,9 +251,12 @@ def train(
                                   dropout=dropout, image_size=image_size, augment=augment, precision=precision,
                                   devices=devices, strategy=strategy, seed=seed, deterministic=deterministic)
         if out_dir is None:
+            import os
             import time
 
-            out_dir = Path("runs") / f"{run_config.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
+            # DDP relaunches this command in more processes: they inherit the name chosen here.
+            default = Path("runs") / f"{run_config.protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
+            out_dir = Path(os.environ.setdefault("ALNET_RUN_DIR", str(default)))
         run_dir = out_dir
     if data is None:
         fail("--data is required: pass the folder holding the C-NMC dataset")
