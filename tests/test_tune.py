@@ -63,12 +63,16 @@ def test_a_killed_search_resumes_and_never_reruns_finished_trials(grid, prepared
         assert sum(r["state"] == "COMPLETE" for r in csv.DictReader(handle)) == 4
 
 
-def test_tune_command_prints_the_table_and_the_best_configuration(grid, synthetic_root, tmp_path):
+def test_tune_command_prints_the_table_and_the_best_configuration(grid, synthetic_root, tmp_path, monkeypatch):
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
     result = CliRunner().invoke(app, ["tune", "--data", str(synthetic_root), "--grid", str(grid), "--image-size",
                                       "136", "--out", str(tmp_path / "t"), "--cache", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     assert "trial 4/4" in result.output and "best validation accuracy" in result.output
     assert (tmp_path / "t" / "best.yaml").is_file()
+    assert list(workdir.iterdir()) == [], "trials write nothing into the working directory"
 
 
 def test_a_grid_with_unknown_settings_is_refused(tmp_path):

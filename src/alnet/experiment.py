@@ -73,6 +73,8 @@ def make_trainer(config: RunConfig, callbacks: Sequence[Callback], root: Path, p
         max_epochs=config.epochs, logger=False, enable_model_summary=False, num_sanity_val_steps=0,
         deterministic=config.deterministic, callbacks=list(callbacks), use_distributed_sampler=False,
         default_root_dir=root, enable_progress_bar=progress, limit_val_batches=1.0 if validate else 0,
+        # Only the checkpoints a caller asks for: never Lightning's default folder in the working directory.
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )
 
 
