@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 app = typer.Typer(
-    help="ALNet for C-NMC 2019 cell images (ALL vs HEM): prepare data, train, evaluate, run the demo.",
+    help="ALNet for C-NMC 2019 cell images (ALL vs HEM): prepare data, train and evaluate (paper or "
+    "subject-level protocol), compare with baselines, explain, tune, predict, export and serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -232,7 +233,7 @@ def train(
     workers: Optional[int] = typer.Option(None, help="Decoding processes for the cache."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
-    """Train ALNet under a protocol and test it: writes a run directory with metrics, predictions, figures."""
+    """Train a model (ALNet by default) under a protocol and test it: a run directory with metrics, figures."""
     if resume is not None:
         from .config import RunConfig
 
