@@ -141,8 +141,8 @@ def _train_split(config, split, images, labels, cells, run_dir, resume, callback
     if is_main_process():
         fold_dir.mkdir(parents=True, exist_ok=True)
         _write_csv(fold_dir / "history.csv", [{"fold": split.name, **h} for h in history], HISTORY_FIELDS)
-        _write_csv(fold_dir / "predictions.csv", rows, PREDICTION_FIELDS)  # written last: marks the fold done
         (fold_dir / "checkpoint.txt").write_text(Path(chosen).name + "\n")
+        _write_csv(fold_dir / "predictions.csv", rows, PREDICTION_FIELDS)  # written last: marks the fold done
     return rows, [{"fold": split.name, **h} for h in history]
 
 
