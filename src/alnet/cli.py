@@ -367,12 +367,14 @@ def compare(
 
 def _checkpoint_of(target: Path) -> Path:
     """A checkpoint file, or the final model of a run directory (prelim, else fold_0)."""
+    from .experiment import chosen_checkpoint
+
     if target.is_file():
         return target
     for fold in ("prelim", "fold_0"):
-        chosen = target / "folds" / fold / "checkpoint.txt"
-        if chosen.is_file():
-            return target / "checkpoints" / fold / chosen.read_text().strip()
+        chosen = chosen_checkpoint(target, fold)
+        if chosen is not None:
+            return chosen
     fail(f"{target}: neither a checkpoint file nor a finished run directory; pass a .ckpt or a run directory")
 
 

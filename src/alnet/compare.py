@@ -84,14 +84,8 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def _fmt(value, digits=3):
-    if value is None:
-        return "–"
-    return f"{value:,}" if isinstance(value, int) else f"{value:.{digits}f}"
-
-
 def write_tables(out: Path, rows: list[dict], table9: list[dict], protocol: str, note: str) -> None:
-    from .report.html import PAPER_ALNET, paper_fold_accuracy, write_comparison_report
+    from .report.html import PAPER_ALNET, number, paper_fold_accuracy, write_comparison_report
 
     with open(out / "comparison.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
@@ -101,10 +95,10 @@ def write_tables(out: Path, rows: list[dict], table9: list[dict], protocol: str,
              "| model | trainable parameters | recall | precision | accuracy | F1 | specificity | AUC | weighted F1 "
              "| training time (s) | images/s |", "|---" * 11 + "|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {_fmt(r['trainable_parameters'])} | {_fmt(r['recall'])} | "
-                     f"{_fmt(r['precision'])} | {_fmt(r['accuracy'])} | {_fmt(r['f1'])} | {_fmt(r['specificity'])} | "
-                     f"{_fmt(r['auc'])} | {_fmt(r['weighted_f1'])} | {_fmt(r['training_seconds'], 0)} | "
-                     f"{_fmt(r['images_per_s'], 1)} |")
+        metrics = " | ".join(number(r[m]) for m in ("recall", "precision", "accuracy", "f1", "specificity", "auc",
+                                                       "weighted_f1"))
+        lines.append(f"| {r['model']} | {r['trainable_parameters']:,} | {metrics} | "
+                     f"{number(r['training_seconds'], 0)} | {number(r['images_per_s'], 1)} |")
         if r["model"] == "alnet":
             lines.append(f"| ALNet, paper (image-level split) | {PAPER_ALNET['trainable_parameters']:,} | – | – | "
                          f"{PAPER_ALNET['mean_accuracy']:.3f} | – | – | – | – | – | – |")
@@ -112,8 +106,8 @@ def write_tables(out: Path, rows: list[dict], table9: list[dict], protocol: str,
         lines += ["", "## ALNet accuracy per fold (shape of the paper's Table 9)", "",
                   "| fold | train accuracy | test accuracy | paper test accuracy |", "|---|---|---|---|"]
         for r in table9:
-            lines.append(f"| {r['fold']} | {_fmt(r['train_accuracy'])} | {_fmt(r['test_accuracy'])} | "
-                         f"{_fmt(paper_fold_accuracy(r['fold']))} |")
+            lines.append(f"| {r['fold']} | {number(r['train_accuracy'])} | {number(r['test_accuracy'])} | "
+                         f"{number(paper_fold_accuracy(r['fold']))} |")
     lines += ["", "Paper rows are the published ALNet figures (image-level split), for reference only."]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
     write_comparison_report(out, rows, table9, protocol, note)

@@ -146,7 +146,13 @@ class CellClassifier(L.LightningModule):
             batch["image"] = to_float(batch["image"])  # uint8 → float, on the device
         return batch
 
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
+    def use_channels_last(self) -> None:
+        """Model (and, through `to_input`, its inputs) channels-last where the precision path wants it."""
+        if resolve_precision(self.config)[2]:
+            self.channels_last = True
+            self.model.to(memory_format=torch.channels_last)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
 
     def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
@@ -176,7 +182,7 @@ class CellClassifier(L.LightningModule):
         # Augment here, after the reseed above, so that a resumed run augments identically.
         if self.augment is not None and not self.on_features:
             x = self.augment(x)
-        logits = self(self._input(x))
+        logits = self(self.to_input(x))
         loss = self.loss(logits, batch["label"])
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
@@ -185,7 +191,7 @@ class CellClassifier(L.LightningModule):
 
     def _masked(self, batch: dict):
         keep = batch["index"] >= 0
-        logits = self(self._input(batch["image"][keep]))
+        logits = self(self.to_input(batch["image"][keep]))
         return logits, batch["label"][keep], batch["index"][keep]
 
     def on_validation_epoch_start(self) -> None:
@@ -224,7 +230,7 @@ class CellClassifier(L.LightningModule):
         self._outputs = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(self._input(batch["image"]))
+        logits = self(self.to_input(batch["image"]))
         prob = self.probability_all(logits)
         self._outputs.append(torch.stack([batch["index"].double(), prob.double(), batch["label"].double()], 1))
 

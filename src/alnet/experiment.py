@@ -60,8 +60,13 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def tensors(prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole cache in memory as one uint8 tensor, and the labels (-1 where unknown)."""
-    images = torch.from_numpy(np.array(prepared.images))  # a writable in-memory copy of the cache
+    """The whole cache in memory as one uint8 tensor, and the labels (-1 where unknown).
+
+    A read-only memory map is read into memory on first use and kept on `prepared`, so the runs of a
+    comparison or a search share one copy instead of reading the cache again each time."""
+    if not prepared.images.flags.writeable:
+        prepared.images = np.array(prepared.images)
+    images = torch.from_numpy(prepared.images)
     labels = torch.tensor([c.label if c.label is not None else -1 for c in prepared.cells], dtype=torch.long)
     return images, labels
 
@@ -80,9 +85,7 @@ def make_trainer(config: RunConfig, callbacks: Sequence[Callback], root: Path, p
 
 def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
     module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
-    if resolve_precision(config)[2]:
-        module.channels_last = True
-        module.model.to(memory_format=torch.channels_last)
+    module.use_channels_last()
     return module
 
 
@@ -269,15 +272,19 @@ def test_rows(module: CellClassifier, images: torch.Tensor, labels: torch.Tensor
     """P(ALL) for `rows` with a trained module (one process, the configured precision)."""
     quiet_lightning()
     config = module.config
-    if resolve_precision(config)[2]:
-        module.channels_last = True
-        module.model.to(memory_format=torch.channels_last)
+    module.use_channels_last()
     single = RunConfig(**{**asdict(config), "devices": 1, "strategy": "auto"})
     trainer = make_trainer(single, [], Path.cwd(), progress=False, validate=False)
     empty = np.array([], dtype=np.int64)
     trainer.test(module, dataloaders=CellData(images, labels, empty, empty, rows, single).test_dataloader(),
                  verbose=False)
     return module.test_predictions
+
+
+def chosen_checkpoint(run_dir: Path, fold: str) -> Path | None:
+    """The checkpoint a finished fold was tested with (folds/<fold>/checkpoint.txt), None if unfinished."""
+    record = Path(run_dir) / "folds" / fold / "checkpoint.txt"
+    return Path(run_dir) / "checkpoints" / fold / record.read_text().strip() if record.is_file() else None
 
 
 def evaluate_run(run_dir: Path, prepared: Prepared) -> dict:
@@ -294,11 +301,11 @@ def evaluate_run(run_dir: Path, prepared: Prepared) -> dict:
     images, labels = tensors(prepared)
     predictions = {}
     for split in splits:
-        chosen = run_dir / "folds" / split.name / "checkpoint.txt"
-        if not chosen.is_file():
+        chosen = chosen_checkpoint(run_dir, split.name)
+        if chosen is None:
             raise RunError(f"{run_dir}: fold {split.name} has not finished; finish it with "
                            f"`alnet train --resume {run_dir}`")
-        module = load_module(run_dir / "checkpoints" / split.name / chosen.read_text().strip())
+        module = load_module(chosen)
         predictions[split.name] = prediction_rows(split.name, prepared.cells,
                                                   test_rows(module, images, labels, split.test))
     return summarize_run(config, splits, predictions, world_size=1)

@@ -24,7 +24,12 @@ GRADCAM_LAYERS = {"alnet": "cl2.conv2", "alexnet": "backbone.features.10", "vgg1
 def image_tensor(path: Path, size: int, crop: float = 1.0) -> tuple[np.ndarray, torch.Tensor]:
     """The image exactly as training saw it: uint8 H×W×3 and a float 1×3×H×W batch in [0, 1]."""
     pixels, _ = load_image(Path(path), PrepareParams(size=size, crop=crop))
-    return pixels, to_float(torch.from_numpy(pixels.copy())[None])
+    return pixels, as_batch(pixels)
+
+
+def as_batch(pixels: np.ndarray) -> torch.Tensor:
+    """One uint8 H×W×3 image → a float 1×3×H×W batch in [0, 1]."""
+    return to_float(torch.from_numpy(pixels.copy())[None])
 
 
 def default_feature_layers(model: nn.Module) -> list[str]:

@@ -49,18 +49,14 @@ def load_predictor(path: Path | str, precision: str | None = None) -> Predictor:
     module = load_module(path)
     if precision is not None:
         module.config.precision = precision
-    _, precision, channels_last = resolve_precision(module.config)
-    if channels_last:
-        module.model.to(memory_format=torch.channels_last)
-    bf16 = precision == "bf16-mixed" and not torch.cuda.is_available()
+    module.use_channels_last()
+    bf16 = resolve_precision(module.config)[1] == "bf16-mixed" and not torch.cuda.is_available()
 
     @torch.no_grad()
     def probabilities(images: np.ndarray) -> np.ndarray:
         from .data.augment import to_float
 
-        x = to_float(torch.from_numpy(np.require(images, requirements=["C", "W"])))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = module.to_input(to_float(torch.from_numpy(np.require(images, requirements=["C", "W"]))))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return module.probability_all(module.model(x)).float().numpy()
 

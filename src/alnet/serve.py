@@ -122,14 +122,9 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES) -> FastAPI:
 def _gradcam_png(predictor, pixels: np.ndarray) -> str | None:
     if predictor.module is None:  # an ONNX model has no gradients to follow
         return None
-    import torch
+    from .explain import as_batch, gradcam_overlay
 
-    from .data.augment import to_float
-    from .explain import gradcam_overlay
-
-    model = predictor.module.model.float()
-    x = to_float(torch.from_numpy(pixels.copy())[None])
-    overlay, _ = gradcam_overlay(model, predictor.model_name, pixels, x)
+    overlay, _ = gradcam_overlay(predictor.module.model, predictor.model_name, pixels, as_batch(pixels))
     buffer = io.BytesIO()
     Image.fromarray(overlay).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()

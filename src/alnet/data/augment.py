@@ -2,7 +2,7 @@
 
 The paper's augmentations (§3.1): rotation ±15°, horizontal flip, zoom and random contrast. Rotation and zoom
 are one affine warp, so each image is resampled once. Randomness comes from torch's global generator, which
-the training loop reseeds at every epoch: a resumed run draws the same augmentations as an uninterrupted one.
+the training loop reseeds before every batch: a resumed run draws the same augmentations as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def _esc(value) -> str:
     return html.escape(str(value))
 
 
-def _num(value, digits: int = 3) -> str:
+def number(value, digits: int = 3) -> str:
+    """A table cell: `digits` decimals, or an en dash where there is no value."""
     return "–" if value is None else f"{value:.{digits}f}"
 
 
@@ -62,13 +63,14 @@ def _page(title: str, body: str) -> str:
 
 def metrics_table(result: dict) -> str:
     header = ["test set", *(NAMES[m] for m in METRICS), "images"]
-    rows = [("", [_esc(f["fold"]), *(_num(f[m]) for m in METRICS), str(f["images"])]) for f in result["folds"]]
+    rows = [("", [_esc(f["fold"]), *(number(f[m]) for m in METRICS), str(f["images"])]) for f in result["folds"]]
     if len(result["folds"]) > 1:
         s = result["summary"]
-        rows.append(("strong", ["mean ± std", *(f"{_num(s[m]['mean'])} ± {_num(s[m]['std'])}" for m in METRICS), ""]))
+        rows.append(("strong", ["mean ± std", *(f"{number(s[m]['mean'])} ± {number(s[m]['std'])}" for m in METRICS),
+                                ""]))
     if result.get("prelim"):
         p = result["prelim"]
-        rows.append(("strong", ["preliminary test set (unseen subjects)", *(_num(p[m]) for m in METRICS),
+        rows.append(("strong", ["preliminary test set (unseen subjects)", *(number(p[m]) for m in METRICS),
                                 str(p["images"])]))
     return _table(header, rows)
 
@@ -115,13 +117,13 @@ def write_comparison_report(out: Path, rows: list[dict], table9: list[dict], pro
               "weighted F1", "training time (s)", "images/s"]
     body_rows = []
     for r in rows:
-        body_rows.append(("", [_esc(r["model"]), f"{r['trainable_parameters']:,}", _num(r["recall"]),
-                               _num(r["precision"]), _num(r["accuracy"]), _num(r["f1"]), _num(r["specificity"]),
-                               _num(r["auc"]), _num(r["weighted_f1"]), _num(r["training_seconds"], 0),
-                               _num(r["images_per_s"], 1)]))
+        body_rows.append(("", [_esc(r["model"]), f"{r['trainable_parameters']:,}", number(r["recall"]),
+                               number(r["precision"]), number(r["accuracy"]), number(r["f1"]), number(r["specificity"]),
+                               number(r["auc"]), number(r["weighted_f1"]), number(r["training_seconds"], 0),
+                               number(r["images_per_s"], 1)]))
         if r["model"] == "alnet":
             body_rows.append(("paper", ["ALNet — paper (image-level split)", f"{PAPER_ALNET['trainable_parameters']:,}",
-                                        "–", "–", _num(PAPER_ALNET["mean_accuracy"]), "–", "–", "–", "–", "–", "–"]))
+                                        "–", "–", number(PAPER_ALNET["mean_accuracy"]), "–", "–", "–", "–", "–", "–"]))
     body = [f"<h1>Model comparison — {_esc(protocol)} protocol</h1>",
             _protocol_note({"protocol": protocol, "note": note}),
             "<h2>Table 8 (shape of the paper's): metrics as mean over test folds</h2>", _table(header, body_rows),
@@ -129,8 +131,8 @@ def write_comparison_report(out: Path, rows: list[dict], table9: list[dict], pro
             "published values are not reproduced here. Training time is wall time for all folds; images/s is "
             "training images processed per second of it.</p>"]
     if table9:
-        t9 = [("", [_esc(r["fold"]), _num(r["train_accuracy"]), _num(r["test_accuracy"]),
-                    _num(paper_fold_accuracy(r["fold"]))]) for r in table9]
+        t9 = [("", [_esc(r["fold"]), number(r["train_accuracy"]), number(r["test_accuracy"]),
+                    number(paper_fold_accuracy(r["fold"]))]) for r in table9]
         body += ["<h2>Table 9 (shape of the paper's): ALNet accuracy per fold</h2>",
                  _table(["fold", "train accuracy", "test accuracy", "paper test accuracy"], t9)]
     for r in rows:
