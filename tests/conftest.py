@@ -5,7 +5,8 @@ import pytest
 
 from alnet.data.synthetic import write_dataset
 
-MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnmc-mini"
+# 52 real C-NMC cells kept in the repository (see tests/data/cnmc-mini/README.md).
+MINI = Path(__file__).resolve().parent / "data" / "cnmc-mini"
 
 
 @pytest.fixture(autouse=True)
@@ -16,8 +17,6 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def mini_root() -> Path:
-    if not (MINI / "C-NMC_Leukemia").is_dir():
-        pytest.skip(f"real C-NMC sample not found at {MINI} (it ships beside the repository as ../shared)")
     return MINI
 
 
@@ -39,11 +38,12 @@ def mini_checkpoint(mini_root, tmp_path_factory) -> Path:
     """A small ALNet (136 px) trained for one epoch on the real cnmc-mini images (paper protocol, fold 0)."""
     from alnet.config import RunConfig
     from alnet.data.cnmc import scan
-    from alnet.data.preprocess import PrepareParams, prepare
-    from alnet.experiment import train_run
+    from alnet.data.cache import prepare
+    from alnet.data.transforms import Preprocessing
+    from alnet.train.run import train_run
 
     base = tmp_path_factory.mktemp("mini-run")
-    prepared = prepare(scan(mini_root).cells, base / "cache", PrepareParams(size=136))
+    prepared = prepare(scan(mini_root).cells, base / "cache", Preprocessing(size=136))
     config = RunConfig(protocol="paper", epochs=1, image_size=136, batch_size=16, bn_momentum=0.5)
     train_run(config, prepared, base / "run", progress=False, log=lambda m: None)
     return base / "run" / "checkpoints" / "fold_0" / "last.ckpt"

@@ -77,7 +77,7 @@ def test_imagenet_normalisation_happens_inside_the_baseline():
     x = torch.rand(1, 3, 112, 112)
     normalised = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    assert torch.allclose(model.features(x), model.backbone(normalised))
+    assert torch.allclose(model.forward_features(x), model.backbone(normalised))
     assert isinstance(model, TransferNet)
 
 
@@ -101,9 +101,13 @@ def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
     assert int(rows[4]["trainable_parameters"]) == 2048 * 2 + 2
     assert "features once" in result.output  # frozen baselines without augmentation train on cached features
     markdown = (out / "comparison.md").read_text()
-    assert "ALNet, paper (image-level split)" in markdown and "0.911" in markdown
-    assert "fold_0" in markdown  # Table 9
+    for paper_name in ("AlexNet", "VGG16", "GoogleNet", "ResNet-50", "ALNet"):
+        assert f"| {paper_name} — paper, Table 8 (image-level split) |" in markdown
+    assert "| 62,378,344 | 0.75 | 0.83 | 0.90 | 0.78 |" in markdown, "the paper's AlexNet row, as published"
+    assert "| alnet | mean |" in markdown and "| 0.9113 |" in markdown  # Table 9 beside the paper's mean
+    assert "Shi et al." in markdown  # Table 10
     report = (out / "report.html").read_text()
+    assert report.count("paper, Table 8") == 5
     assert "data:image/png;base64," in report
     assert not re.search(r'(src|href)="https?://', report), "the report must open offline"
     run_report = (out / "alnet" / "report.html").read_text()
@@ -112,23 +116,24 @@ def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
 
 
 def test_explain_writes_feature_maps_of_the_first_and_sixth_layer_and_gradcam(mini_root, tmp_path):
-    from alnet.explain import default_feature_layers, feature_maps, gradcam, image_tensor
+    from alnet.data.transforms import Preprocessing
+    from alnet.infer.explain import default_feature_layers, feature_maps, gradcam, read_image
 
     model = create_model("alnet").eval()
     image = next((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "all").iterdir())
-    pixels, x = image_tensor(image, 224)
-    layers = default_feature_layers(model)
+    pixels = read_image(image, Preprocessing(size=224))
+    layers = default_feature_layers("alnet")
     assert layers == ["cl1.conv1", "cl2.conv1"]
-    maps = feature_maps(model, x, layers)
+    maps = feature_maps(model, pixels, layers)
     assert maps["cl1.conv1"].shape == (32, 220, 220) and maps["cl2.conv1"].shape == (64, 50, 50)
     assert (maps["cl1.conv1"] >= 0).all(), "shown after ReLU, as Keras' conv layers output"
     with pytest.raises(ValueError, match="unknown layer"):
-        feature_maps(model, x, ["cl9.conv1"])
+        feature_maps(model, pixels, ["cl9.conv1"])
     for name in ("alnet", "resnet50"):
         net = create_model(name, pretrained=False).eval() if name != "alnet" else model
-        path = gradcam(net, name, pixels, x, tmp_path / name)
+        path = gradcam(net, name, pixels, tmp_path / name)
         assert path.is_file() and path.stat().st_size > 10_000
-    baseline_maps = feature_maps(create_model("vgg16", pretrained=False), x, ["backbone.features.0"])
+    baseline_maps = feature_maps(create_model("vgg16", pretrained=False), pixels, ["backbone.features.0"])
     assert baseline_maps["backbone.features.0"].shape[0] == 64
 
 

@@ -13,16 +13,19 @@ from lightning.pytorch.callbacks import Callback
 from alnet.config import RunConfig
 from alnet.data.augment import make_augment
 from alnet.data.cnmc import scan
-from alnet.data.preprocess import PrepareParams, prepare
-from alnet.engine import PADDING, BatchOrder, CellClassifier, CellData, quiet_lightning, shard
-from alnet.experiment import RunError, tensors, train_run
+from alnet.data.cache import prepare
+from alnet.data.transforms import Preprocessing
+from alnet.train.batches import PADDING, BatchOrder, CellData, shard, tensors
+from alnet.train.module import CellClassifier
+from alnet.train.run import RunError, train_run
+from alnet.train.trainer import quiet_lightning
 
 SMALL = dict(image_size=136, batch_size=8, bn_momentum=0.5, seed=7)
 
 
 @pytest.fixture(scope="module")
 def small_prepared(synthetic_root, tmp_path_factory):
-    return prepare(scan(synthetic_root).cells, tmp_path_factory.mktemp("cache"), PrepareParams(size=136))
+    return prepare(scan(synthetic_root).cells, tmp_path_factory.mktemp("cache"), Preprocessing(size=136))
 
 
 def test_shards_are_disjoint_and_cover_every_row():

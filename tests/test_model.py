@@ -84,3 +84,45 @@ def test_too_small_inputs_are_refused_with_the_minimum():
     assert create_model("alnet", input_size=136).eval()(torch.zeros(1, 3, 136, 136)).shape == (1, 2)
     with pytest.raises(ValueError, match="min 136"):
         ALNet(input_size=135)
+
+
+@pytest.mark.parametrize("name", available_models())
+def test_every_registered_model_keeps_the_model_contract(name):
+    """forward = forward_head ∘ forward_features; pre-logits have num_features values; the spec's layers exist;
+    the spec's input normalisation is the one the model applies."""
+    from alnet.config import RunConfig
+    from alnet.models import create_model_from, model_spec
+
+    spec = model_spec(name)
+    model = create_model_from(RunConfig(model=name, pretrained=False, image_size=136)).eval()
+    x = torch.rand(2, 3, 136, 136)
+    features = model.forward_features(x)
+    assert torch.allclose(model(x), model.forward_head(features), atol=1e-6)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    assert model(x).shape == (2, 2)
+    assert model.frozen == spec.frozen and isinstance(model.frozen, bool)
+    modules = dict(model.named_modules())
+    assert spec.gradcam_layer in modules
+    maps = model.feature_maps(x[:1], list(spec.feature_layers))
+    assert list(maps) == list(spec.feature_layers) and all(m.dim() == 4 and (m >= 0).all() for m in maps.values())
+    if spec.mean is None:
+        assert not any(name in ("mean", "std") for name, _ in model.named_buffers())
+    else:
+        assert model.mean.flatten().tolist() == pytest.approx(spec.mean)
+        assert model.std.flatten().tolist() == pytest.approx(spec.std)
+    assert set(spec.settings.values()) <= set(RunConfig.__dataclass_fields__)
+
+
+def test_no_module_outside_models_branches_on_a_model_name():
+    """Model knowledge lives in models/: elsewhere code asks the model or its spec."""
+    import re
+    from pathlib import Path
+
+    import alnet
+
+    root = Path(alnet.__file__).parent
+    names = "|".join(available_models())
+    pattern = re.compile(rf"""(==|!=|\bin\b)\s*\(?["']({names})["']|["']({names})["']\s*(==|!=)""")
+    offenders = [f"{path.relative_to(root)}:{n}" for path in root.rglob("*.py") if "models" not in path.parts
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []

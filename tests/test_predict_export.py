@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from alnet.cli import app
 from alnet.data.cnmc import scan
-from alnet.export import export_onnx
-from alnet.predict import expand_paths, load_predictor, predict_files
+from alnet.infer.export import export_onnx
+from alnet.infer.predict import expand_paths, load_predictor, predict_files
 
 runner = CliRunner()
 
@@ -32,7 +32,7 @@ def test_onnx_gives_the_same_probabilities_as_pytorch_on_real_cells(mini_checkpo
 def test_predict_preprocesses_any_size_and_format_like_training(mini_checkpoint, mini_root, tmp_path):
     from PIL import Image
 
-    from alnet.data.preprocess import PrepareParams, load_image
+    from alnet.data.transforms import Preprocessing, load_image
 
     source = next((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_1" / "hem").iterdir())
     Image.open(source).save(tmp_path / "cell.png")
@@ -41,7 +41,7 @@ def test_predict_preprocesses_any_size_and_format_like_training(mini_checkpoint,
     rows, failed = predict_files(predictor, [source, tmp_path / "cell.png", tmp_path / "small.jpg"])
     assert not failed
     assert rows[0]["probability_all"] == rows[1]["probability_all"]  # lossless PNG: identical input
-    expected = predictor(load_image(source, PrepareParams(size=136))[0][None])[0]
+    expected = predictor(load_image(source, Preprocessing(size=136))[0][None])[0]
     assert float(rows[0]["probability_all"]) == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -64,10 +64,10 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
 
 def test_tta_averages_the_four_flips(mini_checkpoint, mini_root):
     predictor = load_predictor(mini_checkpoint, precision="32")
-    files, _ = expand_paths([str(mini_root / "C-NMC_Leukemia" / "training_data" / "fold_2" / "all" / "*.bmp")])
-    from alnet.data.preprocess import PrepareParams, load_image
+    files, _ = expand_paths([str(mini_root / "C-NMC_Leukemia" / "training_data" / "fold_2" / "all" / "*.png")])
+    from alnet.data.transforms import Preprocessing, load_image
 
-    images = np.stack([load_image(f, PrepareParams(size=136))[0] for f in files[:4]])
+    images = np.stack([load_image(f, Preprocessing(size=136))[0] for f in files[:4]])
     flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
     expected = np.mean([predictor(np.ascontiguousarray(f)) for f in flips], axis=0)
     np.testing.assert_allclose(predictor(images, tta=True), expected, rtol=1e-6)

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from alnet.cli import app
 from alnet.data.cnmc import scan
-from alnet.data.preprocess import PrepareError, PrepareParams, default_cache_dir, load_image, prepare
+from alnet.data.cache import PrepareError, default_cache_dir, prepare
+from alnet.data.transforms import Preprocessing, load_image
 
 
 def _first_training_image(root: Path) -> Path:
@@ -21,7 +22,7 @@ def test_cache_holds_every_cnmc_mini_image_as_224_uint8(mini_root, tmp_path):
     assert prepared.images.shape == (52, 224, 224, 3) and prepared.images.dtype == np.uint8
     assert [c.path for c in prepared.cells] == [c.path for c in cells]
     # Row i is image i: compare one row with a direct decode.
-    np.testing.assert_array_equal(prepared.images[7], load_image(cells[7].path, PrepareParams())[0])
+    np.testing.assert_array_equal(prepared.images[7], load_image(cells[7].path, Preprocessing())[0])
     assert not str(prepared.path).startswith(str(mini_root))
 
 
@@ -39,7 +40,7 @@ def test_second_prepare_reuses_the_cache_and_a_touched_file_rebuilds_it(syntheti
 
 def test_changed_parameters_give_a_different_cache(synthetic_root, tmp_path):
     cells = scan(synthetic_root).cells
-    small = prepare(cells, tmp_path, PrepareParams(size=160))
+    small = prepare(cells, tmp_path, Preprocessing(size=160))
     assert small.images.shape[1:] == (160, 160, 3)
     assert small.path != prepare(cells, tmp_path).path
 
@@ -71,7 +72,7 @@ def test_transparent_pixels_become_black_background(tmp_path):
     image = Image.new("RGBA", (450, 450), (200, 100, 50, 0))
     image.paste((200, 100, 50, 255), (150, 150, 300, 300))
     image.save(tmp_path / "cell.png")
-    pixels, _ = load_image(tmp_path / "cell.png", PrepareParams())
+    pixels, _ = load_image(tmp_path / "cell.png", Preprocessing())
     assert pixels[0, 0].tolist() == [0, 0, 0] and pixels[112, 112].tolist() == [200, 100, 50]
 
 

@@ -13,8 +13,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from alnet.predict import load_predictor, predict_files
-from alnet.serve import create_app
+from alnet.infer.predict import load_predictor, predict_files
+from alnet.infer.serve import create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

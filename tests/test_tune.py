@@ -4,12 +4,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alnet import tune as tune_module
+from alnet.train import tune as tune_module
 from alnet.cli import app
 from alnet.config import ConfigError, RunConfig
 from alnet.data.cnmc import scan
-from alnet.data.preprocess import PrepareParams, prepare
-from alnet.tune import read_grid, tune, validation_split
+from alnet.data.cache import prepare
+from alnet.data.transforms import Preprocessing
+from alnet.train.tune import read_grid, tune, validation_split
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def grid(tmp_path):
 
 @pytest.fixture(scope="module")
 def prepared(synthetic_root, tmp_path_factory):
-    return prepare(scan(synthetic_root).cells, tmp_path_factory.mktemp("cache"), PrepareParams(size=136))
+    return prepare(scan(synthetic_root).cells, tmp_path_factory.mktemp("cache"), Preprocessing(size=136))
 
 
 def test_trials_are_scored_on_validation_subjects_from_the_training_folds_only(prepared):

@@ -1,20 +1,57 @@
-"""Run configuration: one dataclass, read from and written to YAML (presets in configs/)."""
+"""Run configuration: one dataclass, read from and written to YAML.
+
+The presets (`paper`, `subject`) and the search grid (`grid`) ship inside the package (`alnet/configs/`), so
+they resolve the same from a checkout, a wheel or a git install.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 
 import yaml
+
+from .data.transforms import Preprocessing
+from .device import PRECISIONS
 
 
 class ConfigError(Exception):
     """A configuration file or value is unusable; the message says which and how to fix it."""
 
 
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("alnet.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A YAML file as given, or the packaged preset of that name (`paper`, `subject`, `grid`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = resources.files("alnet.configs") / f"{name_or_path}.yaml"
+    if not path.exists() and packaged.is_file():
+        return Path(str(packaged))
+    raise ConfigError(f"{name_or_path}: no such configuration file; pass a YAML file or a preset name "
+                      f"({', '.join(preset_names())})")
+
+
+def read_yaml(path: Path | str, what: str = "configuration") -> dict:
+    """A YAML mapping from a file, or a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the {what} ({type(err).__name__}); check the file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings in the {what}")
+    return data
+
+
 @dataclass
 class RunConfig:
-    model: str = "alnet"  # alnet, or a baseline: alexnet, vgg16, googlenet, resnet50
+    model: str = "alnet"  # any name of alnet.models.available_models()
     pretrained: bool = True  # baselines: ImageNet weights (False: train from scratch)
     weights: str | None = None  # baselines: an explicit weights file instead of $TORCH_HOME/hub/checkpoints/
     finetune: bool = False  # baselines: also train the backbone (default: frozen, as in the paper)
@@ -55,12 +92,16 @@ class RunConfig:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (0 < self.crop <= 1, "crop must be in (0, 1]"),
             (0 <= self.bn_momentum < 1, "bn_momentum must be in [0, 1)"),
-            (self.precision in ("auto", "32", "bf16", "16"), "precision must be auto, 32, bf16 or 16"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=self.image_size, crop=self.crop)
 
     def to_yaml(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(asdict(self), sort_keys=False))
@@ -68,15 +109,24 @@ class RunConfig:
     @classmethod
     def from_yaml(cls, path: Path | str, **overrides) -> "RunConfig":
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read the configuration ({err}); check the file") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings")
+        data = read_yaml(path)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data).validate()
+        try:
+            return cls(**data).validate()
+        except TypeError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def load(cls, config: str | Path | None = None, **overrides) -> "RunConfig":
+        """A preset name, a YAML file or (None) the defaults, with the non-None `overrides` on top."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if config is None:
+            try:
+                return cls(**given).validate()
+            except TypeError as err:
+                raise ConfigError(str(err)) from None
+        return cls.from_yaml(resolve_preset(config), **given)

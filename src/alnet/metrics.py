@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from .labels import THRESHOLD
+
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
 
 
@@ -76,7 +78,7 @@ def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
 
 
-def evaluate(labels, prob_all, threshold: float = 0.5) -> dict:
+def evaluate(labels, prob_all, threshold: float = THRESHOLD) -> dict:
     """All metrics of one set of predictions: METRICS plus `confusion` and `images`."""
     labels = np.asarray(labels).astype(int)
     prob_all = np.asarray(prob_all, dtype=float)
@@ -101,7 +103,7 @@ def summarize(per_fold: list[dict]) -> dict:
     return summary
 
 
-def per_subject(subjects, labels, prob_all, threshold: float = 0.5) -> list[dict]:
+def per_subject(subjects, labels, prob_all, threshold: float = THRESHOLD) -> list[dict]:
     """One row per subject: images, label, mean P(ALL), share of images called ALL, image accuracy."""
     groups: dict[str, list[int]] = defaultdict(list)
     for i, subject in enumerate(subjects):

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .transforms import to_float, to_uint8
+
 
 def make_augment(rotation: float = 15.0, zoom: float = 0.1, contrast: float = 0.2) -> nn.Module:
     """Float images in [0, 1], N×3×H×W → the same shape, each sample transformed with its own parameters."""
@@ -20,16 +22,6 @@ def make_augment(rotation: float = 15.0, zoom: float = 0.1, contrast: float = 0.
         K.RandomHorizontalFlip(p=0.5),
         K.RandomContrast(contrast=(1 - contrast, 1 + contrast), p=1.0),
     )
-
-
-def to_float(images_nhwc: torch.Tensor) -> torch.Tensor:
-    """uint8 N×H×W×3 → float N×3×H×W in [0, 1], laid out channels-last (a view of the same memory order)."""
-    return images_nhwc.permute(0, 3, 1, 2).float().div_(255)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float N×3×H×W in [0, 1] → uint8 N×H×W×3."""
-    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 @torch.no_grad()

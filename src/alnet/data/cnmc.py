@@ -1,6 +1,6 @@
 """Find a C-NMC 2019 dataset on disk and list its cells.
 
-Both public layouts load (DESIGN.md §1):
+Both public layouts load (docs/design.md, "The dataset"):
 
     Kaggle  C-NMC_Leukemia/training_data/fold_{0,1,2}/{all,hem}/UID_*.bmp
             C-NMC_Leukemia/validation_data/C-NMC_test_prelim_phase_data/<n>.bmp (+ _labels.csv beside it)
@@ -21,8 +21,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ALL, HEM = 1, 0
-CLASS_NAMES = {ALL: "all", HEM: "hem"}
+from ..labels import ALL, HEM
+
+CLASS_NAMES = {ALL: "all", HEM: "hem"}  # folder names and summary keys
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
 

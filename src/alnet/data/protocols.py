@@ -11,7 +11,7 @@ subject-level guarantees is checked for leakage (a subject on both sides stops t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,7 +33,6 @@ class Split:
     test: np.ndarray
     note: str = ""
     subject_disjoint: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 def paper_test_size(n: int, fraction: float = PAPER_TEST_FRACTION) -> int:

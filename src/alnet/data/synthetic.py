@@ -1,8 +1,8 @@
 """Synthetic cells in the exact C-NMC Kaggle layout — for the demo, tests and scale benchmarks only.
 
 These images are *synthetic*: a stained cell drawn on black, not microscopy. The classes differ the way
-blasts and normal lymphocytes tend to (DESIGN.md §1), with overlapping distributions so that the task is
-learnable but not trivial:
+blasts and normal lymphocytes tend to (docs/design.md, "The dataset"), with overlapping distributions so that
+the task is learnable but not trivial:
 
 - ALL (blast): larger nucleus relative to the cell, a more irregular nuclear outline, fine chromatin.
 - HEM (normal): smaller, rounder nucleus, coarser clumped chromatin.

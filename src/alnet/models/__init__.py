@@ -1,38 +1,50 @@
-"""One way in to every model: `create_model(name, **kwargs)` (a registry, as in timm)."""
+"""One way in to every model: `create_model(name, **kwargs)`, a registry of `ModelSpec`s (as in timm).
+
+Each model module declares its specs (`alnet.SPECS`, `transfer.SPECS`); every model keeps the contract of
+`spec.py`, so callers ask the model or its spec instead of branching on its name.
+"""
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
 
-from . import transfer
-from .alnet import ALNet, alnet, probability_all
+from . import alnet, transfer
+from .alnet import ALNet
+from .head import HEADS, probability_all
+from .spec import CellModel, ModelSpec
 from .transfer import TransferNet, WeightsError
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {"alnet": alnet}
-_REGISTRY.update({name: transfer.builder(name) for name in transfer.BACKBONES})
-
-
-def register(name: str, builder: Callable[..., nn.Module]) -> None:
-    _REGISTRY[name] = builder
+_REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (*alnet.SPECS, *transfer.SPECS)}
 
 
 def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def model_spec(name: str) -> ModelSpec:
     try:
-        builder = _REGISTRY[name.lower()]
+        return _REGISTRY[name.lower()]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available_models())}") from None
-    return builder(**kwargs)
+
+
+def create_model(name: str, **kwargs) -> CellModel:
+    return model_spec(name).build(**kwargs)
+
+
+def create_model_from(config, **overrides) -> CellModel:
+    """The model a run configuration describes (`config.model` with the settings its spec takes from the run).
+    `overrides` replace settings the model takes and are ignored by models that do not take them (e.g.
+    `pretrained=False` to build a baseline without reading ImageNet weights, before loading a checkpoint)."""
+    spec = model_spec(config.model)
+    kwargs = {argument: getattr(config, field) for argument, field in spec.settings.items()}
+    kwargs.update({k: v for k, v in overrides.items() if k in spec.settings})
+    return spec.build(**kwargs)
 
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["ALNet", "TransferNet", "WeightsError", "create_model", "available_models", "register",
-           "probability_all", "trainable_parameters"]
+__all__ = ["ALNet", "CellModel", "HEADS", "ModelSpec", "TransferNet", "WeightsError", "available_models",
+           "create_model", "create_model_from", "model_spec", "probability_all", "trainable_parameters"]

@@ -6,14 +6,15 @@
     head  Flatten 1152 → Dropout → Dense 128 ReLU → Dense 2 (sigmoid)
 
 Valid padding and ReLU after every convolution; 535,010 trainable parameters. The text's "3×3 pooling"
-contradicts the table's shapes, so pooling is 2×2 stride 2 (DESIGN.md §2).
+contradicts the table's shapes, so pooling is 2×2 stride 2 (docs/design.md, "What the paper specifies").
 
 The model was written in Keras; to be faithful, weights are Glorot-uniform with zero biases and BatchNorm
 uses Keras' momentum 0.99 (PyTorch: 0.01) and epsilon 1e-3. With so slow running statistics a model needs a
 few hundred steps before its evaluation-mode output means anything; short runs lower `bn_momentum`.
 
 `forward` returns logits: the paper's sigmoid (or a softmax, with `head="softmax"`) is applied by the loss
-and by `probability_all`.
+and by `probability_all`. The model keeps the registry's contract (`spec.py`): the three clusters are
+`forward_features`, the dense layers `forward_head`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEADS = ("sigmoid", "softmax")
+from .head import HEADS
+from .spec import CellModel, ModelSpec
 
 
 class ClusterLayer(nn.Module):
@@ -69,7 +71,9 @@ class ClusterLayer(nn.Module):
         yield "bn", x
 
 
-class ALNet(nn.Module):
+class ALNet(CellModel):
+    num_features = 128  # width of fc1, the last layer before the two outputs
+
     def __init__(self, num_classes: int = 2, dropout: float = 0.2, input_size: int = 224, head: str = "sigmoid",
                  bn_momentum: float = 0.99):
         super().__init__()
@@ -109,12 +113,25 @@ class ALNet(nn.Module):
             elif isinstance(module, nn.BatchNorm2d):
                 module.reset_parameters()
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """CL1 → CL2 → CL3: N×128×3×3 maps at 224 px."""
         return self.cl3(self.cl2(self.cl1(x)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.flatten(self.features(x))
-        return self.fc2(self.relu(self.fc1(self.dropout(x))))
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Flatten → Dropout → Dense 128 ReLU (→ Dense 2 unless `pre_logits`)."""
+        x = self.relu(self.fc1(self.dropout(self.flatten(x))))
+        return x if pre_logits else self.fc2(x)
+
+    @torch.no_grad()
+    def feature_maps(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Activations of Table 2's rows (`cl1.conv1`, `cl1.pool2`, `cl2.bn`, …); a convolution is shown after
+        its ReLU, as Keras counts a convolution with its activation as one layer."""
+        rows = dict(self.table_rows(x))
+        unknown = [name for name in layers if name not in rows]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {', '.join(unknown)}; ALNet's layers are {', '.join(rows)}")
+        relu_of = {name: name.replace("conv", "relu") for name in layers if ".conv" in name}
+        return {name: rows[relu_of.get(name, name)] for name in layers}
 
     def table_rows(self, x: torch.Tensor):
         """Yield (layer name, output) for every row of Table 2, layer by layer: `cl1.conv1`, …, `fc2`."""
@@ -126,14 +143,13 @@ class ALNet(nn.Module):
             yield name, x
 
 
-def probability_all(logits: torch.Tensor, head: str) -> torch.Tensor:
-    """P(ALL) from the two outputs. For the paper's two independent sigmoids, normalise them so that
-    p > 0.5 exactly when the ALL output is the larger one (Keras' argmax prediction)."""
-    if head == "softmax":
-        return torch.softmax(logits.float(), dim=1)[:, 1]
-    s = torch.sigmoid(logits.float())
-    return s[:, 1] / (s[:, 0] + s[:, 1])
-
-
-def alnet(**kwargs) -> ALNet:
-    return ALNet(**kwargs)
+SPECS = [ModelSpec(
+    name="alnet", build=ALNet,
+    settings={"dropout": "dropout", "input_size": "image_size", "head": "head", "bn_momentum": "bn_momentum"},
+    # CL2's second convolution: 46×46 maps at 224 px, sharper than CL3's 7×7.
+    gradcam_layer="cl2.conv2",
+    # Fig. 5's "first and sixth layer": Keras counts conv+ReLU, pool, pool, BN as layers, so the sixth is CL2's
+    # first convolution.
+    feature_layers=("cl1.conv1", "cl2.conv1"),
+    description="ALNet (Jawahar et al. 2022), Table 2: three cluster layers and a dense head, trained from scratch",
+)]

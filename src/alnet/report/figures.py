@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .. import metrics as M  # noqa: E402
+from ..labels import ALL, HEM, NAMES, is_all  # noqa: E402
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -39,8 +40,8 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> None:
     for (i, j), value in np.ndenumerate(matrix):
         ax.text(j, i, str(value), ha="center", va="center",
                 color="white" if value > matrix.max() / 2 else "black", fontsize=13)
-    ax.set_xticks([0, 1], ["ALL", "HEM"])
-    ax.set_yticks([0, 1], ["ALL", "HEM"])
+    ax.set_xticks([0, 1], [NAMES[ALL], NAMES[HEM]])
+    ax.set_yticks([0, 1], [NAMES[ALL], NAMES[HEM]])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -78,12 +79,12 @@ def write_run_figures(out: Path, predictions: dict[str, list[dict]], history: li
         if fold_history:
             plot_history(fold_history, out / f"curves_{fold}.png", f"{fold}: loss and accuracy per epoch")
             written.append(out / f"curves_{fold}.png")
-        plot_confusion(M.confusion(labels, probs > 0.5), out / f"confusion_{fold}.png", fold)
+        plot_confusion(M.confusion(labels, is_all(probs)), out / f"confusion_{fold}.png", fold)
         written.append(out / f"confusion_{fold}.png")
     folds = {k: v for k, v in curves.items() if k != "prelim"}
     if folds:
         pooled = (np.concatenate([v[0] for v in folds.values()]), np.concatenate([v[1] for v in folds.values()]))
-        plot_confusion(M.confusion(pooled[0], pooled[1] > 0.5), out / "confusion_pooled.png", "test folds pooled")
+        plot_confusion(M.confusion(pooled[0], is_all(pooled[1])), out / "confusion_pooled.png", "test folds pooled")
         curves_with_pooled = {**curves, "pooled folds": pooled}
         written.append(out / "confusion_pooled.png")
     else:

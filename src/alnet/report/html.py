@@ -6,7 +6,9 @@ import base64
 import html
 from pathlib import Path
 
-from ..metrics import METRICS
+from ..models import model_spec
+from . import paper
+from .tables import COMPARISON, METRIC_COLUMNS, number
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2rem auto;padding:0 1rem;
@@ -20,26 +22,8 @@ border:1px solid #c9d8f5}.warn{background:#fff4e5;border-color:#f3c98b}.figs{dis
 .figs img{max-width:100%;height:auto;border:1px solid #e3e6ee;border-radius:4px}.small{color:#5b6475;font-size:.85rem}
 """
 
-NAMES = {"accuracy": "accuracy", "precision": "precision", "recall": "recall (sensitivity)",
-         "specificity": "specificity", "f1": "F1", "weighted_f1": "weighted F1", "auc": "ROC AUC"}
-
-# What the paper reports for ALNet (Jawahar et al. 2022, Tables 7 and 9, §4): image-level split per fold.
-PAPER_ALNET = {"fold_accuracy": {"fold_0": 0.9220, "fold_1": 0.9400, "fold_2": 0.8720}, "mean_accuracy": 0.9113,
-               "auc": {"fold_0": 0.972, "fold_1": 0.979}, "trainable_parameters": 535_010}
-
-
-def paper_fold_accuracy(fold: str) -> float | None:
-    """The paper's Table 9 test accuracy of a fold (or of their mean)."""
-    return PAPER_ALNET["mean_accuracy"] if fold == "mean" else PAPER_ALNET["fold_accuracy"].get(fold)
-
-
 def _esc(value) -> str:
     return html.escape(str(value))
-
-
-def number(value, digits: int = 3) -> str:
-    """A table cell: `digits` decimals, or an en dash where there is no value."""
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def _image(path: Path, alt: str, width: int | None = None) -> str:
@@ -62,16 +46,16 @@ def _page(title: str, body: str) -> str:
 
 
 def metrics_table(result: dict) -> str:
-    header = ["test set", *(NAMES[m] for m in METRICS), "images"]
-    rows = [("", [_esc(f["fold"]), *(number(f[m]) for m in METRICS), str(f["images"])]) for f in result["folds"]]
+    header = ["test set", *(c.header for c in METRIC_COLUMNS), "images"]
+    rows = [("", [_esc(f["fold"]), *(c.cell(f) for c in METRIC_COLUMNS), str(f["images"])]) for f in result["folds"]]
     if len(result["folds"]) > 1:
         s = result["summary"]
-        rows.append(("strong", ["mean ± std", *(f"{number(s[m]['mean'])} ± {number(s[m]['std'])}" for m in METRICS),
-                                ""]))
+        rows.append(("strong", ["mean ± std", *(f"{number(s[c.key]['mean'])} ± {number(s[c.key]['std'])}"
+                                                for c in METRIC_COLUMNS), ""]))
     if result.get("prelim"):
-        p = result["prelim"]
-        rows.append(("strong", ["preliminary test set (unseen subjects)", *(number(p[m]) for m in METRICS),
-                                str(p["images"])]))
+        rows.append(("strong", ["preliminary test set (unseen subjects)", *(c.cell(result["prelim"])
+                                                                            for c in METRIC_COLUMNS),
+                                str(result["prelim"]["images"])]))
     return _table(header, rows)
 
 
@@ -84,12 +68,12 @@ def _protocol_note(result: dict) -> str:
     return f'<p class="note{" warn" if warn else ""}">protocol <b>{_esc(result.get("protocol"))}</b>: {text}</p>'
 
 
-def write_run_report(run_dir: Path, result: dict, config: dict) -> Path:
-    run_dir = Path(run_dir)
-    figures = run_dir / "figures"
-    body = [f"<h1>{_esc(config.get('model', 'alnet'))} — {_esc(result['protocol'])} protocol</h1>",
-            f'<p class="small">{_esc(run_dir.resolve())}</p>', _protocol_note(result)]
-    if config.get("model") != "alnet" and not config.get("pretrained", True):
+def write_run_report(run, result: dict, config: dict) -> Path:
+    """report.html of a run directory (`train.rundir.RunDir`), from its metrics and figures."""
+    figures = run.figures
+    body = [f"<h1>{_esc(config['model'])} — {_esc(result['protocol'])} protocol</h1>",
+            f'<p class="small">{_esc(run.path.resolve())}</p>', _protocol_note(result)]
+    if model_spec(config["model"]).pretrained and not config.get("pretrained", True):
         body.append('<p class="note warn">This baseline was trained <b>from scratch</b> (--no-pretrained), not '
                     "from ImageNet weights as in the paper.</p>")
     body += ["<h2>Metrics</h2>", metrics_table(result),
@@ -106,40 +90,52 @@ def write_run_report(run_dir: Path, result: dict, config: dict) -> Path:
                      + "</div>"]
     body += ["<h2>Configuration</h2>", _table(["setting", "value"],
                                               [("", [_esc(k), _esc(v)]) for k, v in config.items()])]
-    path = run_dir / "report.html"
-    path.write_text(_page(f"alnet run {run_dir.name}", "".join(body)))
-    return path
+    run.report.write_text(_page(f"alnet run {run.path.name}", "".join(body)))
+    return run.report
 
 
-def write_comparison_report(out: Path, rows: list[dict], table9: list[dict], protocol: str, note: str) -> Path:
-    out = Path(out)
-    header = ["model", "trainable parameters", "recall", "precision", "accuracy", "F1", "specificity", "ROC AUC",
-              "weighted F1", "training time (s)", "images/s"]
-    body_rows = []
-    for r in rows:
-        body_rows.append(("", [_esc(r["model"]), f"{r['trainable_parameters']:,}", number(r["recall"]),
-                               number(r["precision"]), number(r["accuracy"]), number(r["f1"]), number(r["specificity"]),
-                               number(r["auc"]), number(r["weighted_f1"]), number(r["training_seconds"], 0),
-                               number(r["images_per_s"], 1)]))
-        if r["model"] == "alnet":
-            body_rows.append(("paper", ["ALNet — paper (image-level split)", f"{PAPER_ALNET['trainable_parameters']:,}",
-                                        "–", "–", number(PAPER_ALNET["mean_accuracy"]), "–", "–", "–", "–", "–", "–"]))
+def paper_row(model: str) -> dict | None:
+    """The paper's Table 8 row for `model`, as table cells (its own two decimals), or None."""
+    published = paper.table8_row(model)
+    if published is None:
+        return None
+    return {"model": f"{published['paper_name']} — paper, Table 8 (image-level split)",
+            "trainable_parameters": published["trainable_parameters"],
+            **{k: number(published[k], paper.TABLE_8_DIGITS) for k in ("recall", "precision", "accuracy", "f1")}}
+
+
+def comparison_rows(rows: list[dict]) -> list[tuple[str, dict]]:
+    """(css class, row) for each of our models, each followed by the paper's row for it where there is one."""
+    out = []
+    for row in rows:
+        out.append(("", row))
+        published = paper_row(row["model"])
+        if published is not None:
+            out.append(("paper", published))
+    return out
+
+
+def write_comparison_report(comparison, rows: list[dict], table9: list[dict], protocol: str, note: str) -> Path:
+    """report.html of a comparison folder (`train.rundir.ComparisonDir`)."""
+    body_rows = [(cls, [_esc(c.cell(row)) for c in COMPARISON]) for cls, row in comparison_rows(rows)]
     body = [f"<h1>Model comparison — {_esc(protocol)} protocol</h1>",
             _protocol_note({"protocol": protocol, "note": note}),
-            "<h2>Table 8 (shape of the paper's): metrics as mean over test folds</h2>", _table(header, body_rows),
-            '<p class="small">Rows marked paper are the published figures, shown for reference; the baselines\' '
-            "published values are not reproduced here. Training time is wall time for all folds; images/s is "
-            "training images processed per second of it.</p>"]
+            "<h2>Table 8 (shape of the paper's): metrics as mean over test folds</h2>",
+            _table([c.header for c in COMPARISON], body_rows),
+            '<p class="small">Rows marked paper are the published figures of the paper\'s Table 8 (its image-level '
+            "split; its parameter counts are the full ImageNet networks), shown for reference and never mixed "
+            "with ours. Training time is wall time for all folds; images/s is training images processed per "
+            "second of it.</p>"]
     if table9:
-        t9 = [("", [_esc(r["fold"]), number(r["train_accuracy"]), number(r["test_accuracy"]),
-                    number(paper_fold_accuracy(r["fold"]))]) for r in table9]
-        body += ["<h2>Table 9 (shape of the paper's): ALNet accuracy per fold</h2>",
-                 _table(["fold", "train accuracy", "test accuracy", "paper test accuracy"], t9)]
+        t9 = [("", [_esc(r["model"]), _esc(r["fold"]), number(r["train_accuracy"]), number(r["test_accuracy"]),
+                    number(paper.table9_test_accuracy(r["model"], r["fold"]), 4)]) for r in table9]
+        body += ["<h2>Table 9 (shape of the paper's): accuracy per fold</h2>",
+                 _table(["model", "fold", "train accuracy", "test accuracy", "paper test accuracy"], t9)]
+    body += ["<h2>Published results on C-NMC 2019 (the paper's Table 10)</h2>",
+             _table(["work", "accuracy"], [("paper", [_esc(work), number(acc)]) for work, acc in paper.TABLE_10])]
     for r in rows:
-        roc = out / r["model"] / "figures" / "roc.png"
+        roc = comparison.run(r["model"]).figures / "roc.png"
         if roc.is_file():
             body += [f"<h2>{_esc(r['model'])}: ROC</h2>", _image(roc, f"{r['model']} ROC", 420)]
-    path = out / "report.html"
-    path.write_text(_page("alnet model comparison", "".join(body)))
-    return path
-
+    comparison.report.write_text(_page("alnet model comparison", "".join(body)))
+    return comparison.report

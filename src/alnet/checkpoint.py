@@ -1,0 +1,87 @@
+"""What a checkpoint written by `alnet train` holds, and how to read one for inference.
+
+A checkpoint is Lightning's file: the module's `state_dict` (the model's weights under `model.`), and
+`hyper_parameters` with the run's configuration (`config`) and the subjects the model was trained or validated
+on (`seen_subjects`). Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used:
+its preprocessing and the meaning of its outputs. Nothing from the training code is needed.
+
+Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a file cannot run
+code when it is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data.transforms import Preprocessing
+from .models import create_model_from, probability_all
+
+MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
+
+
+class CheckpointError(ValueError):
+    """The file is missing or is not a checkpoint of this package; the message names it and what to pass."""
+
+
+@dataclass
+class TrainedModel:
+    """A trained network and what it takes to use it."""
+
+    model: nn.Module  # in evaluation mode, fp32, on the CPU
+    config: dict  # the run configuration it was trained with
+    path: Path
+    seen_subjects: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.config["model"]
+
+    @property
+    def head(self) -> str:
+        return self.config.get("head", "sigmoid")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(size=self.config["image_size"], crop=self.config.get("crop", 1.0))
+
+    def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
+        return probability_all(logits, self.head)
+
+
+def read_checkpoint(path: Path | str) -> dict:
+    """The checkpoint's content (tensors and plain containers only), or a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["hyper_parameters"]["config"]["model"]
+        checkpoint["state_dict"].items()
+    except Exception as err:
+        raise CheckpointError(f"{path}: not an alnet checkpoint ({type(err).__name__}); pass a .ckpt written by "
+                              "`alnet train`") from None
+    return checkpoint
+
+
+def load_trained_model(path: Path | str) -> TrainedModel:
+    """A checkpoint → its network (weights loaded, evaluation mode) and configuration."""
+    from .config import ConfigError, RunConfig
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    try:
+        config = RunConfig(**hparams["config"]).validate()
+        # The checkpoint holds every weight: build the model without reading ImageNet weights first.
+        model = create_model_from(config, pretrained=False)
+        weights = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items()
+                   if k.startswith(MODEL_PREFIX)}
+        model.load_state_dict(weights)
+    except (ConfigError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
+                              "pass a .ckpt written by `alnet train`") from None
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(hparams.get("seen_subjects") or []))

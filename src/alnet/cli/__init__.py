@@ -1,0 +1,24 @@
+"""The `alnet` command. Thin by design: each command parses its options, calls the package and prints.
+
+Commands are grouped by what they work on: `data.py` (info, prepare, synth), `train.py` (train, evaluate,
+compare, tune, demo) and `infer.py` (predict, explain, export, serve); `common.py` holds what they share.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from . import data, infer, train
+
+app = typer.Typer(
+    help="ALNet for C-NMC 2019 cell images (ALL vs HEM): prepare data, train and evaluate (paper or "
+    "subject-level protocol), compare with baselines, explain, tune, predict, export and serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# In the order a user meets them: look at the data, train and test, look inside, use the model.
+for command in (data.info, data.prepare, data.synth, train.train, train.evaluate, train.compare, infer.explain,
+                train.tune, infer.predict, infer.export, infer.serve, train.demo):
+    app.command(command.__name__)(command)

@@ -1,0 +1,148 @@
+"""What every command shares: the consoles, the one error handler, the shared options, progress bars, tables
+that never cut a number, and loading a dataset into the cache."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)  # messages, progress, problems
+out = Console()  # results: tables and what was written where
+
+
+def fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def say(message: str) -> None:
+    """A progress message on stderr, printed as it is (no markup, no wrapping inside paths)."""
+    console.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
+def result(message: str) -> None:
+    """A line of the command's result on stdout."""
+    out.print(message, highlight=False, soft_wrap=True, markup=False)
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions whose message is already a one-line answer for the user (file + fix)."""
+    from ..checkpoint import CheckpointError
+    from ..config import ConfigError
+    from ..data.cache import PrepareError
+    from ..data.cnmc import DatasetError
+    from ..data.protocols import LeakageError
+    from ..models import WeightsError
+    from ..train.run import RunError
+
+    return (CheckpointError, ConfigError, DatasetError, PrepareError, LeakageError, WeightsError, RunError,
+            FileNotFoundError, ValueError)
+
+
+def handles_errors(command: Callable) -> Callable:
+    """The one error handler: a user-facing failure becomes `error: <message>` and exit status 2."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except user_errors() as err:
+            fail(str(err))
+
+    return wrapper
+
+
+# --- options shared by several commands ---------------------------------------------------------------------
+
+DataOption = Annotated[Path, typer.Option("--data", help="C-NMC data root (Kaggle or TCIA layout).")]
+CacheOption = Annotated[Optional[Path], typer.Option(
+    "--cache", help="Cache folder (default: $ALNET_CACHE, else the user cache).")]
+WorkersOption = Annotated[Optional[int], typer.Option(
+    "--workers", help="Decoding processes for the cache (default: one per core).")]
+ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+ConfigOption = Annotated[Optional[str], typer.Option(
+    "--config", help="YAML run configuration or a preset: paper, subject.")]
+ProtocolOption = Annotated[Optional[str], typer.Option(
+    "--protocol", help="subject (default; leave-one-fold-out by subject) or paper (image-level 80/20 per fold, "
+    "as published).")]
+EpochsOption = Annotated[Optional[int], typer.Option("--epochs", help="Epochs per fold (paper: 140).")]
+BatchSizeOption = Annotated[Optional[int], typer.Option("--batch-size", help="Images per batch (default 32).")]
+ImageSizeOption = Annotated[Optional[int], typer.Option(
+    "--image-size", help="Input side in pixels (paper: 224; ALNet needs at least 136).")]
+AugmentOption = Annotated[Optional[bool], typer.Option(
+    "--augment/--no-augment", help="Online augmentation (off: frozen baselines train on features computed once).")]
+PretrainedOption = Annotated[Optional[bool], typer.Option(
+    "--pretrained/--no-pretrained", help="Baselines: start from ImageNet weights (default) or from scratch.")]
+FinetuneOption = Annotated[Optional[bool], typer.Option(
+    "--finetune/--frozen", help="Baselines: train the backbone too (default: frozen, as in the paper).")]
+PrecisionOption = Annotated[Optional[str], typer.Option(
+    "--precision", help="auto (bf16 on capable CPUs, AMP on CUDA), 32, bf16, 16.")]
+SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+
+
+# --- output ---------------------------------------------------------------------------------------------------
+
+def progress_bar(description: str) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def print_problems(problems, title: str, limit: int = 20) -> None:
+    if not problems:
+        return
+    console.print(f"[yellow]{len(problems)} {title}:[/]")
+    for problem in problems[:limit]:
+        say(f"  {problem}")
+    if len(problems) > limit:
+        say(f"  … and {len(problems) - limit} more (all of them: alnet info --problems)")
+
+
+def print_table(title: str, headers: list[str], rows: list[list[str]], bold_rows: set[int] = frozenset(),
+                left: int = 1) -> None:
+    """A result table that never cuts a number or a name: at its natural width where the output allows it (a
+    pipe or a file has no width), else, in a terminal too narrow for it, one block of `header: value` per row.
+    The first `left` columns are left-aligned, the rest (numbers) right-aligned."""
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < left else "right", no_wrap=True)
+    for i, row in enumerate(rows):
+        table.add_row(*row, style="bold" if i in bold_rows else None)
+    width = out.measure(table).maximum
+    if width <= out.width:
+        out.print(table)
+    elif not out.is_terminal:
+        out.print(table, width=width, crop=False)
+    else:
+        result(title)
+        for row in rows:
+            result("  " + ", ".join(f"{header}: {value}" for header, value in zip(headers, row) if value != ""))
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def scan_dataset(data_root: Path):
+    from ..data.cnmc import scan
+
+    return scan(data_root)
+
+
+def prepare_data(data_root: Path, cache: Optional[Path], workers: Optional[int], preprocessing,
+                 strict: bool = False):
+    """Scan + decode into the cache with a progress bar, listing what was skipped; shared by every command that
+    reads a dataset."""
+    from ..data.cache import prepare
+
+    dataset = scan_dataset(data_root)
+    print_problems(dataset.problems, f"problem(s) in {data_root}")
+    with progress_bar("decoding images") as bar:
+        task = bar.add_task("decode", total=len(dataset.cells))
+        prepared = prepare(dataset.cells, cache, preprocessing, workers, strict,
+                           progress=lambda done, total: bar.update(task, completed=done))
+        bar.update(task, completed=len(dataset.cells))
+    print_problems(prepared.skipped, "image(s) skipped (unreadable)")
+    return prepared

@@ -1,0 +1,131 @@
+"""Commands that use a trained model: `predict`, `explain`, `export`, `serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import console, fail, handles_errors, print_problems, progress_bar, result
+
+
+def _checkpoint_of(target: Path) -> Path:
+    """A checkpoint file, or the model that stands for a run directory (its final model, else fold 0's)."""
+    from ..train.rundir import RunDir
+
+    if target.is_file():
+        return target
+    chosen = RunDir(target).final_checkpoint()
+    if chosen is None:
+        fail(f"{target}: neither a checkpoint file nor a finished run directory; pass a .ckpt or a run directory")
+    return chosen
+
+
+@handles_errors
+def explain(
+    target: Annotated[Path, typer.Argument(help="A run directory (its final model) or a checkpoint (.ckpt).")],
+    image: Annotated[Path, typer.Argument(help="A cell image in any format Pillow reads.")],
+    show_feature_maps: Annotated[bool, typer.Option(
+        "--feature-maps", help="Write feature maps (paper's Fig. 5).")] = False,
+    show_gradcam: Annotated[bool, typer.Option(
+        "--gradcam", help="Write a Grad-CAM overlay for the ALL output.")] = False,
+    layer: Annotated[Optional[list[str]], typer.Option(
+        help="Layer name(s) to show (default: the model's first and sixth layer; for Grad-CAM its late "
+        "convolution).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Where the PNGs go (default explain-<image>/).")] = None,
+):
+    """Show what a trained model computes on one image: feature maps and/or Grad-CAM."""
+    import torch
+
+    from ..checkpoint import load_trained_model
+    from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
+    from ..labels import name_of
+
+    if not (show_feature_maps or show_gradcam):
+        fail("nothing to show: add --feature-maps and/or --gradcam")
+    trained = load_trained_model(_checkpoint_of(target))
+    try:
+        pixels = read_image(image, trained.preprocessing)
+    except Exception as err:
+        fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
+    from ..data.transforms import as_batch
+
+    with torch.no_grad():
+        probability = float(trained.probability_all(trained.model(as_batch(pixels)))[0])
+    result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)} ({trained.name})")
+    out_dir = out_dir or Path(f"explain-{image.stem}")
+    written = []
+    if show_feature_maps:
+        layers = layer or default_feature_layers(trained.name)
+        written += plot_feature_maps(feature_maps(trained.model, pixels, layers), out_dir)
+    if show_gradcam:
+        written.append(gradcam(trained.model, trained.name, pixels, out_dir,
+                               layer[0] if layer and not show_feature_maps else None))
+    for path in written:
+        result(f"wrote {path}")
+
+
+@handles_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or an exported model (.onnx).")],
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files, folders or globs (any size and format Pillow reads).")],
+    out_file: Annotated[Path, typer.Option("--out", help="CSV with one row per image.")] = Path("predictions.csv"),
+    tta: Annotated[bool, typer.Option(help="Average over flips (test-time augmentation).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+):
+    """Classify new cell images: path, label (ALL/HEM), P(ALL), model and checkpoint per row."""
+    import csv
+
+    from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
+    from ..labels import ALL, NAMES
+
+    files, missing = expand_paths(paths)
+    for item in missing:
+        console.print(f"[yellow]{item}: matches no file; skipped[/]", highlight=False, soft_wrap=True)
+    if not files:
+        fail("no images to classify; pass image files, folders or globs")
+    predictor = load_predictor(model)
+    with progress_bar("classifying") as bar:
+        task = bar.add_task("predict", total=len(files))
+        rows, failed = predict_files(predictor, files, batch_size, tta,
+                                     progress=lambda done, total: bar.update(task, completed=done))
+    with open(out_file, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    n_all = sum(r["label"] == NAMES[ALL] for r in rows)
+    result(f"{len(rows)} image(s) classified ({n_all} ALL, {len(rows) - n_all} HEM) → {out_file}")
+    print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
+
+
+@handles_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) written by `alnet train`.")],
+    onnx: Annotated[Path, typer.Option(help="Where to write the ONNX model.")],
+):
+    """Write an ONNX model (dynamic batch axis; outputs P(ALL)) with its preprocessing in the metadata."""
+    from ..infer.export import export_onnx
+
+    path = export_onnx(checkpoint, onnx)
+    result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], output `probability_all`; run it with "
+           f"`alnet predict {path} IMAGES…`")
+
+
+@handles_errors
+def serve(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or an exported model (.onnx).")],
+    host: Annotated[str, typer.Option(
+        help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+):
+    """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
+    import uvicorn
+
+    from ..infer.serve import create_app
+
+    application = create_app(checkpoint)
+    result(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")

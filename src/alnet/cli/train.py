@@ -1,0 +1,249 @@
+"""Commands that train and test: `train`, `evaluate`, `compare`, `tune`, `demo`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (AugmentOption, BatchSizeOption, CacheOption, ConfigOption, DataOption, EpochsOption,
+                     FinetuneOption, ImageSizeOption, PrecisionOption, PretrainedOption, ProgressOption,
+                     ProtocolOption, SeedOption, WorkersOption, fail, handles_errors, prepare_data,
+                     print_table, result, say)
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    """metrics.json's content as a table: one row per test set, mean and std over folds, the prelim set."""
+    from ..report.tables import METRIC_COLUMNS, SHORT_NAMES_LEGEND, number
+
+    rows = [[f["fold"], *(c.cell(f) for c in METRIC_COLUMNS), str(f["images"])] for f in metrics["folds"]]
+    bold = set()
+    if len(metrics["folds"]) > 1:
+        summary = metrics["summary"]
+        bold.add(len(rows))
+        rows.append(["mean", *(number(summary[c.key]["mean"]) for c in METRIC_COLUMNS), ""])
+        rows.append(["std", *(number(summary[c.key]["std"]) for c in METRIC_COLUMNS), ""])
+    if metrics.get("prelim"):
+        prelim = metrics["prelim"]
+        bold.add(len(rows))
+        rows.append(["prelim", *(c.cell(prelim) for c in METRIC_COLUMNS), str(prelim["images"])])
+    print_table(title, ["test set", *(c.short for c in METRIC_COLUMNS), "images"], rows, bold)
+    result(SHORT_NAMES_LEGEND)
+    if metrics.get("note"):
+        result(f"protocol {metrics['protocol']}: {metrics['note']}")
+
+
+def _train(config, data: Path, run_dir: Path, cache, workers, resume: bool, progress: bool) -> dict:
+    from ..train.run import train_run
+
+    prepared = prepare_data(data, cache, workers, config.preprocessing)
+    return train_run(config, prepared, run_dir, data_root=data, resume=resume, progress=progress, log=say)
+
+
+@handles_errors
+def train(
+    data: Annotated[Optional[Path], typer.Option(help="C-NMC data root (Kaggle or TCIA layout).")] = None,
+    config: ConfigOption = None,
+    model: Annotated[Optional[str], typer.Option(
+        help="alnet (default), or a baseline: alexnet, vgg16, googlenet, resnet50.")] = None,
+    pretrained: PretrainedOption = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Baselines: the ImageNet weights file to load.")] = None,
+    finetune: FinetuneOption = None,
+    protocol: ProtocolOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (paper: 1e-4).")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout before the dense layer (paper: 0.2).")] = None,
+    image_size: ImageSizeOption = None,
+    augment: AugmentOption = None,
+    precision: PrecisionOption = None,
+    devices: Annotated[Optional[int], typer.Option(help="Processes/GPUs (with --strategy ddp).")] = None,
+    strategy: Annotated[Optional[str], typer.Option(help="Lightning strategy, e.g. ddp.")] = None,
+    seed: SeedOption = None,
+    deterministic: Annotated[Optional[bool], typer.Option(
+        "--deterministic/--no-deterministic", help="Deterministic algorithms (use with --precision 32).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", help="Run directory (default runs/<protocol>-<time>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the run in this directory from its last checkpoint.")] = None,
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = True,
+):
+    """Train a model (ALNet by default) under a protocol and test it: a run directory with metrics, figures."""
+    from ..config import RunConfig
+    from ..train.rundir import RunDir, default_run_dir
+    from ..train.trainer import is_main_process
+
+    if resume is not None:
+        run = RunDir(resume)
+        if not run.exists():
+            fail(f"{resume}: no config.yaml, so nothing to resume; start a new run with --out")
+        run_config = RunConfig.from_yaml(run.config)
+        data = data or run.data_root()
+        run_dir = resume
+    else:
+        run_config = RunConfig.load(config, model=model, pretrained=pretrained,
+                                    weights=str(weights) if weights else None, finetune=finetune,
+                                    protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    dropout=dropout, image_size=image_size, augment=augment, precision=precision,
+                                    devices=devices, strategy=strategy, seed=seed, deterministic=deterministic)
+        run_dir = out_dir or default_run_dir(run_config.protocol)
+    if data is None:
+        fail("--data is required: pass the folder holding the C-NMC dataset")
+    metrics = _train(run_config, data, run_dir, cache, workers, resume=resume is not None, progress=progress)
+    if is_main_process():  # under DDP every rank gets here; one table is enough
+        print_metrics(metrics, f"{run_config.model}, {metrics['protocol']} protocol")
+        result(f"run directory: {run_dir}")
+
+
+@handles_errors
+def evaluate(
+    target: Annotated[Path, typer.Argument(help="A run directory, or one checkpoint (.ckpt).")],
+    data: Annotated[Path, typer.Option(help="C-NMC data root to evaluate on.")],
+    split: Annotated[str, typer.Option(help="For a checkpoint: prelim, train or all labelled images (auto: prelim "
+                                       "when labelled, else train).")] = "auto",
+    include_seen: Annotated[bool, typer.Option(help="For a checkpoint: keep subjects it was trained on (excluded "
+                                               "by default: they would inflate every metric).")] = False,
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON here.")] = None,
+):
+    """Re-test a finished run's checkpoints, or test one checkpoint on a dataset."""
+    from ..config import RunConfig
+    from ..train.evaluate import evaluate_checkpoint, evaluate_run
+    from ..train.module import module_from_checkpoint
+    from ..train.rundir import RunDir
+
+    if target.is_dir():
+        run = RunDir(target)
+        if not run.exists():
+            fail(f"{target}: not a run directory (no config.yaml); pass a run directory or a .ckpt file")
+        config = RunConfig.from_yaml(run.config)
+        metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing))
+        out_file = out_file or run.evaluation
+    else:
+        module = module_from_checkpoint(target)
+        prepared = prepare_data(data, cache, workers, module.config.preprocessing)
+        metrics = evaluate_checkpoint(module, prepared, split, include_seen, log=say)
+    print_metrics(metrics, f"evaluation of {target}")
+    if out_file is not None:
+        import json
+
+        out_file.write_text(json.dumps(metrics, indent=2))
+        result(f"metrics written to {out_file}")
+
+
+@handles_errors
+def compare(
+    data: DataOption,
+    models: Annotated[str, typer.Option(help="Comma-separated models.")] = "alnet,alexnet,vgg16,googlenet,resnet50",
+    config: ConfigOption = None,
+    protocol: ProtocolOption = None,
+    epochs: EpochsOption = None,
+    batch_size: BatchSizeOption = None,
+    image_size: ImageSizeOption = None,
+    augment: AugmentOption = None,
+    pretrained: PretrainedOption = None,
+    finetune: FinetuneOption = None,
+    precision: PrecisionOption = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed, the same for every model.")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the runs and tables go.")] = Path("runs/compare"),
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = True,
+):
+    """Train and test several models under one protocol and seed; tables shaped like the paper's 8 and 9."""
+    from ..config import RunConfig
+    from ..models import available_models
+    from ..report.html import comparison_rows
+    from ..report.tables import COMPARISON
+    from ..train.compare import compare as run_comparison
+    from ..train.rundir import ComparisonDir
+
+    names = [m.strip().lower() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in available_models()]
+    if unknown or not names:
+        fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())}")
+    base = RunConfig.load(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
+                          augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed)
+    prepared = prepare_data(data, cache, workers, base.preprocessing)
+    rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say)
+    listed = comparison_rows(rows)
+    print_table(f"model comparison, {base.protocol} protocol (mean over test folds; paper rows as published)",
+                [c.short for c in COMPARISON], [[c.cell(row) for c in COMPARISON] for _, row in listed],
+                bold_rows={i for i, (cls, _) in enumerate(listed) if cls == ""})
+    comparison = ComparisonDir(out_dir)
+    result(f"tables: {comparison.csv}, {comparison.markdown}, {comparison.report}")
+
+
+@handles_errors
+def tune(
+    data: Annotated[Path, typer.Option(help="C-NMC data root; only its training folds are used.")],
+    grid: Annotated[str, typer.Option(help="Search space: a YAML file or the packaged preset `grid` (the paper's "
+                                      "grid; see alnet/configs/grid.yaml).")] = "grid",
+    sampler: Annotated[str, typer.Option(help="grid (every combination, as the paper) or tpe.")] = "grid",
+    trials: Annotated[Optional[int], typer.Option(help="Trials for --sampler tpe (default 20).")] = None,
+    config: Annotated[Optional[str], typer.Option(
+        help="Base configuration (YAML or preset) under the grid.")] = None,
+    image_size: ImageSizeOption = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (sampler and validation subjects).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Study folder: study.db, trials.csv, best.yaml.")]
+    = Path("runs/tune"),
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = False,
+):
+    """Grid (or TPE) search scored on validation subjects; resumable; writes the best configuration as YAML."""
+    from ..config import RunConfig
+    from ..train.tune import read_grid
+    from ..train.tune import tune as run_tune
+
+    read_grid(grid)  # a bad grid is refused before any image is decoded
+    base = RunConfig.load(config, image_size=image_size, seed=seed)
+    prepared = prepare_data(data, cache, workers, base.preprocessing)
+    best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say)
+    names = list(complete[0].params)
+    rows = [[str(t.number), *(str(t.params[n]) for n in names), f"{t.value:.3f}"]
+            for t in sorted(complete, key=lambda t: -t.value)]
+    print_table(f"{len(complete)} finished trial(s), best first (validation accuracy)",
+                ["trial", *names, "val acc"], rows, left=0)
+    result(f"best validation accuracy {score:.3f}; configuration written to {out_dir / 'best.yaml'} "
+           f"(train with: alnet train --data {data} --config {out_dir / 'best.yaml'})")
+
+
+@handles_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the synthetic data, cache and run go.")]
+    = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option(help="Epochs per fold.")] = 10,
+    progress: ProgressOption = True,
+):
+    """Generate a small SYNTHETIC dataset, prepare it, train ALNet (subject protocol), evaluate, summarise."""
+    import shutil
+
+    from ..config import RunConfig
+    from ..data.synthetic import write_dataset
+    from ..train.rundir import RunDir
+
+    start = time.perf_counter()
+    data = out_dir / "synthetic-data"
+    if not (data / "C-NMC_Leukemia").is_dir():
+        say(f"writing a synthetic C-NMC dataset to {data} (synthetic cells, not real microscopy)")
+        write_dataset(data, n_subjects=8, cells_per_subject=10, prelim_subjects=2, final_images=4, seed=0)
+    run = RunDir(out_dir / "run")
+    if run.path.exists():
+        if not run.exists():  # never delete a folder alnet did not write
+            fail(f"{run}: exists and is not an alnet run directory; move it away or pick another --out")
+        say(f"replacing the previous demo run in {run}")
+        shutil.rmtree(run.path)
+    # Small data, few steps: batches of 16 and faster BatchNorm statistics than Keras' 0.99 (which needs a few
+    # hundred steps before evaluation-mode outputs settle); everything else is the paper's.
+    config = RunConfig(protocol="subject", epochs=epochs, batch_size=16, bn_momentum=0.5).validate()
+    metrics = _train(config, data, run.path, out_dir / "cache", None, resume=False, progress=progress)
+    print_metrics(metrics, "ALNet demo on SYNTHETIC cells, subject-level protocol")
+    result(f"run directory: {run} (metrics.json, predictions.csv, history.csv, figures/, report.html); "
+           f"took {time.perf_counter() - start:.0f} s")
+

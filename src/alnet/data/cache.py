@@ -1,0 +1,204 @@
+"""Decode every image once into a cache on disk: one uint8 array + an index.
+
+Training then reads whole batches from that array (docs/design.md, "Speed by design"): no image decoding inside
+the epoch loop. Each image goes through `transforms.load_image`, the same preprocessing prediction uses.
+
+A cache lives in `<cache dir>/<key>/` with `images.npy` (N×S×S×3 uint8) and `index.json` (one entry per row,
+the images that could not be decoded, the conversions made). The key hashes the file list, sizes, mtimes,
+labels, the preprocessing parameters and FORMAT_VERSION, so any change builds a new cache. A cache is built in
+a temporary folder and renamed into place when complete: a killed run never leaves one that loads as valid,
+and existing caches are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .cnmc import Cell, Problem
+from .transforms import Preprocessing, load_image
+
+FORMAT_VERSION = 1
+
+
+class PrepareError(Exception):
+    """Preparation cannot go on; the message is one line naming the file and the fix."""
+
+
+@dataclass
+class Prepared:
+    """The cache of one dataset: `images[i]` is the picture of `cells[i]`."""
+
+    images: np.ndarray
+    cells: list[Cell]
+    skipped: list[Problem]
+    notes: dict[str, int]  # e.g. {"converted from L to RGB": 3, "resized from 600x600": 1}
+    preprocessing: Preprocessing
+    path: Path
+    reused: bool = False
+
+
+def default_cache_dir() -> Path:
+    """--cache, else $ALNET_CACHE, else the user's cache folder — never the (often read-only) data folder."""
+    if os.environ.get("ALNET_CACHE"):
+        return Path(os.environ["ALNET_CACHE"])
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("alnet"))
+
+
+def cache_key(cells: list[Cell], preprocessing: Preprocessing) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps([FORMAT_VERSION, asdict(preprocessing)]).encode())
+    for cell in cells:
+        stat = cell.path.stat()
+        digest.update(
+            f"{cell.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cell.label}|{cell.subject}|{cell.fold}|"
+            f"{cell.split}\n".encode()
+        )
+    return digest.hexdigest()[:24]
+
+
+def _decode_chunk(job: tuple[str, list[tuple[int, str]], Preprocessing]) -> list[tuple[int, str | None, list]]:
+    """Worker: decode a chunk of images straight into the shared memory-mapped array."""
+    array_path, items, preprocessing = job
+    images = np.load(array_path, mmap_mode="r+")
+    results = []
+    for row, path in items:
+        try:
+            images[row], notes = load_image(Path(path), preprocessing)
+            results.append((row, None, notes))
+        except Exception as err:  # truncated, corrupt or not an image at all: reported, never fatal here
+            results.append((row, f"{type(err).__name__}: {err}", []))
+    images.flush()
+    return results
+
+
+def _check_writable(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise PrepareError(
+            f"{cache_dir}: cannot write the cache there ({err.strerror or err}); pass --cache DIR or set "
+            "ALNET_CACHE to a writable folder"
+        ) from None
+
+
+def load_cache(path: Path | str) -> Prepared:
+    """Open a finished cache folder (the one `prepare` returned)."""
+    path = Path(path)
+    index_path = path / "index.json"
+    if not index_path.is_file():
+        raise PrepareError(f"{path}: not a finished alnet cache (no index.json); run `alnet prepare` again")
+    index = json.loads(index_path.read_text())
+    if index.get("format_version") != FORMAT_VERSION:
+        raise PrepareError(f"{path}: cache format {index.get('format_version')} is not {FORMAT_VERSION}; "
+                           "run `alnet prepare` again")
+    images = np.load(path / "images.npy", mmap_mode="r")
+    cells = [Cell(Path(c["path"]), c["label"], c["subject"], c["fold"], c["split"]) for c in index["cells"]]
+    skipped = [Problem(Path(p["path"]), p["message"]) for p in index["skipped"]]
+    return Prepared(images, cells, skipped, index["notes"], Preprocessing(**index["params"]), path, reused=True)
+
+
+def prepare(
+    cells: list[Cell],
+    cache_dir: Path | str | None = None,
+    preprocessing: Preprocessing = Preprocessing(),
+    workers: int | None = None,
+    strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Prepared:
+    """Build (or reuse) the uint8 cache of `cells`. Unreadable images are skipped and listed, or with
+    `strict` stop the run (PrepareError) without touching any cache already on disk."""
+    if not cells:
+        raise PrepareError("no images to prepare")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        key = cache_key(cells, preprocessing)
+    except OSError as err:
+        raise PrepareError(f"{err.filename}: cannot read the file ({err.strerror}); check the dataset") from None
+    final = cache_dir / key
+    if (final / "index.json").is_file():
+        return load_cache(final)
+    _check_writable(cache_dir)
+
+    workers = workers or len(os.sched_getaffinity(0))
+    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        array_path = tmp / "images.npy"
+        images = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8,
+                                           shape=(len(cells), preprocessing.size, preprocessing.size, 3))
+        del images  # workers write through their own maps
+        chunk = max(16, min(128, len(cells) // (workers * 8) or 1))
+        jobs = [(str(array_path), [(i, str(c.path)) for i, c in enumerate(cells[s:s + chunk], start=s)],
+                 preprocessing) for s in range(0, len(cells), chunk)]
+        failures: dict[int, str] = {}
+        notes: Counter = Counter()
+        done = 0
+
+        def collect(results):
+            nonlocal done
+            for row, error, row_notes in results:
+                if error is not None:
+                    if strict:
+                        raise PrepareError(f"{cells[row].path}: cannot decode ({error}); replace or remove the file "
+                                           "(or drop --strict to skip it)")
+                    failures[row] = error
+                notes.update(row_notes)
+            done += len(results)
+            if progress:
+                progress(done, len(cells))
+
+        if workers <= 1 or len(cells) < 64:
+            for job in jobs:
+                collect(_decode_chunk(job))
+        else:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for results in pool.imap_unordered(_decode_chunk, jobs):
+                    collect(results)
+
+        kept = [i for i in range(len(cells)) if i not in failures]
+        if failures:  # compact: the array holds only images that decoded
+            full = np.load(array_path, mmap_mode="r")
+            compact = np.lib.format.open_memmap(tmp / "compact.npy", mode="w+", dtype=np.uint8,
+                                                shape=(len(kept),) + full.shape[1:])
+            for start in range(0, len(kept), 1024):
+                compact[start:start + 1024] = full[kept[start:start + 1024]]
+            compact.flush()
+            del full, compact
+            os.replace(tmp / "compact.npy", array_path)
+        index = {
+            "format_version": FORMAT_VERSION,
+            "params": asdict(preprocessing),
+            "cells": [{"path": str(cells[i].path), "label": cells[i].label, "subject": cells[i].subject,
+                       "fold": cells[i].fold, "split": cells[i].split} for i in kept],
+            "skipped": [{"path": str(cells[i].path),
+                         "message": f"cannot decode ({error}); replace or remove the file; skipped"}
+                        for i, error in sorted(failures.items())],
+            "notes": dict(notes),
+        }
+        (tmp / "index.json").write_text(json.dumps(index))  # written last: its presence marks a finished cache
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process finished the same cache first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prepared = load_cache(final)
+    prepared.reused = False
+    return prepared

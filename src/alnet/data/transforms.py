@@ -1,0 +1,86 @@
+"""Preprocessing, in one place: what turns an image file into the tensor a model sees.
+
+The same steps serve the training cache, `predict`, `serve`, `explain` and the metadata of an ONNX export
+(docs/design.md, "Data flow"):
+
+    file → RGB (transparent pixels become the black background) → centre crop to a square of `crop` × the
+    short side → resize to size×size (Pillow bilinear, antialiased, reducing_gap 1.0) → uint8 H×W×3
+    → float N×3×H×W in [0, 1] (value / 255)
+
+Model-specific normalisation (ImageNet mean and std for the baselines) happens inside the model, so every
+model takes the same [0, 1] input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+
+EXPECTED_SIZE = (450, 450)  # C-NMC training images; anything else is resized and noted
+RESAMPLE = Image.Resampling.BILINEAR  # PIL's bilinear is antialiased when shrinking
+# Shrink by an integer box filter first, then bilinear for the rest: ~1.8× faster than one bilinear pass
+# over 450 → 224, within 0.13 grey levels on average on real C-NMC cells.
+REDUCING_GAP = 1.0
+
+DESCRIPTION = ("RGB image; centre crop to a square of `crop` × the short side; resize to size×size (Pillow "
+               "bilinear, reducing_gap 1.0); float32 N×3×H×W in [0, 1] (value / 255). Model-specific "
+               "normalisation (ImageNet for baselines) happens inside the graph.")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    size: int = 224  # side of the square image the model sees
+    crop: float = 1.0  # fraction of the short side kept by the centre crop (1.0: the whole square field)
+
+    def to_json(self) -> str:
+        """What an exported model carries in its metadata, so that any runtime can prepare its input."""
+        return json.dumps({**asdict(self), "description": DESCRIPTION})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Preprocessing":
+        data = json.loads(text)
+        return cls(size=int(data["size"]), crop=float(data["crop"]))
+
+
+def load_image(source: Path | BinaryIO, preprocessing: Preprocessing) -> tuple[np.ndarray, list[str]]:
+    """Decode one image → size×size×3 uint8, with notes on what had to be converted. Raises on unreadable files."""
+    notes = []
+    with Image.open(source) as image:
+        if image.size != EXPECTED_SIZE:
+            notes.append(f"resized from {image.size[0]}x{image.size[1]}")
+        if image.mode != "RGB":
+            notes.append(f"converted from {image.mode} to RGB")
+            if "A" in image.mode or image.mode == "P" and "transparency" in image.info:
+                # Transparent pixels become the black background C-NMC cells are segmented onto.
+                rgba = image.convert("RGBA")
+                image = Image.new("RGB", rgba.size)
+                image.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                image = image.convert("RGB")
+        width, height = image.size
+        side = min(width, height) * preprocessing.crop
+        left, top = (width - side) / 2, (height - side) / 2
+        image = image.resize((preprocessing.size, preprocessing.size), RESAMPLE,
+                             box=(left, top, left + side, top + side), reducing_gap=REDUCING_GAP)
+        return np.asarray(image), notes
+
+
+def to_float(images_nhwc: torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W×3 → float N×3×H×W in [0, 1], laid out channels-last (a view of the same memory order)."""
+    return images_nhwc.permute(0, 3, 1, 2).float().div_(255)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """float N×3×H×W in [0, 1] → uint8 N×H×W×3 (the inverse of `to_float`, rounded)."""
+    return images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def as_batch(pixels: np.ndarray) -> torch.Tensor:
+    """One uint8 H×W×3 image → a float 1×3×H×W batch in [0, 1]."""
+    return to_float(torch.from_numpy(np.array(pixels))[None])  # a copy: decoded arrays may be read-only

@@ -1,0 +1,131 @@
+"""Prediction on new cell images with a trained checkpoint or an exported ONNX model.
+
+Images are preprocessed exactly as for training (`alnet.data.transforms`: centre crop, resize), decoded in a
+few threads (Pillow releases the GIL while decoding), and classified in batches.
+"""
+
+from __future__ import annotations
+
+import glob
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..checkpoint import TrainedModel, load_trained_model
+from ..data.cnmc import IMAGE_SUFFIXES
+from ..data.transforms import Preprocessing, load_image, to_float
+from ..device import resolve_precision
+from ..labels import name_of
+
+ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing"}  # keys `alnet export` writes
+PREDICTION_FIELDS = ["path", "label", "probability_all", "model", "checkpoint"]  # one row per image
+
+
+@dataclass
+class Predictor:
+    """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime)."""
+
+    source: Path
+    model_name: str
+    preprocessing: Preprocessing
+    probabilities: Callable[[np.ndarray], np.ndarray]
+    trained: TrainedModel | None = None  # the network, when loaded from a checkpoint (Grad-CAM needs it)
+
+    def __call__(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        if not tta:
+            return self.probabilities(images)
+        # Test-time augmentation: the mean over the four flips (identity, horizontal, vertical, both).
+        variants = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+        return np.mean([self.probabilities(np.ascontiguousarray(v)) for v in variants], axis=0)
+
+
+def load_predictor(path: Path | str, precision: str | None = None) -> Predictor:
+    """`precision` overrides the checkpoint's (e.g. "32" for exact fp32 arithmetic)."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        return _onnx_predictor(path)
+    trained = load_trained_model(path)
+    # Prediction runs on the CPU, in the precision the run trained with unless told otherwise.
+    runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator="cpu")
+    model = trained.model
+    if runs_as.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        x = runs_as.input(to_float(torch.from_numpy(np.require(images, requirements=["C", "W"]))))
+        with runs_as.autocast():
+            return trained.probability_all(model(x)).float().numpy()
+
+    return Predictor(path, trained.name, trained.preprocessing, probabilities, trained)
+
+
+def _onnx_predictor(path: Path) -> Predictor:
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX model; write one with `alnet export CHECKPOINT --onnx FILE`")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    if ONNX_METADATA["preprocessing"] not in meta:
+        raise ValueError(f"{path}: not an ONNX model written by `alnet export` (no preprocessing metadata)")
+    preprocessing = Preprocessing.from_json(meta[ONNX_METADATA["preprocessing"]])
+    input_name = session.get_inputs()[0].name
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        x = to_float(torch.from_numpy(np.require(images, requirements=["C", "W"]))).contiguous().numpy()
+        return session.run(None, {input_name: x})[0].astype(np.float32)
+
+    return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, probabilities)
+
+
+def expand_paths(items: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
+    """Files, folders (searched recursively for images) and globs → image files; plus what matched nothing."""
+    found, missing = [], []
+    for item in items:
+        item = str(item)
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
+            found += matches
+            if not matches:
+                missing.append(item)
+    unique = list(dict.fromkeys(found))
+    return unique, missing
+
+
+def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64, tta: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """One row per readable image (path, label, probability_all, model, checkpoint); unreadable ones listed."""
+    rows, failed = [], []
+
+    def decode(path: Path):
+        try:
+            return path, load_image(path, predictor.preprocessing)[0], None
+        except Exception as err:  # unreadable: listed, never fatal
+            return path, None, f"{type(err).__name__}: {err}"
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for start in range(0, len(files), batch_size):
+            decoded = list(pool.map(decode, files[start:start + batch_size]))
+            good = [(p, pixels) for p, pixels, error in decoded if error is None]
+            failed += [(p, error) for p, _, error in decoded if error is not None]
+            if good:
+                probabilities = predictor(np.stack([pixels for _, pixels in good]), tta=tta)
+                for (path, _), p in zip(good, probabilities):
+                    rows.append({"path": str(path), "label": name_of(p),
+                                 "probability_all": f"{float(p):.6f}", "model": predictor.model_name,
+                                 "checkpoint": str(predictor.source)})
+            done += len(decoded)
+            if progress:
+                progress(done, len(files))
+    return rows, failed

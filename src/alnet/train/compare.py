@@ -1,0 +1,99 @@
+"""`alnet compare`: several models under one protocol and seed, tabulated like the paper's Tables 8 and 9."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig
+from ..data.cache import Prepared
+from ..metrics import METRICS
+from ..models import create_model_from, model_spec, trainable_parameters
+from .rundir import ComparisonDir, RunDir, read_csv, write_csv
+from .run import train_run
+
+CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in METRICS), "prelim_accuracy",
+               "training_seconds", "images_per_s", "pretrained", "run_dir"]
+
+
+def count_trainable(config: RunConfig) -> int:
+    # The count does not depend on the weights' values: build without reading any.
+    return trainable_parameters(create_model_from(config, pretrained=False))
+
+
+def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | str, data_root: Path | None = None,
+            log: Callable[[str], None] = print, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Train and test each model; returns (Table 8 rows, Table 9 rows). A finished model's run is kept, so an
+    interrupted comparison continues where it stopped."""
+    comparison = ComparisonDir(out)
+    comparison.path.mkdir(parents=True, exist_ok=True)
+    rows, table9, note = [], [], ""
+    for name in models:
+        config = replace(base, model=name).validate()
+        run = comparison.run(name)
+        start = time.perf_counter()
+        if run.finished() and run.timing.is_file():
+            log(f"{name}: finished earlier, kept ({run})")
+            result = run.read_json(run.metrics)
+            seconds = run.read_json(run.timing)["training_seconds"]
+        else:
+            log(f"{name}: training under the {config.protocol} protocol")
+            result = train_run(config, prepared, run.path, data_root=data_root, resume=run.exists(), log=log,
+                               progress=progress)
+            seconds = time.perf_counter() - start
+            run.write_json(run.timing, {"training_seconds": seconds})
+        trained_images = sum(s["train"]["images"] for s in run.read_json(run.splits)) * config.epochs
+        rows.append({"model": name, "trainable_parameters": count_trainable(config),
+                     **{m: result["summary"][m]["mean"] for m in METRICS},
+                     **{f"{m}_std": result["summary"][m]["std"] for m in METRICS},
+                     "prelim_accuracy": (result.get("prelim") or {}).get("accuracy"),
+                     "training_seconds": seconds, "images_per_s": trained_images / seconds if seconds else None,
+                     "pretrained": config.pretrained if model_spec(name).pretrained else None, "run_dir": str(run)})
+        note = result.get("note", note)
+        table9 += table9_rows(name, run, result)
+    write_tables(comparison, rows, table9, base.protocol, note)
+    return rows, table9
+
+
+def table9_rows(model: str, run: RunDir, result: dict) -> list[dict]:
+    """Per test fold: train accuracy of the kept epoch and test accuracy (the paper's Table 9), and their mean."""
+    history = read_csv(run.history)
+    rows = []
+    for fold in result["folds"]:
+        fold_history = [h for h in history if h["fold"] == fold["fold"]]
+        train_accuracy = float(fold_history[-1]["train_accuracy"]) if fold_history else None
+        rows.append({"model": model, "fold": fold["fold"], "train_accuracy": train_accuracy,
+                     "test_accuracy": fold["accuracy"]})
+    if rows:
+        rows.append({"model": model, "fold": "mean", "train_accuracy": _mean([r["train_accuracy"] for r in rows]),
+                     "test_accuracy": _mean([r["test_accuracy"] for r in rows])})
+    return rows
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def write_tables(comparison: ComparisonDir, rows: list[dict], table9: list[dict], protocol: str, note: str) -> None:
+    from ..report import paper
+    from ..report.html import comparison_rows, write_comparison_report
+    from ..report.tables import COMPARISON, number
+
+    write_csv(comparison.csv, rows, CSV_COLUMNS)
+    lines = [f"# Model comparison ({protocol} protocol)", "", f"{note}", "",
+             "| " + " | ".join(c.header for c in COMPARISON) + " |", "|---" * len(COMPARISON) + "|"]
+    lines += ["| " + " | ".join(c.cell(row) for c in COMPARISON) + " |" for _, row in comparison_rows(rows)]
+    if table9:
+        lines += ["", "## Accuracy per fold (shape of the paper's Table 9)", "",
+                  "| model | fold | train accuracy | test accuracy | paper test accuracy |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['fold']} | {number(r['train_accuracy'])} | {number(r['test_accuracy'])} | "
+                  f"{number(paper.table9_test_accuracy(r['model'], r['fold']), 4)} |" for r in table9]
+    lines += ["", "Rows marked paper are the published figures (the paper's image-level split; its parameter counts "
+              "are the full ImageNet networks), for reference only.", "",
+              "Published results on C-NMC 2019 (the paper's Table 10): "
+              + "; ".join(f"{work} {number(acc)}" for work, acc in paper.TABLE_10) + "."]
+    comparison.markdown.write_text("\n".join(lines) + "\n")
+    write_comparison_report(comparison, rows, table9, protocol, note)

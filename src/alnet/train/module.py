@@ -1,0 +1,184 @@
+"""The model logic of training: any registered model + the paper's loss and optimiser (a LightningModule).
+
+Batches arrive as uint8 from `batches.py`; they become floats here, on the device, and are augmented here
+after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import BinaryAccuracy
+
+from ..config import RunConfig
+from ..data.augment import make_augment
+from ..data.transforms import to_float
+from ..device import resolve_precision
+from ..models import create_model_from, probability_all
+
+
+class CellClassifier(L.LightningModule):
+    """Any registered model + the paper's loss and optimiser; records per-epoch history and test predictions."""
+
+    def __init__(self, config: dict, seen_subjects: list[str] | None = None, model: nn.Module | None = None):
+        """`seen_subjects`: the training and validation subjects, kept in the checkpoint so that `evaluate`
+        can leave them out. `model`: an already built (e.g. trained) network instead of a new one."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.config = c = RunConfig(**config)
+        self.model = model if model is not None else create_model_from(c)
+        self.on_features = False  # True while training a frozen backbone's head on precomputed features
+        self.augment = make_augment(c.rotation, c.zoom, c.contrast) if c.augment else None
+        self.precision_path = resolve_precision(c.precision, c.accelerator)
+        self.channels_last = False
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
+        self.history: list[dict] = []
+        self._val_row: dict = {}
+        self._outputs: list[torch.Tensor] = []
+        self.test_predictions: dict[str, np.ndarray] | None = None
+
+    # inputs -------------------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if not self.on_features:
+            batch["image"] = to_float(batch["image"])  # uint8 → float, on the device
+        return batch
+
+    def use_channels_last(self) -> None:
+        """Model (and, through `to_input`, its inputs) channels-last where the precision path wants it."""
+        if self.precision_path.channels_last:
+            self.channels_last = True
+            self.model.to(memory_format=torch.channels_last)
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.precision_path.input(x) if self.channels_last else x
+
+    def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
+        return probability_all(logits, self.config.head)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.config.head == "sigmoid":  # the paper: binary cross-entropy on two sigmoids, one-hot targets
+            return F.binary_cross_entropy_with_logits(logits, F.one_hot(labels, 2).float())
+        return F.cross_entropy(logits, labels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(x) if self.on_features else self.model(x)
+
+    # training -----------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.train_loss.reset()
+        self.train_accuracy.reset()
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Reseed per (seed, epoch, batch, rank): dropout and augmentation draw the same numbers after a resume.
+        torch.manual_seed(((self.config.seed * 100_003 + self.current_epoch) * 100_003 + batch_idx) * 1_009
+                          + self.global_rank)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x = batch["image"]
+        # Augment here, after the reseed above, so that a resumed run augments identically.
+        if self.augment is not None and not self.on_features:
+            x = self.augment(x)
+        logits = self(self.to_input(x))
+        loss = self.loss(logits, batch["label"])
+        self.train_loss.update(loss.detach(), weight=len(logits))
+        self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits))
+        return loss
+
+    def _masked(self, batch: dict):
+        keep = batch["index"] >= 0
+        logits = self(self.to_input(batch["image"][keep]))
+        return logits, batch["label"][keep], batch["index"][keep]
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss.reset()
+        self.val_accuracy.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits, labels, _ = self._masked(batch)
+        if len(labels):
+            self.val_loss.update(self.loss(logits, labels), weight=len(labels))
+            self.val_accuracy.update(self.probability_all(logits), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        self._val_row = {"val_loss": float(self.val_loss.compute()), "val_accuracy": float(self.val_accuracy.compute())}
+        self.log("val_loss", self._val_row["val_loss"], prog_bar=True, sync_dist=False)
+        self.log("val_accuracy", self._val_row["val_accuracy"], prog_bar=True, sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        # Runs after validation and before ModelCheckpoint saves, so each checkpoint carries its epoch's row.
+        row = {"epoch": self.current_epoch + 1, "train_loss": float(self.train_loss.compute()),
+               "train_accuracy": float(self.train_accuracy.compute())}
+        row.update(self._val_row or {"val_loss": float("nan"), "val_accuracy": float("nan")})
+        self._val_row = {}
+        self.history.append(row)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["alnet_history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.history = list(checkpoint.get("alnet_history", []))
+
+    # evaluation ---------------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(self.to_input(batch["image"]))
+        prob = self.probability_all(logits)
+        self._outputs.append(torch.stack([batch["index"].double(), prob.double(), batch["label"].double()], 1))
+
+    def on_test_epoch_end(self) -> None:
+        mine = torch.cat(self._outputs) if self._outputs else torch.zeros((0, 3), dtype=torch.float64,
+                                                                          device=self.device)
+        gathered = self.all_gather(mine)  # every rank has the same number of rows (padding included)
+        rows = gathered.reshape(-1, 3).cpu().numpy()
+        rows = rows[rows[:, 0] >= 0]
+        index, first = np.unique(rows[:, 0].astype(np.int64), return_index=True)
+        self.test_predictions = {"index": index, "prob_all": rows[first, 1], "label": rows[first, 2].astype(int)}
+
+    def configure_optimizers(self):
+        c = self.config
+        trainable = [p for p in self.parameters() if p.requires_grad]  # a frozen backbone is left out
+        if c.optimizer == "rmsprop":  # Keras RMSprop: rho → alpha, epsilon outside the square root as in torch
+            return torch.optim.RMSprop(trainable, lr=c.lr, alpha=c.rho, eps=c.eps)
+        return torch.optim.Adam(trainable, lr=c.lr, eps=c.eps)
+
+    @property
+    def uses_cached_features(self) -> bool:
+        """A frozen backbone seeing un-augmented images gives the same features every epoch: compute them once."""
+        c = self.config
+        return self.model.frozen and not c.augment and not c.double_offline
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor, rows: np.ndarray, batch_size: int = 64) -> torch.Tensor:
+        """`forward_features` of `rows` of the uint8 N×H×W×3 `images` → a float tensor with one row per image
+        (rows not asked for stay zero), computed in eval mode with the run's precision."""
+        model = self.model.eval()
+        device = next(model.parameters()).device
+        out = None
+        for start in range(0, len(rows), batch_size):
+            idx = torch.from_numpy(np.asarray(rows[start:start + batch_size], dtype=np.int64))
+            x = self.precision_path.input(to_float(images[idx].to(device)))
+            with self.precision_path.autocast(device.type):
+                f = model.forward_features(x).float()
+            if out is None:
+                out = torch.zeros((len(images), *f.shape[1:]), dtype=torch.float32)
+            out[idx] = f.cpu()
+        return out
+
+
+def module_from_checkpoint(path) -> CellClassifier:
+    """A trained module from a checkpoint file, on the CPU, in evaluation mode (for `evaluate`)."""
+    from ..checkpoint import load_trained_model
+
+    trained = load_trained_model(path)
+    return CellClassifier(trained.config, trained.seen_subjects, model=trained.model).eval()

@@ -1,0 +1,184 @@
+"""One run: splits → train each split → test predictions → metrics → figures and report, in one directory
+(the layout is `rundir.py`'s). Only rank 0 writes; under DDP every rank runs this same code in lockstep.
+
+A fold's results are written as it finishes, so a killed run continues with `--resume` where it stopped: finished
+folds are kept, an unfinished one continues from its last checkpoint, and the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from ..config import RunConfig
+from ..data.cache import Prepared
+from ..data.cnmc import Cell
+from ..data.protocols import Split, make_splits
+from ..device import threads_per_process
+from .batches import CellData, tensors, world
+from .module import CellClassifier
+from .results import prediction_rows, subject_rows, summarize_run
+from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, RunDir, read_csv, write_csv
+from .trainer import is_main_process, make_trainer, quiet_lightning
+
+
+class RunError(Exception):
+    """The run cannot start or continue; the message says which file and what to do."""
+
+
+@dataclass
+class Job:
+    """What every split of one run shares."""
+
+    config: RunConfig
+    cells: list[Cell]
+    images: torch.Tensor  # the uint8 cache, N×H×W×3
+    labels: torch.Tensor
+    run: RunDir
+    resume: bool
+    callbacks: Sequence[Callback]
+    progress: bool
+    log: Callable[[str], None]
+
+
+def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
+    module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
+    module.use_channels_last()
+    return module
+
+
+def _split_summary(split: Split, cells: list[Cell]) -> dict:
+    def side(rows):
+        return {"images": int(len(rows)), "subjects": len({cells[i].subject for i in rows}),
+                "all": int(sum(cells[i].label == 1 for i in rows)), "hem": int(sum(cells[i].label == 0 for i in rows))}
+
+    return {"name": split.name, "note": split.note, "subject_disjoint": split.subject_disjoint,
+            "train": side(split.train), "val": side(split.val), "test": side(split.test)}
+
+
+def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
+    """Train one split, test its chosen checkpoint; returns (prediction rows, history rows)."""
+    config, run = job.config, job.run
+    checkpoints = run.checkpoints(split.name)
+    # `last.ckpt` after every epoch (for --resume); `best.ckpt` by validation loss (subject protocol only:
+    # the paper protocol's validation set is its test set, so it keeps the last epoch, as the paper did).
+    latest = ModelCheckpoint(dirpath=checkpoints, filename="last", monitor=None, save_top_k=1,
+                             save_on_train_epoch_end=True, enable_version_counter=False)
+    keep = [latest]
+    if config.protocol == "subject" and len(split.val) > 0:
+        keep.append(ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_loss", mode="min",
+                                    save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False))
+    trainer = make_trainer(config, [*keep, *job.callbacks], run.fold(split.name), job.progress,
+                           validate=len(split.val) > 0)
+    # Seed per split (not from whatever earlier folds left behind): a resumed run builds the same weights.
+    L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
+    # Subjects used for training or for choosing the checkpoint: `evaluate` leaves them out later.
+    module = build_module(config, sorted({job.cells[i].subject for i in np.r_[split.train, split.val]}))
+    inputs = job.images
+    if module.uses_cached_features:
+        # Frozen backbone, no augmentation: every epoch would see the same features, so compute them once and
+        # train the head on them (this is what makes the paper's 1,600-epoch baselines cheap).
+        needed = np.unique(np.r_[split.train, split.val, split.test])
+        job.log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
+        inputs = module.extract_features(job.images, needed)
+        module.on_features = True
+    data = CellData(inputs, job.labels, split.train, split.val, split.test, config)
+    last = run.last_checkpoint(split.name)
+    resume_from = str(last) if job.resume and last.is_file() else None
+    if resume_from:
+        job.log(f"{split.name}: resuming from {last}")
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    history = [{"fold": split.name, **h} for h in module.history]  # testing below loads the chosen checkpoint
+    chosen = keep[-1].best_model_path or str(last)
+    trainer.test(module, datamodule=data, ckpt_path=chosen, verbose=False)
+    rows = prediction_rows(split.name, job.cells, module.test_predictions)
+    if is_main_process():
+        run.fold(split.name).mkdir(parents=True, exist_ok=True)
+        write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
+        run.record_chosen(split.name, chosen)
+        write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
+    return rows, history
+
+
+def train_run(
+    config: RunConfig,
+    prepared: Prepared,
+    run_dir: Path | str,
+    data_root: Path | str | None = None,
+    resume: bool = False,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Train and test every split of the configured protocol; returns metrics.json's content."""
+    quiet_lightning()
+    run = RunDir(run_dir)
+    if resume:
+        if not run.exists():
+            raise RunError(f"{run}: no config.yaml, so nothing to resume; start a new run with --out")
+        config = RunConfig.from_yaml(run.config)
+    elif is_main_process() and run.exists():  # DDP ranks > 0 start after rank 0 wrote it
+        raise RunError(f"{run}: a run already lives here; continue it with --resume {run} or pick another --out")
+    config.validate()
+    if config.devices > 1:
+        torch.set_num_threads(threads_per_process(config.devices))
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(config.deterministic or was_deterministic)
+    try:
+        images, labels = tensors(prepared)
+        job = Job(config, prepared.cells, images, labels, run, resume, callbacks, progress, log)
+        return _train_splits(job, prepared, data_root)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) -> dict:
+    config, run, cells = job.config, job.run, job.cells
+    splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
+    if is_main_process() and not job.resume:
+        run.path.mkdir(parents=True, exist_ok=True)
+        config.to_yaml(run.config)
+        run.write_json(run.data, {"cache": str(prepared.path), "images": len(cells),
+                                  "skipped": [str(p) for p in prepared.skipped],
+                                  "root": str(Path(data_root).resolve()) if data_root else None})
+        run.write_json(run.splits, [_split_summary(s, cells) for s in splits])
+    predictions: dict[str, list[dict]] = {}
+    history: list[dict] = []
+    world_size = 1
+    for split in splits:
+        if job.resume and run.fold_predictions(split.name).is_file():
+            job.log(f"{split.name}: already finished, kept")
+            predictions[split.name] = read_csv(run.fold_predictions(split.name))
+            history += read_csv(run.fold_history(split.name))
+            continue
+        job.log(f"{split.name}: training on {len(split.train)} images, validating on {len(split.val)}, "
+                f"testing on {len(split.test)} ({split.note})")
+        predictions[split.name], fold_history = _train_split(job, split)
+        history += fold_history
+        world_size = max(world_size, world()[1])
+    result = summarize_run(config, splits, predictions, world_size)
+    if is_main_process():
+        write_outputs(run, result, predictions, history, config)
+    return result
+
+
+def write_outputs(run: RunDir, result: dict, predictions: dict[str, list[dict]], history: list[dict],
+                  config: RunConfig) -> None:
+    from ..report.figures import write_run_figures
+    from ..report.html import write_run_report
+
+    write_csv(run.predictions, [r for rows in predictions.values() for r in rows], PREDICTION_FIELDS)
+    write_csv(run.history, history, HISTORY_FIELDS)
+    write_csv(run.subjects, subject_rows(predictions), SUBJECT_FIELDS)
+    run.write_json(run.metrics, result)
+    write_run_figures(run.figures, predictions, history)
+    write_run_report(run, result, asdict(config))

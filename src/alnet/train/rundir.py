@@ -1,0 +1,138 @@
+"""The layout of a run directory and of a comparison, in one place: no other module spells these file names.
+
+    RUN/config.yaml          everything needed to rerun it
+    RUN/data.json            where the data and the cache were, images used and skipped
+    RUN/splits.json          images and subjects on each side of every split
+    RUN/history.csv          per fold and epoch: train/val loss and accuracy
+    RUN/predictions.csv      per test image: fold, path, subject, label, probability_all, predicted
+    RUN/subjects.csv         per test subject: images, mean P(ALL), share called ALL, accuracy
+    RUN/metrics.json         protocol, folds, summary (mean ± std over folds), prelim (when used)
+    RUN/report.html          one self-contained page; RUN/figures/*.png
+    RUN/evaluation.json      written by `alnet evaluate RUN`
+    RUN/checkpoints/<fold>/{last,best}.ckpt
+    RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt}   a fold's results as it finishes
+
+    COMPARISON/<model>/      one run directory per model (+ timing.json)
+    COMPARISON/comparison.{csv,md}, COMPARISON/report.html
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
+PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted"]
+SUBJECT_FIELDS = ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"]
+FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
+
+
+def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def default_run_dir(protocol: str) -> Path:
+    """runs/<protocol>-<time>. DDP relaunches the command in more processes: they inherit the name chosen here."""
+    default = Path("runs") / f"{protocol}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(os.environ.setdefault("ALNET_RUN_DIR", str(default)))
+
+
+class RunDir:
+    """One run's folder. Paths are properties; reading and writing the small files goes through here."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    config = property(lambda self: self.path / "config.yaml")
+    data = property(lambda self: self.path / "data.json")
+    splits = property(lambda self: self.path / "splits.json")
+    history = property(lambda self: self.path / "history.csv")
+    predictions = property(lambda self: self.path / "predictions.csv")
+    subjects = property(lambda self: self.path / "subjects.csv")
+    metrics = property(lambda self: self.path / "metrics.json")
+    report = property(lambda self: self.path / "report.html")
+    evaluation = property(lambda self: self.path / "evaluation.json")
+    timing = property(lambda self: self.path / "timing.json")
+    figures = property(lambda self: self.path / "figures")
+
+    def exists(self) -> bool:
+        """A run lives here (its configuration was written)."""
+        return self.config.is_file()
+
+    def finished(self) -> bool:
+        return self.metrics.is_file()
+
+    # one fold --------------------------------------------------------------------------------------------------
+    def fold(self, name: str) -> Path:
+        return self.path / "folds" / name
+
+    def fold_history(self, name: str) -> Path:
+        return self.fold(name) / "history.csv"
+
+    def fold_predictions(self, name: str) -> Path:
+        """Written last when a fold finishes: its presence marks the fold done."""
+        return self.fold(name) / "predictions.csv"
+
+    def checkpoints(self, name: str) -> Path:
+        return self.path / "checkpoints" / name
+
+    def last_checkpoint(self, name: str) -> Path:
+        return self.checkpoints(name) / "last.ckpt"
+
+    def record_chosen(self, name: str, checkpoint: Path | str) -> None:
+        """Remember which checkpoint a fold was tested with (folds/<fold>/checkpoint.txt)."""
+        self.fold(name).mkdir(parents=True, exist_ok=True)
+        (self.fold(name) / "checkpoint.txt").write_text(Path(checkpoint).name + "\n")
+
+    def chosen_checkpoint(self, name: str) -> Path | None:
+        """The checkpoint a finished fold was tested with; None while the fold is unfinished."""
+        record = self.fold(name) / "checkpoint.txt"
+        return self.checkpoints(name) / record.read_text().strip() if record.is_file() else None
+
+    def final_checkpoint(self) -> Path | None:
+        """The checkpoint that stands for the whole run: the final model (prelim), else fold 0's."""
+        for name in FINAL_MODEL_FOLDS:
+            chosen = self.chosen_checkpoint(name)
+            if chosen is not None:
+                return chosen
+        return None
+
+    def data_root(self) -> Path | None:
+        """The data root the run was trained on (data.json), None when not recorded."""
+        root = self.read_json(self.data).get("root") if self.data.is_file() else None
+        return Path(root) if root else None
+
+    # small files -----------------------------------------------------------------------------------------------
+    def read_json(self, path: Path) -> dict | list:
+        return json.loads(path.read_text())
+
+    def write_json(self, path: Path, value) -> None:
+        path.write_text(json.dumps(value, indent=2))
+
+
+class ComparisonDir:
+    """A comparison's folder: one run directory per model, and the tables over them."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    def run(self, model: str) -> RunDir:
+        return RunDir(self.path / model)
+
+    csv = property(lambda self: self.path / "comparison.csv")
+    markdown = property(lambda self: self.path / "comparison.md")
+    report = property(lambda self: self.path / "report.html")
