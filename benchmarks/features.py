@@ -1,6 +1,6 @@
 """Frozen feature extraction of each baseline backbone: the project's path against fp32 eager.
 
-Ours: `alnet.engine.extract_features` (the run's default precision: bf16 autocast + channels-last on CPUs with
+Ours: `CellClassifier.extract_features` (the run's default precision: bf16 autocast + channels-last on CPUs with
 bf16). Plain: the same backbone, fp32, contiguous NCHW, no autocast. Random weights (speed does not depend on
 their values), random 224×224 images. Prints one JSON line: per backbone, images/s of both and the ratio.
 Usage: python benchmarks/features.py [--images 64] [--batch-size 32] [--models alexnet,vgg16,googlenet,resnet50]
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from alnet.config import RunConfig
-from alnet.data.augment import to_float
-from alnet.engine import extract_features, resolve_precision
-from alnet.experiment import build_module
+from alnet.data.transforms import to_float
+from alnet.device import resolve_precision
+from alnet.train.run import build_module
 
 
 def rate(fn, images: int) -> float:
@@ -36,17 +36,17 @@ def main():
     images = torch.randint(0, 255, (args.images, 224, 224, 3), dtype=torch.uint8)
     rows = np.arange(args.images)
     result = {"images": args.images, "batch_size": args.batch_size,
-              "precision": resolve_precision(RunConfig())[1], "threads": torch.get_num_threads()}
+              "precision": resolve_precision().lightning, "threads": torch.get_num_threads()}
     for name in args.models.split(","):
         config = RunConfig(model=name, pretrained=False, augment=False)
         module = build_module(config, [])
-        ours = rate(lambda: extract_features(module, images, rows, args.batch_size), args.images)
+        ours = rate(lambda: module.extract_features(images, rows, args.batch_size), args.images)
         plain_model = build_module(RunConfig(**{**asdict(config), "precision": "32"}), []).model.eval()
 
         @torch.no_grad()
         def plain():
             for start in range(0, args.images, args.batch_size):
-                plain_model.features(to_float(images[start:start + args.batch_size]).contiguous())
+                plain_model.forward_features(to_float(images[start:start + args.batch_size]).contiguous())
 
         baseline = rate(plain, args.images)
         result[name] = {"images_per_s": round(ours, 1), "fp32_eager_images_per_s": round(baseline, 1),

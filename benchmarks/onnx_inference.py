@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from alnet.config import RunConfig
-from alnet.engine import CellClassifier
-from alnet.export import export_onnx
-from alnet.predict import load_predictor
+from alnet.infer.export import export_onnx
+from alnet.infer.predict import load_predictor
+from alnet.train.module import CellClassifier
 
 
 def rate(predictor, images: np.ndarray, batch_size: int) -> float:

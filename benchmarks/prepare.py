@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 
 from alnet.data.cnmc import scan
-from alnet.data.preprocess import RESAMPLE, PrepareParams, prepare
+from alnet.data.cache import prepare
+from alnet.data.transforms import RESAMPLE, Preprocessing
 from alnet.data.synthetic import write_dataset
 
 
@@ -54,7 +55,7 @@ def main():
         baseline = len(paths) / (time.perf_counter() - start)
 
         start = time.perf_counter()
-        prepared = prepare(cells, Path(tmp) / "cache", PrepareParams(size=args.size), workers=args.workers)
+        prepared = prepare(cells, Path(tmp) / "cache", Preprocessing(size=args.size), workers=args.workers)
         ours = len(prepared.cells) / (time.perf_counter() - start)
         assert not prepared.reused
     print(json.dumps({

@@ -7,13 +7,12 @@ Usage: python benchmarks/profile_train_step.py [--steps 4] [--batch-size 32]
 
 import argparse
 import json
-from dataclasses import asdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from alnet.config import RunConfig
-from alnet.engine import CellClassifier, resolve_precision
+from alnet.train.run import build_module
 
 
 def main():
@@ -22,11 +21,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     config = RunConfig(batch_size=args.batch_size)
-    _, precision, channels_last = resolve_precision(config)
-    module = CellClassifier(asdict(config))
-    module.channels_last = channels_last
-    if channels_last:
-        module.model.to(memory_format=torch.channels_last)
+    module = build_module(config, [])  # channels-last where the precision path wants it
+    precision = module.precision_path.lightning
     optimizer = module.configure_optimizers()
     images = torch.randint(0, 255, (args.batch_size, 224, 224, 3), dtype=torch.uint8)
     labels = torch.randint(0, 2, (args.batch_size,))
@@ -34,7 +30,7 @@ def main():
 
     def step():
         b = module.on_after_batch_transfer(dict(batch), 0)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        with module.precision_path.autocast("cpu"):
             loss = module.training_step(b, 0)
         optimizer.zero_grad()
         loss.backward()

@@ -26,10 +26,12 @@ from torchvision import datasets, transforms
 
 from alnet.config import RunConfig
 from alnet.data.cnmc import scan
-from alnet.data.preprocess import prepare
+from alnet.data.cache import prepare
 from alnet.data.synthetic import write_dataset
-from alnet.engine import CellData, quiet_lightning, resolve_precision
-from alnet.experiment import build_module, tensors
+from alnet.device import resolve_precision
+from alnet.train.batches import CellData, tensors
+from alnet.train.run import build_module
+from alnet.train.trainer import quiet_lightning
 from alnet.models import create_model
 
 
@@ -49,7 +51,8 @@ class EpochTimer(Callback):
 def ours(prepared, epochs: int, batch_size: int) -> tuple[float, float, str]:
     quiet_lightning()
     config = RunConfig(epochs=epochs, batch_size=batch_size)
-    accelerator, precision, _ = resolve_precision(config)
+    path = resolve_precision(config.precision, config.accelerator)
+    accelerator, precision = path.accelerator, path.lightning
     images, labels = tensors(prepared)
     rows = np.arange(len(prepared.cells))
     module = build_module(config, [])

@@ -81,6 +81,7 @@ def test_imagenet_normalisation_happens_inside_the_baseline():
     assert isinstance(model, TransferNet)
 
 
+@pytest.mark.slow
 def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
     """Every model trains and is tested under one protocol; the tables hold numbers from these runs."""
     out = tmp_path / "compare"
@@ -137,6 +138,7 @@ def test_explain_writes_feature_maps_of_the_first_and_sixth_layer_and_gradcam(mi
     assert baseline_maps["backbone.features.0"].shape[0] == 64
 
 
+@pytest.mark.slow
 def test_explain_command_on_a_run(synthetic_root, tmp_path):
     runner = CliRunner()
     run = tmp_path / "run"

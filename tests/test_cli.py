@@ -1,19 +1,11 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from alnet.cli import app
 
 runner = CliRunner()
-
-
-def test_help_explains_every_command():
-    result = runner.invoke(app, ["--help"])
-    assert result.exit_code == 0
-    for command in ("info", "prepare", "synth", "train", "evaluate", "demo"):
-        assert command in result.output
-    train_help = runner.invoke(app, ["train", "--help"]).output
-    assert "--protocol" in train_help and "--resume" in train_help
 
 
 def test_synth_writes_a_dataset_that_info_reads(tmp_path):
@@ -24,6 +16,7 @@ def test_synth_writes_a_dataset_that_info_reads(tmp_path):
     assert info["images"] == 2 * 2 * 2 + 2 * 2 + 1 and info["subjects"] == 6
 
 
+@pytest.mark.slow
 def test_train_then_evaluate_the_run_and_one_checkpoint(synthetic_root, tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", "--data", str(synthetic_root), "--config", "subject", "--epochs", "1",
@@ -64,3 +57,31 @@ def test_bad_configuration_and_checkpoint_files_are_one_line_errors(synthetic_ro
     fake.write_bytes(b"not a checkpoint")
     result = runner.invoke(app, ["evaluate", str(fake), "--data", str(synthetic_root)])
     assert result.exit_code == 2 and "not an alnet checkpoint" in result.output
+
+
+def _printed_table(monkeypatch, terminal: bool, width: int) -> str:
+    import io
+
+    from rich.console import Console
+
+    from alnet.cli import common
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(common, "out", Console(file=buffer, width=width, force_terminal=terminal,
+                                               color_system=None))
+    common.print_table("model comparison", ["model", "params", "acc", "AUC"],
+                       [["alnet", "535,010", "0.912", "0.974"], ["resnet50+something-long", "4,098", "0.871", "–"]])
+    return buffer.getvalue()
+
+
+def test_a_table_printed_to_a_pipe_keeps_every_number_and_name_whole(monkeypatch):
+    text = _printed_table(monkeypatch, terminal=False, width=20)
+    for value in ("535,010", "0.912", "0.974", "resnet50+something-long", "4,098", "0.871"):
+        assert value in text
+    assert "…" not in text
+
+
+def test_a_table_too_wide_for_the_terminal_turns_vertical_instead_of_cutting(monkeypatch):
+    text = _printed_table(monkeypatch, terminal=True, width=30)
+    assert "model: alnet, params: 535,010, acc: 0.912, AUC: 0.974" in text.replace("\n", " ").replace("  ", " ")
+    assert "…" not in text

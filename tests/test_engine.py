@@ -67,6 +67,7 @@ def test_offline_doubling_appends_one_augmented_copy_per_training_image(small_pr
     assert not torch.equal(data.images[data.train_rows[10:]], images[train])
 
 
+@pytest.mark.slow
 def test_alnet_fits_the_cnmc_mini_training_images(mini_root, tmp_path):
     """Real cells: the training loss falls and the trained model classifies its own training images."""
     quiet_lightning()
@@ -96,6 +97,7 @@ class CrashAtEpoch(Callback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(small_prepared, tmp_path):
     config = RunConfig(protocol="subject", epochs=3, precision="32", deterministic=True, **SMALL)
     whole = train_run(config, small_prepared, tmp_path / "whole", progress=False, log=lambda m: None)
@@ -121,6 +123,7 @@ def test_a_run_directory_is_never_overwritten(small_prepared, tmp_path):
         train_run(RunConfig(epochs=1, **SMALL), small_prepared, tmp_path / "run", progress=False)
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_history_predictions_metrics_and_figures(small_prepared, tmp_path):
     config = RunConfig(protocol="paper", epochs=2, double_offline=True, augment=False, **SMALL)
     result = train_run(config, small_prepared, tmp_path / "run", progress=False, log=lambda m: None)
@@ -145,6 +148,7 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
     assert len(history) == 1 + 3 * 2
 
 
+@pytest.mark.slow
 def test_two_process_ddp_run_shards_the_data_and_gathers_metrics_once(synthetic_root, tmp_path):
     alnet = Path(sys.executable).with_name("alnet")
     command = [str(alnet), "train", "--data", str(synthetic_root), "--protocol", "paper", "--epochs", "1",

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from alnet.cli import app
 from alnet.data.cnmc import scan
-from alnet.data.cache import PrepareError, default_cache_dir, prepare
+from alnet.data.cache import PrepareError, prepare
 from alnet.data.transforms import Preprocessing, load_image
 
 
@@ -43,11 +43,6 @@ def test_changed_parameters_give_a_different_cache(synthetic_root, tmp_path):
     small = prepare(cells, tmp_path, Preprocessing(size=160))
     assert small.images.shape[1:] == (160, 160, 3)
     assert small.path != prepare(cells, tmp_path).path
-
-
-def test_cache_location_defaults_to_alnet_cache_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("ALNET_CACHE", str(tmp_path / "here"))
-    assert default_cache_dir() == tmp_path / "here"
 
 
 def test_grayscale_rgba_and_odd_sized_images_are_converted_and_noted(synthetic_copy, tmp_path):

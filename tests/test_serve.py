@@ -116,6 +116,7 @@ def _browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 def test_the_page_classifies_a_real_cell_end_to_end_in_a_browser(server, cell):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC

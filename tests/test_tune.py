@@ -34,6 +34,7 @@ def test_trials_are_scored_on_validation_subjects_from_the_training_folds_only(p
     assert len(split.test) == 0
 
 
+@pytest.mark.slow
 def test_a_killed_search_resumes_and_never_reruns_finished_trials(grid, prepared, tmp_path, monkeypatch):
     calls = []
     real = tune_module.train_and_score
@@ -64,6 +65,7 @@ def test_a_killed_search_resumes_and_never_reruns_finished_trials(grid, prepared
         assert sum(r["state"] == "COMPLETE" for r in csv.DictReader(handle)) == 4
 
 
+@pytest.mark.slow
 def test_tune_command_prints_the_table_and_the_best_configuration(grid, synthetic_root, tmp_path, monkeypatch):
     workdir = tmp_path / "workdir"
     workdir.mkdir()

@@ -112,11 +112,16 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], bold_rows
         table.add_column(header, justify="left" if i < left else "right", no_wrap=True)
     for i, row in enumerate(rows):
         table.add_row(*row, style="bold" if i in bold_rows else None)
-    width = out.measure(table).maximum
+    width = out.measure(table, options=out.options.update_width(10_000)).maximum  # its natural width
     if width <= out.width:
         out.print(table)
-    elif not out.is_terminal:
-        out.print(table, width=width, crop=False)
+    elif not out.is_terminal:  # a pipe or a file: as wide as the table needs
+        narrow = out.width
+        out.width = width
+        try:
+            out.print(table)
+        finally:
+            out.width = narrow
     else:
         result(title)
         for row in rows:
