@@ -78,3 +78,41 @@ def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, mini_checkpoin
     assert result.exit_code == 2 and "no such checkpoint" in result.output
     result = runner.invoke(app, ["predict", str(tmp_path / "missing.onnx"), str(mini_checkpoint)])
     assert result.exit_code == 2 and "alnet export" in result.output
+
+
+def test_inference_loads_a_checkpoint_as_a_plain_module_without_the_training_code(mini_checkpoint):
+    import subprocess
+    import sys
+
+    code = ("import sys; from alnet.checkpoint import load_trained_model; from alnet.infer.predict import "
+            "load_predictor; from alnet.infer.serve import create_app; from alnet.infer.export import export_onnx; "
+            "trained = load_trained_model(sys.argv[1]); load_predictor(sys.argv[1]); "
+            "print(type(trained.model).__name__, trained.model.training, trained.preprocessing.size); "
+            "print(sorted(m for m in sys.modules if m.startswith(('alnet.train', 'lightning'))))")
+    done = subprocess.run([sys.executable, "-c", code, str(mini_checkpoint)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["ALNet False 136", "[]"]
+
+
+def test_a_checkpoint_is_read_without_unpickling_objects(tmp_path, mini_checkpoint):
+    """A checkpoint with an object that would run code when unpickled is refused, and the code never runs."""
+    import pickle
+
+    import torch
+
+    from alnet.checkpoint import CheckpointError, load_trained_model
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["extra"] = Payload()
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(checkpoint, hostile, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="not an alnet checkpoint"):
+        load_trained_model(hostile)
+    assert not marker.exists()
