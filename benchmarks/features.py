@@ -17,7 +17,7 @@ import torch
 from alnet.config import RunConfig
 from alnet.data.transforms import to_float
 from alnet.device import resolve_precision
-from alnet.train.run import build_module
+from alnet.train.module import build_module
 
 
 def rate(fn, images: int) -> float:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alnet.data.cnmc import scan
 from alnet.data.cache import prepare
-from alnet.data.transforms import RESAMPLE, Preprocessing
+from alnet.data.cnmc import scan
 from alnet.data.synthetic import write_dataset
+from alnet.data.transforms import RESAMPLE, Preprocessing
 
 
 def plain_pil_loop(paths, size):

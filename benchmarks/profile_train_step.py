@@ -12,7 +12,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from alnet.config import RunConfig
-from alnet.train.run import build_module
+from alnet.train.module import build_module
 
 
 def main():

@@ -25,14 +25,14 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
 from alnet.config import RunConfig
-from alnet.data.cnmc import scan
 from alnet.data.cache import prepare
+from alnet.data.cnmc import scan
 from alnet.data.synthetic import write_dataset
 from alnet.device import resolve_precision
-from alnet.train.batches import CellData, tensors
-from alnet.train.run import build_module
-from alnet.train.trainer import quiet_lightning
 from alnet.models import create_model
+from alnet.train.batches import CellData, tensors
+from alnet.train.module import build_module
+from alnet.train.trainer import quiet_lightning
 
 
 class EpochTimer(Callback):

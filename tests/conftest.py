@@ -37,8 +37,8 @@ def synthetic_copy(synthetic_root, tmp_path) -> Path:
 def mini_checkpoint(mini_root, tmp_path_factory) -> Path:
     """A small ALNet (136 px) trained for one epoch on the real cnmc-mini images (paper protocol, fold 0)."""
     from alnet.config import RunConfig
-    from alnet.data.cnmc import scan
     from alnet.data.cache import prepare
+    from alnet.data.cnmc import scan
     from alnet.data.transforms import Preprocessing
     from alnet.train.run import train_run
 

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 from alnet.data.cnmc import Cell, scan
-from alnet.data.protocols import (PAPER_NOTE, LeakageError, Split, check_no_leakage, make_splits, paper_splits,
-                                  paper_test_size, subject_splits)
+from alnet.data.protocols import (
+    PAPER_NOTE,
+    LeakageError,
+    Split,
+    check_no_leakage,
+    make_splits,
+    paper_splits,
+    paper_test_size,
+    subject_splits,
+)
 
 
 def _cells(folds: dict[int, tuple[int, int]], per_subject: int = 10) -> list[Cell]:

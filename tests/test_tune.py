@@ -4,12 +4,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from alnet.train import tune as tune_module
 from alnet.cli import app
 from alnet.config import ConfigError, RunConfig
-from alnet.data.cnmc import scan
 from alnet.data.cache import prepare
+from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing
+from alnet.train import tune as tune_module
 from alnet.train.tune import read_grid, tune, validation_split
 
 

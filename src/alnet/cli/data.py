@@ -8,8 +8,17 @@ from typing import Annotated
 
 import typer
 
-from .common import (CacheOption, WorkersOption, handles_errors, out, prepare_data, print_problems, print_table,
-                     result, scan_dataset)
+from .common import (
+    CacheOption,
+    WorkersOption,
+    handles_errors,
+    out,
+    prepare_data,
+    print_problems,
+    print_table,
+    result,
+    scan_dataset,
+)
 
 DataRoot = Annotated[Path, typer.Argument(help="Folder holding a C-NMC dataset (Kaggle or TCIA layout).")]
 

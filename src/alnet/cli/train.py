@@ -8,10 +8,28 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (AugmentOption, BatchSizeOption, CacheOption, ConfigOption, DataOption, EpochsOption,
-                     FinetuneOption, ImageSizeOption, PrecisionOption, PretrainedOption, ProgressOption,
-                     ProtocolOption, SeedOption, WorkersOption, fail, handles_errors, prepare_data,
-                     print_table, result, say)
+from .common import (
+    AugmentOption,
+    BatchSizeOption,
+    CacheOption,
+    ConfigOption,
+    DataOption,
+    EpochsOption,
+    FinetuneOption,
+    ImageSizeOption,
+    PrecisionOption,
+    PretrainedOption,
+    ProgressOption,
+    ProtocolOption,
+    SeedOption,
+    WorkersOption,
+    fail,
+    handles_errors,
+    prepare_data,
+    print_table,
+    result,
+    say,
+)
 
 
 def print_metrics(metrics: dict, title: str) -> None:

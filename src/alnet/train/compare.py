@@ -11,8 +11,8 @@ from ..config import RunConfig
 from ..data.cache import Prepared
 from ..metrics import METRICS
 from ..models import create_model_from, model_spec, trainable_parameters
-from .rundir import ComparisonDir, RunDir, read_csv, write_csv
 from .run import train_run
+from .rundir import ComparisonDir, RunDir, read_csv, write_csv
 
 CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in METRICS), "prelim_accuracy",
                "training_seconds", "images_per_s", "pretrained", "run_dir"]

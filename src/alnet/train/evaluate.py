@@ -17,8 +17,8 @@ from ..data.protocols import make_splits
 from .batches import CellData, tensors
 from .module import CellClassifier, module_from_checkpoint
 from .results import fold_metrics, json_safe, prediction_rows, summarize_run
-from .rundir import RunDir
 from .run import RunError
+from .rundir import RunDir
 from .trainer import make_trainer, quiet_lightning
 
 SPLITS = ("prelim", "train", "all")

@@ -6,6 +6,8 @@ after a per-batch reseed, so that a resumed run draws the same augmentations and
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import lightning as L
 import numpy as np
 import torch
@@ -174,6 +176,13 @@ class CellClassifier(L.LightningModule):
                 out = torch.zeros((len(images), *f.shape[1:]), dtype=torch.float32)
             out[idx] = f.cpu()
         return out
+
+
+def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
+    """A new module for training, laid out as the precision path wants it."""
+    module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
+    module.use_channels_last()
+    return module
 
 
 def module_from_checkpoint(path) -> CellClassifier:

@@ -7,7 +7,6 @@ folds are kept, an unfinished one continues from its last checkpoint, and the re
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import threads_per_process
 from .batches import CellData, tensors, world
-from .module import CellClassifier
+from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
 from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, RunDir, read_csv, write_csv
 from .trainer import is_main_process, make_trainer, quiet_lightning
@@ -47,12 +46,6 @@ class Job:
     callbacks: Sequence[Callback]
     progress: bool
     log: Callable[[str], None]
-
-
-def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
-    module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
-    module.use_channels_last()
-    return module
 
 
 def _split_summary(split: Split, cells: list[Cell]) -> dict:

@@ -20,7 +20,7 @@ from ..config import ConfigError, RunConfig, read_yaml, resolve_preset
 from ..data.cache import Prepared
 from ..data.protocols import Split, check_no_leakage, subject_holdout
 from .batches import CellData, tensors
-from .run import build_module
+from .module import build_module
 from .trainer import make_trainer, quiet_lightning
 
 STUDY_NAME = "alnet-tune"

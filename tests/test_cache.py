@@ -7,8 +7,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alnet.cli import app
-from alnet.data.cnmc import scan
 from alnet.data.cache import PrepareError, prepare
+from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing, load_image
 
 

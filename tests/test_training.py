@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import Callback
 
 from alnet.config import RunConfig
 from alnet.data.augment import make_augment
-from alnet.data.cnmc import scan
 from alnet.data.cache import prepare
+from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing
 from alnet.train.batches import PADDING, BatchOrder, CellData, shard, tensors
 from alnet.train.module import CellClassifier
