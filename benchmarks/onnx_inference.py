@@ -45,7 +45,7 @@ def main():
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
         onnx_path = export_onnx(checkpoint, Path(tmp) / "alnet.onnx")
         default = load_predictor(checkpoint)
-        size = default.image_size
+        size = default.preprocessing.size
         images = np.random.default_rng(0).integers(0, 255, (args.images, size, size, 3), dtype=np.uint8)
         torch_default = rate(default, images, args.batch_size)
         torch_fp32 = rate(load_predictor(checkpoint, precision="32"), images, args.batch_size)

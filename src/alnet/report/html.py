@@ -128,11 +128,13 @@ def write_comparison_report(comparison, rows: list[dict], table9: list[dict], pr
             "second of it.</p>"]
     if table9:
         t9 = [("", [_esc(r["model"]), _esc(r["fold"]), number(r["train_accuracy"]), number(r["test_accuracy"]),
-                    number(paper.table9_test_accuracy(r["model"], r["fold"]), 4)]) for r in table9]
+                    number(paper.table9_test_accuracy(r["model"], r["fold"]), 4),
+                    number(paper.auc(r["model"], r["fold"]))]) for r in table9]
         body += ["<h2>Table 9 (shape of the paper's): accuracy per fold</h2>",
-                 _table(["model", "fold", "train accuracy", "test accuracy", "paper test accuracy"], t9)]
+                 _table(["model", "fold", "train accuracy", "test accuracy", "paper test accuracy", "paper AUC"], t9)]
     body += ["<h2>Published results on C-NMC 2019 (the paper's Table 10)</h2>",
-             _table(["work", "accuracy"], [("paper", [_esc(work), number(acc)]) for work, acc in paper.TABLE_10])]
+             _table(["work", "accuracy"], [("paper", [_esc(work), number(acc)]) for work, acc in paper.TABLE_10]),
+             f'<p class="small">Paper: {_esc(paper.CITATION)}</p>']
     for r in rows:
         roc = comparison.run(r["model"]).figures / "roc.png"
         if roc.is_file():

@@ -31,7 +31,7 @@ TABLE_9 = {"alnet": {"fold_0": (0.9975, 0.9220), "fold_1": (0.9989, 0.9400), "fo
                      "mean": (0.9973, 0.9113)}}
 
 # ROC AUC reported for ALNet (§4): folds 0 and 1.
-ALNET_AUC = {"fold_0": 0.972, "fold_1": 0.979}
+AUC = {"alnet": {"fold_0": 0.972, "fold_1": 0.979}}
 
 # Table 10: other published work on C-NMC 2019 (accuracy).
 TABLE_10 = [
@@ -44,6 +44,11 @@ TABLE_10 = [
 def table8_row(model: str) -> dict | None:
     """The paper's Table 8 row for one of our models, None where the paper has none."""
     return TABLE_8.get(model)
+
+
+def auc(model: str, fold: str) -> float | None:
+    """The paper's ROC AUC of a fold, None where the paper gives none."""
+    return AUC.get(model, {}).get(fold)
 
 
 def table9_test_accuracy(model: str, fold: str) -> float | None:

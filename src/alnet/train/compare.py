@@ -58,7 +58,7 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
 
 
 def table9_rows(model: str, run: RunDir, result: dict) -> list[dict]:
-    """Per test fold: train accuracy of the kept epoch and test accuracy (the paper's Table 9), and their mean."""
+    """Per test fold: train accuracy of the last epoch and test accuracy (the paper's Table 9), and their mean."""
     history = read_csv(run.history)
     rows = []
     for fold in result["folds"]:
@@ -88,12 +88,15 @@ def write_tables(comparison: ComparisonDir, rows: list[dict], table9: list[dict]
     lines += ["| " + " | ".join(c.cell(row) for c in COMPARISON) + " |" for _, row in comparison_rows(rows)]
     if table9:
         lines += ["", "## Accuracy per fold (shape of the paper's Table 9)", "",
-                  "| model | fold | train accuracy | test accuracy | paper test accuracy |", "|---|---|---|---|---|"]
+                  "| model | fold | train accuracy | test accuracy | paper test accuracy | paper AUC |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['model']} | {r['fold']} | {number(r['train_accuracy'])} | {number(r['test_accuracy'])} | "
-                  f"{number(paper.table9_test_accuracy(r['model'], r['fold']), 4)} |" for r in table9]
+                  f"{number(paper.table9_test_accuracy(r['model'], r['fold']), 4)} | "
+                  f"{number(paper.auc(r['model'], r['fold']))} |" for r in table9]
     lines += ["", "Rows marked paper are the published figures (the paper's image-level split; its parameter counts "
               "are the full ImageNet networks), for reference only.", "",
               "Published results on C-NMC 2019 (the paper's Table 10): "
-              + "; ".join(f"{work} {number(acc)}" for work, acc in paper.TABLE_10) + "."]
+              + "; ".join(f"{work} {number(acc)}" for work, acc in paper.TABLE_10) + ".", "",
+              f"Paper: {paper.CITATION}"]
     comparison.markdown.write_text("\n".join(lines) + "\n")
     write_comparison_report(comparison, rows, table9, protocol, note)
