@@ -87,9 +87,9 @@ SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed."
 
 # --- output ---------------------------------------------------------------------------------------------------
 
-def progress_bar(description: str) -> Progress:
+def progress_bar(description: str, disable: bool = False) -> Progress:
     return Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=disable)
 
 
 def print_problems(problems, title: str, limit: int = 20) -> None:
@@ -137,14 +137,14 @@ def scan_dataset(data_root: Path):
 
 
 def prepare_data(data_root: Path, cache: Optional[Path], workers: Optional[int], preprocessing,
-                 strict: bool = False):
-    """Scan + decode into the cache with a progress bar, listing what was skipped; shared by every command that
-    reads a dataset."""
+                 strict: bool = False, progress: bool = True):
+    """Scan + decode into the cache (with a progress bar unless told not to), listing what was skipped; shared by
+    every command that reads a dataset."""
     from ..data.cache import prepare
 
     dataset = scan_dataset(data_root)
     print_problems(dataset.problems, f"problem(s) in {data_root}")
-    with progress_bar("decoding images") as bar:
+    with progress_bar("decoding images", disable=not progress) as bar:
         task = bar.add_task("decode", total=len(dataset.cells))
         prepared = prepare(dataset.cells, cache, preprocessing, workers, strict,
                            progress=lambda done, total: bar.update(task, completed=done))

@@ -10,6 +10,7 @@ import typer
 
 from .common import (
     CacheOption,
+    ProgressOption,
     WorkersOption,
     handles_errors,
     out,
@@ -58,11 +59,12 @@ def prepare(
     crop: Annotated[float, typer.Option(help="Fraction of the short side kept by the centre crop.")] = 1.0,
     workers: WorkersOption = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
+    progress: ProgressOption = True,
 ):
     """Decode every image once (centre crop, resize) into a uint8 cache that training reads from."""
     from ..data.transforms import Preprocessing
 
-    prepared = prepare_data(data_root, cache, workers, Preprocessing(size=size, crop=crop), strict)
+    prepared = prepare_data(data_root, cache, workers, Preprocessing(size=size, crop=crop), strict, progress)
     state = "reused" if prepared.reused else "built"
     result(f"{state} cache {prepared.path}: {len(prepared.cells)} images of {size}x{size}, "
            f"{prepared.images.nbytes / 2**20:.0f} MiB")

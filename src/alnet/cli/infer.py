@@ -45,7 +45,8 @@ def explain(
 
     if not (show_feature_maps or show_gradcam):
         fail("nothing to show: add --feature-maps and/or --gradcam")
-    trained = load_trained_model(_checkpoint_of(target))
+    checkpoint = _checkpoint_of(target)
+    trained = load_trained_model(checkpoint)
     try:
         pixels = read_image(image, trained.preprocessing)
     except Exception as err:
@@ -54,7 +55,7 @@ def explain(
 
     with torch.no_grad():
         probability = float(trained.probability_all(trained.model(as_batch(pixels)))[0])
-    result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)} ({trained.name})")
+    result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)} ({trained.name}, {checkpoint})")
     out_dir = out_dir or Path(f"explain-{image.stem}")
     written = []
     if show_feature_maps:

@@ -56,7 +56,7 @@ def print_metrics(metrics: dict, title: str) -> None:
 def _train(config, data: Path, run_dir: Path, cache, workers, resume: bool, progress: bool) -> dict:
     from ..train.run import train_run
 
-    prepared = prepare_data(data, cache, workers, config.preprocessing)
+    prepared = prepare_data(data, cache, workers, config.preprocessing, progress=progress)
     return train_run(config, prepared, run_dir, data_root=data, resume=resume, progress=progress, log=say)
 
 
@@ -128,6 +128,7 @@ def evaluate(
     cache: CacheOption = None,
     workers: WorkersOption = None,
     out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON here.")] = None,
+    progress: ProgressOption = True,
 ):
     """Re-test a finished run's checkpoints, or test one checkpoint on a dataset."""
     from ..config import RunConfig
@@ -140,11 +141,11 @@ def evaluate(
         if not run.exists():
             fail(f"{target}: not a run directory (no config.yaml); pass a run directory or a .ckpt file")
         config = RunConfig.from_yaml(run.config)
-        metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing))
+        metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing, progress=progress))
         out_file = out_file or run.evaluation
     else:
         module = module_from_checkpoint(target)
-        prepared = prepare_data(data, cache, workers, module.config.preprocessing)
+        prepared = prepare_data(data, cache, workers, module.config.preprocessing, progress=progress)
         metrics = evaluate_checkpoint(module, prepared, split, include_seen, log=say)
     print_metrics(metrics, f"evaluation of {target}")
     if out_file is not None:
@@ -187,7 +188,7 @@ def compare(
         fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())}")
     base = RunConfig.load(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
                           augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed)
-    prepared = prepare_data(data, cache, workers, base.preprocessing)
+    prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say)
     listed = comparison_rows(rows)
     print_table(f"model comparison, {base.protocol} protocol (mean over test folds; paper rows as published)",
@@ -221,7 +222,7 @@ def tune(
 
     read_grid(grid)  # a bad grid is refused before any image is decoded
     base = RunConfig.load(config, image_size=image_size, seed=seed)
-    prepared = prepare_data(data, cache, workers, base.preprocessing)
+    prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say)
     names = list(complete[0].params)
     rows = [[str(t.number), *(str(t.params[n]) for n in names), f"{t.value:.3f}"]

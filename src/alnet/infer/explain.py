@@ -49,8 +49,8 @@ def plot_feature_maps(maps: dict[str, torch.Tensor], out: Path, max_channels: in
             if i < channels:
                 ax.imshow(activation[i].float().numpy(), cmap="viridis")
                 ax.set_title(str(i), fontsize=7)
-        fig.suptitle(f"{name}: {activation.shape[0]} maps of {activation.shape[1]}×{activation.shape[2]}"
-                     f" (first {channels})")
+        shown = f" (first {channels})" if channels < activation.shape[0] else ""
+        fig.suptitle(f"{name}: {activation.shape[0]} maps of {activation.shape[1]}×{activation.shape[2]}{shown}")
         fig.tight_layout()
         path = out / f"feature_maps_{name.replace('.', '_')}.png"
         fig.savefig(path, dpi=100)
