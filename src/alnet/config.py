@@ -20,21 +20,18 @@ class ConfigError(Exception):
     """A configuration file or value is unusable; the message says which and how to fix it."""
 
 
-def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("alnet.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+RUN_PRESETS = ("paper", "subject")  # run configurations, for --config
+GRID_PRESETS = ("grid",)  # search spaces, for `alnet tune --grid`
 
 
-def resolve_preset(name_or_path: str | Path) -> Path:
-    """A YAML file as given, or the packaged preset of that name (`paper`, `subject`, `grid`)."""
+def resolve_preset(name_or_path: str | Path, presets: tuple[str, ...] = RUN_PRESETS) -> Path:
+    """A YAML file as given, or the packaged preset of that name among `presets` (alnet/configs/<name>.yaml)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    packaged = resources.files("alnet.configs") / f"{name_or_path}.yaml"
-    if not path.exists() and packaged.is_file():
-        return Path(str(packaged))
-    raise ConfigError(f"{name_or_path}: no such configuration file; pass a YAML file or a preset name "
-                      f"({', '.join(preset_names())})")
+    if not path.exists() and str(name_or_path) in presets:
+        return Path(str(resources.files("alnet.configs") / f"{name_or_path}.yaml"))
+    raise ConfigError(f"{name_or_path}: no such file; pass a YAML file or a preset name ({', '.join(presets)})")
 
 
 def read_yaml(path: Path | str, what: str = "configuration") -> dict:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import ConfigError, RunConfig, read_yaml, resolve_preset
+from ..config import GRID_PRESETS, ConfigError, RunConfig, read_yaml, resolve_preset
 from ..data.cache import Prepared
 from ..data.protocols import Split, check_no_leakage, subject_holdout
 from .batches import CellData, tensors
@@ -29,7 +29,7 @@ TUNABLE = {f.name for f in fields(RunConfig)} - {"protocol", "devices", "strateg
 
 def read_grid(grid: Path | str = "grid") -> tuple[dict[str, list], dict]:
     """A grid file (or the packaged preset `grid`) → (search space: setting → values, fixed settings)."""
-    path = resolve_preset(grid)
+    path = resolve_preset(grid, GRID_PRESETS)
     data = read_yaml(path, "search grid (format: alnet/configs/grid.yaml)")
     search, fixed = data.get("search") or {}, data.get("fixed") or {}
     unknown = sorted((set(search) | set(fixed)) - TUNABLE)
