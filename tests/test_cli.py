@@ -85,3 +85,31 @@ def test_a_table_too_wide_for_the_terminal_turns_vertical_instead_of_cutting(mon
     text = _printed_table(monkeypatch, terminal=True, width=30)
     assert "model: alnet, params: 535,010, acc: 0.912, AUC: 0.974" in text.replace("\n", " ").replace("  ", " ")
     assert "…" not in text
+
+
+@pytest.mark.parametrize("line, message", [
+    ("batch_size: 2.5", "batch_size must be a whole number, not 2.5"),
+    ('deterministic: "false"', "deterministic must be true or false, not 'false'"),
+    ("epochs: one", "epochs must be a whole number, not 'one'"),
+    ('augment: "no"', "augment must be true or false, not 'no'"),
+    ("devices: 0", "devices must be at least 1"),
+    ("image_size: -5", "image_size must be at least 32"),
+    ("lr: fast", "lr must be a number, not 'fast'"),
+])
+def test_a_configuration_value_of_the_wrong_type_or_range_names_the_setting(tmp_path, line, message):
+    from alnet.config import ConfigError, RunConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_yaml(path)
+    assert str(err.value) == f"{path}: {message}" or str(err.value).startswith(f"{path}: {message}")
+
+
+def test_numbers_yaml_reads_as_text_are_accepted_where_a_number_is_meant(tmp_path):
+    from alnet.config import RunConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-4\neps: 1e-7\nprecision: 32\n")  # YAML 1.1 reads 1e-4 as a string, 32 as a number
+    config = RunConfig.from_yaml(path)
+    assert (config.lr, config.eps, config.precision) == (1e-4, 1e-7, "32")

@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,12 +53,13 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
     out = tmp_path / "predictions.csv"
     result = runner.invoke(app, ["predict", str(mini_checkpoint), str(folder), str(tmp_path / "none*.png"),
                                  "--out", str(out), "--tta", "--batch-size", "5"])
-    assert result.exit_code == 0, result.output
-    assert "broken.bmp" in result.output and "matches no file" in result.output
+    assert result.exit_code == 1, result.output  # one input could not be classified: say so in the status too
+    assert "broken.bmp" in result.output and "matches no image file" in result.output
+    assert result.output.rstrip().endswith("1 could not be read")
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
-    assert set(rows[0]) == {"path", "label", "probability_all", "model", "checkpoint"}
+    assert set(rows[0]) == {"path", "label", "probability_all", "model", "checkpoint", "note"}
     assert {r["label"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
     assert all(0 <= float(r["probability_all"]) <= 1 for r in rows)
 
@@ -73,11 +75,86 @@ def test_tta_averages_the_four_flips(mini_checkpoint, mini_root):
     np.testing.assert_allclose(predictor(images, tta=True), expected, rtol=1e-6)
 
 
-def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, mini_checkpoint):
+def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, mini_checkpoint, mini_root):
     result = runner.invoke(app, ["export", str(tmp_path / "missing.ckpt"), "--onnx", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "no such checkpoint" in result.output
-    result = runner.invoke(app, ["predict", str(tmp_path / "missing.onnx"), str(mini_checkpoint)])
+    result = runner.invoke(app, ["predict", str(tmp_path / "missing.onnx"), str(_a_cell(mini_root))])
     assert result.exit_code == 2 and "alnet export" in result.output
+    for content in (b"", b"\x08\x01garbage that is no protobuf"):
+        (tmp_path / "bad.onnx").write_bytes(content)
+        result = runner.invoke(app, ["predict", str(tmp_path / "bad.onnx"), str(_a_cell(mini_root)),
+                                     "--out", str(tmp_path / "p.csv")])
+        assert result.exit_code == 2 and "bad.onnx: not an ONNX model onnxruntime can load" in result.output
+
+
+def _a_cell(mini_root):
+    return sorted((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "all").iterdir())[0]
+
+
+def test_outputs_never_replace_what_alnet_did_not_write(tmp_path, mini_checkpoint, mini_root):
+    import shutil
+
+    cell = Path(shutil.copy(_a_cell(mini_root), tmp_path / "cell.png"))
+    before = cell.read_bytes()
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(cell)])
+    assert result.exit_code == 2 and "is one of the inputs" in result.output and cell.read_bytes() == before
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,table\n")
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(notes)])
+    assert result.exit_code == 2 and "--force" in result.output and notes.read_text() == "my,own,table\n"
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "nowhere" / "p.csv", "no such folder")):
+        result = runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output
+    ours = tmp_path / "predictions.csv"
+    assert runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(ours)]).exit_code == 0
+    assert runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(ours)]).exit_code == 0
+    assert runner.invoke(app, ["predict", str(mini_checkpoint), str(cell), "--out", str(notes), "--force"]
+                         ).exit_code == 0
+
+    checkpoint_bytes = mini_checkpoint.read_bytes()
+    result = runner.invoke(app, ["export", str(mini_checkpoint), "--onnx", str(mini_checkpoint), "--force"])
+    assert result.exit_code == 2 and "is one of the inputs" in result.output
+    assert mini_checkpoint.read_bytes() == checkpoint_bytes
+    model = tmp_path / "m.onnx"
+    model.write_text("someone else's model")
+    result = runner.invoke(app, ["export", str(mini_checkpoint), "--onnx", str(model)])
+    assert result.exit_code == 2 and "--force" in result.output and model.read_text() == "someone else's model"
+
+
+def test_nothing_classified_writes_no_csv_and_exits_non_zero(tmp_path, mini_checkpoint):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG garbage")
+    out = tmp_path / "predictions.csv"
+    out.write_text(",".join(["path", "label", "probability_all", "model", "checkpoint", "note"]) + "\nkept\n")
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(broken), "--out", str(out)])
+    assert result.exit_code == 1 and "none of the 1 image(s) could be classified" in result.output
+    assert out.read_text().endswith("kept\n"), "an earlier result is not replaced by an empty one"
+
+
+def test_globs_and_folders_take_image_files_only_and_never_follow_directory_links(tmp_path, mini_root):
+    import shutil
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(_a_cell(mini_root), folder / "cell.png")
+    (folder / "model.ckpt").write_bytes(b"x")
+    (folder / "cache.npy").write_bytes(b"x")
+    (folder / "up").symlink_to(tmp_path)  # a link back up: following it would list everything again, forever
+    for pattern in (str(folder), str(folder / "**"), str(folder / "**" / "*")):
+        files, missing = expand_paths([pattern])
+        assert files == [folder / "cell.png"] and missing == []
+    assert expand_paths([str(folder / "model.ckpt")]) == ([], [str(folder / "model.ckpt")])
+
+
+def test_a_tiny_or_odd_image_is_classified_with_a_note(tmp_path, mini_checkpoint):
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (120, 60, 200)).save(tmp_path / "dot.png")
+    Image.new("RGB", (5000, 20), (120, 60, 200)).save(tmp_path / "strip.png")
+    rows, failed = predict_files(load_predictor(mini_checkpoint), [tmp_path / "dot.png", tmp_path / "strip.png"])
+    assert not failed
+    assert "resized from 1x1" in rows[0]["note"] and "very small image" in rows[0]["note"]
+    assert "resized from 5000x20" in rows[1]["note"]
 
 
 def test_inference_loads_a_checkpoint_as_a_plain_module_without_the_training_code(mini_checkpoint):

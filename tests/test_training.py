@@ -165,3 +165,31 @@ def test_two_process_ddp_run_shards_the_data_and_gathers_metrics_once(synthetic_
         paths = [line.split(",")[1] for line in lines if line.startswith(split["name"] + ",")]
         assert len(paths) == len(set(paths)) == split["test"]["images"] == fold["images"]
     assert done.stdout.count("run directory:") == 1, "one process reports"
+
+
+def test_a_run_that_cannot_start_writes_nothing(small_prepared, tmp_path):
+    config = RunConfig(epochs=1, **{**SMALL, "image_size": 100})  # too small for ALNet's valid convolutions
+    with pytest.raises(RunError, match="too small.*nothing was written"):
+        train_run(config, small_prepared, tmp_path / "run", progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_changed_dataset_and_a_truncated_checkpoint(synthetic_copy, tmp_path):
+    import os
+
+    prepared = prepare(scan(synthetic_copy).cells, tmp_path / "cache", Preprocessing(size=136))
+    config = RunConfig(protocol="paper", epochs=2, **SMALL)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_run(config, prepared, tmp_path / "run", progress=False, log=lambda m: None,
+                  callbacks=[CrashAtEpoch("fold_0", 1)])
+    last = tmp_path / "run" / "checkpoints" / "fold_0" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # a copy cut short
+    with pytest.raises(RunError, match=f"{last}: not an alnet checkpoint.*delete {last}"):
+        train_run(config, prepared, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+
+    image = next((synthetic_copy / "C-NMC_Leukemia" / "training_data" / "fold_1" / "all").iterdir())
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    changed = prepare(scan(synthetic_copy).cells, tmp_path / "cache", Preprocessing(size=136))
+    with pytest.raises(RunError, match="the dataset changed since this run started"):
+        train_run(config, changed, tmp_path / "run", resume=True, progress=False, log=lambda m: None)

@@ -46,6 +46,35 @@ def read_yaml(path: Path | str, what: str = "configuration") -> dict:
     return data
 
 
+def _typed(name: str, kind: str, value):
+    """`value` as the setting's declared type, or a ConfigError naming the setting. YAML reads `1e-4` as a
+    string, so numbers written that way are accepted; `2.5` is not a count and "no" is not a boolean."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false, not {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name} must be a number, not {value!r}")
+    if value is None and "None" in kind:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # `precision: 32`
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be text, not {value!r}")
+    return value
+
+
 @dataclass
 class RunConfig:
     model: str = "alnet"  # any name of alnet.models.available_models()
@@ -78,15 +107,25 @@ class RunConfig:
     deterministic: bool = False
 
     def validate(self) -> "RunConfig":
+        """Check every value (types first, then ranges); returns self, or raises a one-line ConfigError."""
         from .models import available_models
 
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
         checks = [
             (self.model in available_models(), f"model must be one of {', '.join(available_models())}"),
             (self.protocol in ("subject", "paper"), "protocol must be 'subject' or 'paper'"),
             (self.optimizer in ("rmsprop", "adam"), "optimizer must be 'rmsprop' or 'adam'"),
             (self.head in ("sigmoid", "softmax"), "head must be 'sigmoid' or 'softmax'"),
             (self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be at least 1"),
+            (self.devices >= 1, "devices must be at least 1"),
+            (self.image_size >= 32, "image_size must be at least 32 pixels (ALNet needs 136)"),
+            (self.lr > 0 and self.eps > 0, "lr and eps must be positive"),
+            (0 <= self.rho < 1, "rho must be in [0, 1)"),
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.rotation >= 0 and 0 <= self.zoom < 1 and 0 <= self.contrast < 1,
+             "rotation must be at least 0, zoom and contrast in [0, 1)"),
             (0 < self.crop <= 1, "crop must be in (0, 1]"),
             (0 <= self.bn_momentum < 1, "bn_momentum must be in [0, 1)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
@@ -114,7 +153,7 @@ class RunConfig:
         data.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**data).validate()
-        except TypeError as err:
+        except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
 
     @classmethod

@@ -68,16 +68,46 @@ def explain(
         result(f"wrote {path}")
 
 
+def _check_writable_output(out: Path, force: bool, written_by_us: bool, inputs: tuple[Path, ...] = (),
+                           parent_must_exist: bool = True) -> None:
+    """Refuse an output path that would destroy something alnet did not write: an input, a folder, a file of
+    another kind (unless --force), or one in a folder that does not exist. Checked before any work starts."""
+    if out.is_dir():
+        fail(f"{out}: is a folder; pass a file name")
+    if parent_must_exist and not out.parent.is_dir():
+        fail(f"{out.parent}: no such folder for --out; create it first or pick another path")
+    if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):
+        fail(f"{out}: is one of the inputs; pick another path")
+    if out.exists() and not (force or written_by_us):
+        fail(f"{out}: exists and was not written by this command; pass --force to replace it, or pick another path")
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    from ..infer.predict import PREDICTION_FIELDS
+
+    try:
+        with open(path, newline="") as handle:
+            return handle.readline().strip() == ",".join(PREDICTION_FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 @handles_errors
 def predict(
     model: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or an exported model (.onnx).")],
     paths: Annotated[list[str], typer.Argument(
-        help="Image files, folders or globs (any size and format Pillow reads).")],
-    out_file: Annotated[Path, typer.Option("--out", help="CSV with one row per image.")] = Path("predictions.csv"),
+        help="Image files, folders or globs (BMP, PNG, JPEG, TIFF of any size; folders are searched "
+        "recursively, directory links are not followed).")],
+    out_file: Annotated[Path, typer.Option(
+        "--out", help="CSV with one row per image (an existing file is replaced only if it is a predictions CSV "
+        "written by alnet, or with --force).")] = Path("predictions.csv"),
     tta: Annotated[bool, typer.Option(help="Average over flips (test-time augmentation).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
+    force: Annotated[bool, typer.Option(help="Replace --out even if it is not a predictions CSV.")] = False,
 ):
-    """Classify new cell images: path, label (ALL/HEM), P(ALL), model and checkpoint per row."""
+    """Classify new cell images: path, label (ALL/HEM), P(ALL), model, checkpoint and a note per row.
+
+    Exits with status 1 when an input could not be classified (the last line says how many)."""
     import csv
 
     from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
@@ -85,31 +115,44 @@ def predict(
 
     files, missing = expand_paths(paths)
     for item in missing:
-        console.print(f"[yellow]{item}: matches no file; skipped[/]", highlight=False, soft_wrap=True)
+        reason = "not an image file (BMP, PNG, JPEG or TIFF)" if Path(item).is_file() else "matches no image file"
+        console.print(f"[yellow]{item}: {reason}; skipped[/]", highlight=False, soft_wrap=True)
     if not files:
         fail("no images to classify; pass image files, folders or globs")
+    _check_writable_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
     predictor = load_predictor(model)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
         rows, failed = predict_files(predictor, files, batch_size, tta,
                                      progress=lambda done, total: bar.update(task, completed=done))
+    print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
+    if not rows:
+        console.print(f"[bold red]error:[/] none of the {len(files)} image(s) could be classified; {out_file} "
+                      "was not written", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1)
     with open(out_file, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     n_all = sum(r["label"] == NAMES[ALL] for r in rows)
-    result(f"{len(rows)} image(s) classified ({n_all} ALL, {len(rows) - n_all} HEM) → {out_file}")
-    print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
+    noted = sum(bool(r["note"]) for r in rows)
+    result(f"{len(rows)} image(s) classified ({n_all} ALL, {len(rows) - n_all} HEM"
+           + (f"; {noted} with a note" if noted else "") + f") → {out_file}"
+           + (f"; {len(failed)} could not be read" if failed else ""))
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @handles_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) written by `alnet train`.")],
     onnx: Annotated[Path, typer.Option(help="Where to write the ONNX model.")],
+    force: Annotated[bool, typer.Option(help="Replace an existing file at --onnx.")] = False,
 ):
     """Write an ONNX model (dynamic batch axis; outputs P(ALL)) with its preprocessing in the metadata."""
     from ..infer.export import export_onnx
 
+    _check_writable_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
     path = export_onnx(checkpoint, onnx)
     result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], output `probability_all`; run it with "
            f"`alnet predict {path} IMAGES…`")

@@ -7,6 +7,8 @@ few threads (Pillow releases the GIL while decoding), and classified in batches.
 from __future__ import annotations
 
 import glob
+import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..checkpoint import TrainedModel, load_trained_model
 from ..data.cnmc import IMAGE_SUFFIXES
@@ -22,7 +25,8 @@ from ..device import resolve_precision
 from ..labels import name_of
 
 ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing"}  # keys `alnet export` writes
-PREDICTION_FIELDS = ["path", "label", "probability_all", "model", "checkpoint"]  # one row per image
+PREDICTION_FIELDS = ["path", "label", "probability_all", "model", "checkpoint", "note"]  # one row per image
+SMALL_SIDE = 64  # pixels; a cell image this small carries too little detail for the answer to mean much
 
 
 @dataclass
@@ -69,7 +73,11 @@ def _onnx_predictor(path: Path) -> Predictor:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such ONNX model; write one with `alnet export CHECKPOINT --onnx FILE`")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # empty, truncated or not ONNX at all: onnxruntime raises its own error types
+        raise ValueError(f"{path}: not an ONNX model onnxruntime can load ({type(err).__name__}); pass a model "
+                         "written by `alnet export`") from None
     meta = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA["preprocessing"] not in meta:
         raise ValueError(f"{path}: not an ONNX model written by `alnet export` (no preprocessing metadata)")
@@ -83,33 +91,68 @@ def _onnx_predictor(path: Path) -> Predictor:
     return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, probabilities)
 
 
+def _images_below(folder: Path) -> list[Path]:
+    """Image files below `folder`, never following a directory link (a link to `..` would list the world)."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        found += [Path(parent) / name for name in sorted(files) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return found
+
+
+def _glob_root(pattern: str) -> Path:
+    """The part of a glob pattern before its first wildcard: links there were named by the user."""
+    fixed = []
+    for part in Path(pattern).parts:
+        if re.search(r"[*?[]", part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _through_a_directory_link(path: Path, start: Path) -> bool:
+    """Whether `path` lies below a linked directory somewhere under `start` (a glob's literal prefix)."""
+    return any(parent.is_symlink() for parent in path.parents if parent != start and start in parent.parents)
+
+
 def expand_paths(items: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
-    """Files, folders (searched recursively for images) and globs → image files; plus what matched nothing."""
+    """Files, folders (searched recursively) and globs → image files; plus what matched no image.
+
+    One rule for all three: only files with an image suffix (IMAGE_SUFFIXES) count, and directory links are
+    never followed below a folder or a glob's fixed part."""
     found, missing = [], []
     for item in items:
         item = str(item)
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            matches = _images_below(path)
         elif path.is_file():
-            found.append(path)
+            matches = [path] if path.suffix.lower() in IMAGE_SUFFIXES else []
         else:
-            matches = sorted(Path(m) for m in glob.glob(item, recursive=True) if Path(m).is_file())
-            found += matches
-            if not matches:
-                missing.append(item)
-    unique = list(dict.fromkeys(found))
-    return unique, missing
+            start = _glob_root(item)
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True)
+                             if Path(m).is_file() and Path(m).suffix.lower() in IMAGE_SUFFIXES
+                             and not _through_a_directory_link(Path(m), start))
+        found += matches
+        if not matches:
+            missing.append(item)
+    return list(dict.fromkeys(found)), missing
 
 
 def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64, tta: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> tuple[list[dict], list[tuple[Path, str]]]:
-    """One row per readable image (path, label, probability_all, model, checkpoint); unreadable ones listed."""
+    """One row per readable image (PREDICTION_FIELDS; `note` says what had to be done to the image, e.g.
+    "resized from 5000x20"); unreadable ones listed."""
     rows, failed = [], []
 
     def decode(path: Path):
         try:
-            return path, load_image(path, predictor.preprocessing)[0], None
+            with Image.open(path) as image:
+                small = min(image.size) < SMALL_SIDE
+            pixels, notes = load_image(path, predictor.preprocessing)
+            if small:
+                notes.append(f"very small image (under {SMALL_SIDE} px a side): the answer means little")
+            return path, (pixels, "; ".join(notes)), None
         except Exception as err:  # unreadable: listed, never fatal
             return path, None, f"{type(err).__name__}: {err}"
 
@@ -117,14 +160,14 @@ def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64,
     with ThreadPoolExecutor(max_workers=2) as pool:
         for start in range(0, len(files), batch_size):
             decoded = list(pool.map(decode, files[start:start + batch_size]))
-            good = [(p, pixels) for p, pixels, error in decoded if error is None]
+            good = [(p, image) for p, image, error in decoded if error is None]
             failed += [(p, error) for p, _, error in decoded if error is not None]
             if good:
-                probabilities = predictor(np.stack([pixels for _, pixels in good]), tta=tta)
-                for (path, _), p in zip(good, probabilities):
+                probabilities = predictor(np.stack([pixels for _, (pixels, _) in good]), tta=tta)
+                for (path, (_, note)), p in zip(good, probabilities):
                     rows.append({"path": str(path), "label": name_of(p),
                                  "probability_all": f"{float(p):.6f}", "model": predictor.model_name,
-                                 "checkpoint": str(predictor.source)})
+                                 "checkpoint": str(predictor.source), "note": note})
             done += len(decoded)
             if progress:
                 progress(done, len(files))

@@ -21,7 +21,9 @@ from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..device import threads_per_process
+from ..models import create_model_from
 from .batches import CellData, tensors, world
 from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
@@ -87,11 +89,16 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
     last = run.last_checkpoint(split.name)
     resume_from = str(last) if job.resume and last.is_file() else None
     if resume_from:
+        try:
+            read_checkpoint(last)  # a truncated or foreign file: a message, not Lightning's traceback
+        except CheckpointError as err:
+            raise RunError(f"{err}; to restart fold {split.name} from its first epoch, delete {last}") from None
         job.log(f"{split.name}: resuming from {last}")
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    # Checkpoints are read as tensors and plain containers only (docs/design.md, "The run directory").
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
     history = [{"fold": split.name, **h} for h in module.history]  # testing below loads the chosen checkpoint
     chosen = keep[-1].best_model_path or str(last)
-    trainer.test(module, datamodule=data, ckpt_path=chosen, verbose=False)
+    trainer.test(module, datamodule=data, ckpt_path=chosen, verbose=False, weights_only=True)
     rows = prediction_rows(split.name, job.cells, module.test_predictions)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
@@ -121,6 +128,10 @@ def train_run(
     elif is_main_process() and run.exists():  # DDP ranks > 0 start after rank 0 wrote it
         raise RunError(f"{run}: a run already lives here; continue it with --resume {run} or pick another --out")
     config.validate()
+    try:  # settings only the model can judge (e.g. an input too small for ALNet), before anything is written
+        create_model_from(config, pretrained=False)
+    except ValueError as err:
+        raise RunError(f"{run}: {err}; nothing was written") from None
     if config.devices > 1:
         torch.set_num_threads(threads_per_process(config.devices))
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -137,6 +148,8 @@ def train_run(
 def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) -> dict:
     config, run, cells = job.config, job.run, job.cells
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
+    if job.resume:
+        _check_same_data(run, prepared)
     if is_main_process() and not job.resume:
         run.path.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run.config)
@@ -162,6 +175,16 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result
+
+
+def _check_same_data(run: RunDir, prepared: Prepared) -> None:
+    """A resumed run continues on the data it started with: the cache key (file list, sizes, mtimes, labels,
+    preprocessing) must be the one recorded in data.json."""
+    recorded = run.read_json(run.data) if run.data.is_file() else {}
+    if recorded.get("cache") and Path(recorded["cache"]).name != prepared.path.name:
+        raise RunError(f"{run}: the dataset changed since this run started ({recorded.get('images')} images then, "
+                       f"{len(prepared.cells)} now, or files, sizes, dates or labels differ); resume with the data "
+                       "it was trained on, or start a new run with --out")
 
 
 def write_outputs(run: RunDir, result: dict, predictions: dict[str, list[dict]], history: list[dict],
