@@ -126,3 +126,61 @@ def test_prepare_command_lists_skipped_images_and_strict_fails(synthetic_copy, t
     assert "2 image(s) skipped" in result.output and truncated.name in result.output
     strict = runner.invoke(app, ["prepare", str(synthetic_copy), "--cache", str(tmp_path / "s"), "--strict"])
     assert strict.exit_code == 2 and "cannot decode" in strict.output
+
+
+def test_a_full_disk_is_one_clear_message_and_leaves_no_temporary_folder(synthetic_root, tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    cache = tmp_path / "cache"
+    with pytest.raises(PrepareError, match="the disk is full.*--cache DIR"):
+        prepare(scan(synthetic_root).cells, cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_too_little_free_space_is_refused_before_anything_is_written(synthetic_root, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    cache = tmp_path / "cache"
+    with pytest.raises(PrepareError, match=r"not enough free space for the cache \(needs \d+ MiB, 0 MiB free\)"):
+        prepare(scan(synthetic_root).cells, cache)
+    assert list(cache.iterdir()) == []
+
+
+def test_a_build_left_by_a_killed_run_is_removed(synthetic_root, tmp_path):
+    cache = tmp_path / "cache"
+    stale = cache / ".0123abcd.tmp-999999999"  # no such process
+    stale.mkdir(parents=True)
+    (stale / "images.npy").write_bytes(b"\0" * 1000)
+    prepare(scan(synthetic_root).cells, cache)
+    assert not stale.exists()
+
+
+def _die_after_the_first_chunk(job):
+    """A decoding worker that dies abruptly (as from SIGBUS) on every chunk but the first."""
+    from alnet.data import cache as cache_module
+
+    if job[1][0][0] > 0:
+        os._exit(1)
+    return cache_module.__dict__["_real_decode_chunk"](job)
+
+
+def test_a_decoding_process_that_dies_stops_the_build_with_a_message(synthetic_copy, tmp_path, monkeypatch):
+    """A worker killed (e.g. SIGBUS from a memory map on a full disk) ends the build, never hangs it."""
+    from alnet.data import cache as cache_module
+
+    monkeypatch.setitem(cache_module.__dict__, "_real_decode_chunk", cache_module._decode_chunk)
+    for i in range(60):  # enough images for the multi-process path
+        source = _first_training_image(synthetic_copy)
+        (source.parent / f"UID_1_8_{i}_all.bmp").write_bytes(source.read_bytes())
+    monkeypatch.setattr(cache_module, "_decode_chunk", _die_after_the_first_chunk)
+    cache = tmp_path / "cache"
+    with pytest.raises(PrepareError, match="a decoding process died"):
+        prepare(scan(synthetic_copy).cells, cache, workers=2)
+    assert list(cache.iterdir()) == []

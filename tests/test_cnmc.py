@@ -1,5 +1,6 @@
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -137,3 +138,74 @@ def test_a_file_missing_from_the_csv_is_reported(synthetic_copy):
     dataset = scan(synthetic_copy)
     assert all(c.path.name != "99.bmp" for c in dataset.cells)
     assert any(p.path.name == "99.bmp" and "add a row" in p.message for p in dataset.problems)
+
+
+# --- the preliminary labels CSV -----------------------------------------------------------------------------
+
+def _labels_csv(root):
+    return root / "C-NMC_Leukemia" / "validation_data" / "C-NMC_test_prelim_phase_data_labels.csv"
+
+
+def _append_rows(root, *rows):
+    with open(_labels_csv(root), "a") as handle:
+        handle.writelines(f"{row}\n" for row in rows)
+
+
+def test_a_labels_csv_with_a_byte_order_mark_loads(synthetic_copy):
+    csv_path = _labels_csv(synthetic_copy)
+    csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # as spreadsheet programs save UTF-8
+    dataset = scan(synthetic_copy)
+    assert len(dataset.select(split="prelim", labelled=True)) == 8
+    assert dataset.problems == []
+
+
+def test_a_file_listed_twice_with_the_same_row_is_scored_once_and_the_repeat_reported(synthetic_copy):
+    _append_rows(synthetic_copy, "UID_4_1_1_all.bmp,1.bmp,1")  # line 10 repeats line 2
+    dataset = scan(synthetic_copy)
+    prelim = dataset.select(split="prelim")
+    assert len(prelim) == 8 and sum(c.path.name == "1.bmp" for c in prelim) == 1
+    assert [(p.path.name, p.message) for p in dataset.problems] == [
+        (f"{_labels_csv(synthetic_copy).name}:10", "1.bmp listed again on line 10 (first on line 2): "
+         "duplicate row ignored")]
+
+
+@pytest.mark.parametrize("row", ["UID_H4_1_1_hem.bmp,1.bmp,0", "UID_4_9_9_all.bmp,1.bmp,1"],
+                         ids=["other label", "other Patient_ID"])
+def test_a_file_listed_twice_with_conflicting_rows_is_not_used_and_both_rows_reported(synthetic_copy, row):
+    _append_rows(synthetic_copy, row)
+    dataset = scan(synthetic_copy)
+    assert all(c.path.name != "1.bmp" for c in dataset.select(split="prelim"))
+    assert len(dataset.select(split="prelim")) == 7
+    assert sorted(p.path.name.rsplit(":", 1)[1] for p in dataset.problems) == ["10", "2"]
+    assert all("1.bmp is listed on lines 2, 10 with different labels or Patient_ID: fix the CSV" in p.message
+               for p in dataset.problems)
+
+
+@pytest.mark.parametrize("value", ["2", "x", ""])
+def test_a_label_that_is_not_0_or_1_is_reported_as_such(synthetic_copy, value):
+    csv_path = _labels_csv(synthetic_copy)
+    csv_path.write_text(csv_path.read_text().replace("UID_4_1_1_all.bmp,1.bmp,1", f"UID_4_1_1_all.bmp,1.bmp,{value}"))
+    dataset = scan(synthetic_copy)
+    assert all(c.path.name != "1.bmp" for c in dataset.select(split="prelim"))
+    [problem] = dataset.problems
+    assert problem.path.name == f"{csv_path.name}:2"
+    assert "row for 1.bmp is malformed" in problem.message and "not 0 (HEM) or 1 (ALL)" in problem.message
+    assert "fix the row" in problem.message
+
+
+def test_an_unreadable_class_folder_is_reported_not_raised(synthetic_copy, monkeypatch):
+    locked = synthetic_copy / "C-NMC_Leukemia" / "training_data" / "fold_1" / "hem"
+    iterdir = Path.iterdir
+
+    def refuse_locked(self):
+        if self == locked:  # tests run as root, where chmod 000 would not stop the listing
+            raise PermissionError(13, "Permission denied", str(self))
+        return iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", refuse_locked)
+    dataset = scan(synthetic_copy)
+    assert [p for p in dataset.problems if p.path == locked] == dataset.problems
+    [problem] = dataset.problems
+    assert problem.message == "cannot read this folder (Permission denied): check its permissions; skipped"
+    assert not any(c.fold == 1 and c.label == HEM for c in dataset.cells)
+    assert any(c.fold == 1 and c.label == ALL for c in dataset.cells)

@@ -49,10 +49,42 @@ def test_metrics_agree_with_scikit_learn_on_random_predictions(seed):
     np.testing.assert_allclose(tpr, sk_tpr)
 
 
-def test_auc_is_undefined_with_one_class_and_division_by_zero_gives_zero():
+def test_with_only_all_images_specificity_and_auc_are_undefined_and_the_rest_defined():
     result = M.evaluate([1, 1, 1], [0.9, 0.2, 0.7])
-    assert np.isnan(result["auc"])
-    assert result["specificity"] == 0.0 and result["precision"] == 1.0
+    assert np.isnan(result["auc"]) and np.isnan(result["specificity"])
+    assert result["precision"] == 1.0 and result["recall"] == pytest.approx(2 / 3)
+    assert result["f1"] == pytest.approx(0.8) and result["accuracy"] == pytest.approx(2 / 3)
+    # HEM has no images, so it weighs nothing: the weighted F1 is the ALL F1, not NaN.
+    assert result["weighted_f1"] == pytest.approx(0.8)
+
+
+def test_with_only_hem_images_recall_and_f1_are_undefined_and_the_weighted_f1_is_hems():
+    result = M.evaluate([0, 0, 0, 0], [0.1, 0.2, 0.3, 0.9])
+    assert np.isnan(result["recall"]) and np.isnan(result["f1"])
+    assert result["precision"] == 0.0 and result["specificity"] == 0.75
+    assert result["weighted_f1"] == pytest.approx(sk.f1_score([0] * 4, [0, 0, 0, 1], pos_label=0))
+
+
+def test_when_nothing_is_called_all_precision_is_undefined_and_f1_is_0():
+    result = M.evaluate([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4])
+    assert np.isnan(result["precision"])
+    assert result["recall"] == 0.0 and result["f1"] == 0.0 and result["specificity"] == 1.0
+    assert result["weighted_f1"] == pytest.approx(sk.f1_score([1, 1, 0, 0], [0] * 4, average="weighted",
+                                                              zero_division=0))
+
+
+def test_with_no_images_every_metric_is_undefined():
+    result = M.evaluate([], [])
+    assert all(np.isnan(result[name]) for name in M.METRICS)
+    assert result["images"] == 0
+
+
+def test_a_fold_without_hem_images_does_not_pull_down_the_mean_specificity():
+    folds = [M.evaluate([1, 0, 0], [0.9, 0.1, 0.1]), M.evaluate([1, 1], [0.9, 0.8]),
+             M.evaluate([1, 0], [0.9, 0.9])]
+    summary = M.summarize(folds)
+    assert summary["specificity"] == {"mean": pytest.approx(0.5), "std": pytest.approx(np.std([1, 0], ddof=1))}
+    assert summary["accuracy"]["mean"] == pytest.approx((1 + 1 + 0.5) / 3)
 
 
 def test_summary_is_mean_and_sample_std_over_folds():

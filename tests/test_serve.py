@@ -1,10 +1,15 @@
 import base64
 import io
+import json
 import shutil
 import socket
+import struct
+import tempfile
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -13,8 +18,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 
+import alnet.infer.serve as serve
 from alnet.infer.predict import load_predictor, predict_files
-from alnet.infer.serve import create_app
+from alnet.infer.serve import MAX_BYTES, create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
@@ -52,6 +58,9 @@ def test_bad_uploads_get_a_clear_4xx_json_error(mini_checkpoint, cell, client):
     assert wrong_type.status_code == 415 and "not an image type" in wrong_type.json()["error"]
     missing = client.post("/predict", data={"other": "x"})
     assert missing.status_code == 422 and "file" in missing.json()["error"]
+    two = client.post("/predict", files=[("file", ("a.bmp", cell.read_bytes(), "image/bmp")),
+                                         ("file", ("b.bmp", cell.read_bytes(), "image/bmp"))])
+    assert two.status_code in (400, 422) and "file" in two.json()["error"]
     small = TestClient(create_app(mini_checkpoint, max_bytes=1000))
     oversize = small.post("/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")})
     assert oversize.status_code == 413 and "larger than" in oversize.json()["error"]
@@ -61,7 +70,14 @@ def test_health_page_and_openapi_docs(client):
     assert client.get("/health").json()["status"] == "ok"
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
-    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    assert f"file.size > {MAX_BYTES}" in page.text  # the page refuses an oversized file before uploading it
+    openapi = client.get("/openapi.json").json()
+    predict = openapi["paths"]["/predict"]["post"]
+    upload = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
+    if "$ref" in upload:
+        upload = openapi["components"]["schemas"][upload["$ref"].rsplit("/", 1)[1]]
+    assert upload["required"] == ["file"] and "file" in upload["properties"]
+    assert [p["name"] for p in predict["parameters"]] == ["gradcam"]
     assert client.get("/docs").status_code == 200
 
 
@@ -71,20 +87,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(mini_checkpoint):
+@contextmanager
+def _serve(app):
     """The real thing: uvicorn on a loopback port, in a thread."""
     port = _free_port()
-    instance = uvicorn.Server(uvicorn.Config(create_app(mini_checkpoint), host="127.0.0.1", port=port,
-                                             log_level="warning"))
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not instance.started and time.time() < deadline:
         time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(mini_checkpoint):
+    with _serve(create_app(mini_checkpoint)) as url:
+        yield url
 
 
 def test_many_concurrent_requests_all_get_the_same_answer(server, cell):
@@ -97,6 +120,164 @@ def test_many_concurrent_requests_all_get_the_same_answer(server, cell):
         responses = list(pool.map(post, range(24)))
     assert all(r.status_code == 200 for r in responses)
     assert len({r.json()["probability_all"] for r in responses}) == 1
+
+
+def test_decoding_runs_at_most_two_images_at_a_time(server, cell, monkeypatch):
+    in_flight, most, guard = 0, 0, threading.Lock()
+    real_load_image = serve.load_image
+
+    def slow_load_image(*args, **kwargs):
+        nonlocal in_flight, most
+        with guard:
+            in_flight += 1
+            most = max(most, in_flight)
+        try:
+            time.sleep(0.3)
+            return real_load_image(*args, **kwargs)
+        finally:
+            with guard:
+                in_flight -= 1
+
+    monkeypatch.setattr(serve, "load_image", slow_load_image)
+    data = cell.read_bytes()
+
+    def post(_):
+        return httpx.post(f"{server}/predict", files={"file": (cell.name, data, "image/bmp")}, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        responses = list(pool.map(post, range(8)))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert most == 2  # two at a time: concurrent requests never hold more decoded pictures than that
+
+
+class _CountingBody:
+    """ASGI middleware: how many body bytes the app asked the server for."""
+
+    def __init__(self, app):
+        self.app, self.received = app, 0
+
+    async def __call__(self, scope, receive, send):
+        async def counted():
+            message = await receive()
+            if message["type"] == "http.request":
+                self.received += len(message.get("body", b""))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def test_a_streamed_upload_over_the_cap_is_refused_while_reading_and_never_spooled_to_disk(mini_checkpoint,
+                                                                                       monkeypatch):
+    spooled = []
+    for name in ("TemporaryFile", "NamedTemporaryFile", "mkstemp", "mkdtemp"):
+        real = getattr(tempfile, name)
+        monkeypatch.setattr(tempfile, name, lambda *a, _name=name, _real=real, **k: spooled.append(_name) or
+                            _real(*a, **k))
+    boundary = "alnet-test-boundary"
+    total = 50 * 2**20
+
+    def body():  # no Content-Length: httpx sends it chunked, so only counting while reading can stop it
+        yield (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"huge.bmp\"\r\n"
+               "Content-Type: image/bmp\r\n\r\n").encode()
+        chunk = b"\0" * 2**20
+        for _ in range(total // len(chunk)):
+            yield chunk
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    app = _CountingBody(create_app(mini_checkpoint))
+    with _serve(app) as url:
+        response = httpx.post(f"{url}/predict", content=body(), timeout=60,
+                              headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]
+    assert spooled == []
+    assert app.received <= MAX_BYTES + 2**20  # the cap, the multipart allowance and one network read; not 50 MB
+
+
+def test_a_declared_content_length_over_the_cap_is_refused_before_the_body_is_sent(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(f"POST /predict HTTP/1.1\r\nHost: {host}\r\nContent-Length: {100 * 2**20}\r\n"
+                           "Content-Type: multipart/form-data; boundary=x\r\n\r\n".encode())
+        answer = b""
+        while chunk := connection.recv(65536):  # the server answers and closes without waiting for 100 MiB
+            answer += chunk
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert "larger than 10 MiB" in json.loads(payload)["error"]
+
+
+def test_a_file_at_the_cap_passes_and_one_byte_more_is_refused(mini_checkpoint):
+    buffer = io.BytesIO()
+    Image.new("RGB", (450, 450), (90, 40, 120)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    exact = TestClient(create_app(mini_checkpoint, max_bytes=len(png)))
+    # the multipart body is larger than the file: boundaries and part headers must not count against it
+    assert exact.post("/predict", files={"file": ("cell.png", png, "image/png")}).status_code == 200
+    short = TestClient(create_app(mini_checkpoint, max_bytes=len(png) - 1))
+    refused = short.post("/predict", files={"file": ("cell.png", png, "image/png")})
+    assert refused.status_code == 413 and "cell.png" in refused.json()["error"]
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width×height pixels and holds almost nothing: only its header can be read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_a_picture_far_larger_than_a_cell_is_refused_from_its_header_without_decoding(client, monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("1", (8000, 8000), 1).save(buffer, format="PNG")  # 64 million pixels in a few kilobytes
+    assert len(buffer.getvalue()) < MAX_BYTES
+    decoded = []
+    monkeypatch.setattr(serve, "load_image", lambda *a, **k: decoded.append(a))
+    response = client.post("/predict", files={"file": ("big.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert "big.png" in error and "8000x8000" in error and "16,000,000" in error
+    bomb = client.post("/predict", files={"file": ("bomb.png", _png_header(100_000, 100_000), "image/png")})
+    assert bomb.status_code == 413 and "16,000,000" in bomb.json()["error"]
+    assert decoded == []
+
+
+def test_unknown_paths_and_wrong_methods_answer_with_a_json_error(client):
+    missing = client.get("/no-such-page")
+    assert missing.status_code == 404 and "/no-such-page" in missing.json()["error"]
+    wrong_method = client.get("/predict")
+    assert wrong_method.status_code == 405 and "POST" in wrong_method.json()["error"]
+    assert "POST" in wrong_method.headers["allow"]
+
+
+def test_a_bad_query_value_is_named_in_the_error_and_a_missing_file_keeps_its_message(client, cell):
+    response = client.post("/predict?gradcam=maybe", files={"file": (cell.name, cell.read_bytes(), "image/bmp")})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "gradcam" in error and "true or false" in error and "multipart" not in error
+    missing = client.post("/predict", data={"other": "x"})
+    assert missing.status_code == 422 and missing.json()["error"] == "send the image as multipart form field `file`"
+
+
+def test_a_gif_is_refused_whatever_content_type_it_declares(client):
+    buffer = io.BytesIO()
+    Image.new("RGB", (450, 450), (200, 100, 50)).save(buffer, format="GIF")
+    for declared in ("application/octet-stream", "image/gif"):
+        response = client.post("/predict", files={"file": ("cell.gif", buffer.getvalue(), declared)})
+        assert response.status_code == 415, (declared, response.text)
+        assert "cell.gif" in response.json()["error"]
+
+
+def test_port_in_use_tells_a_taken_port_from_a_free_one(server):
+    from alnet.infer.serve import port_in_use
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert port_in_use("127.0.0.1", port)
+    assert not port_in_use("127.0.0.1", port)
+    host, server_port = server.removeprefix("http://").split(":")
+    assert port_in_use(host, int(server_port))  # alnet's own server, as a second `alnet serve` would see it
 
 
 def _browser():

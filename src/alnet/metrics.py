@@ -11,8 +11,9 @@ from .labels import THRESHOLD
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
 
 
-def _safe_div(a: float, b: float) -> float:
-    return a / b if b else 0.0
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0: a metric with nothing to measure is undefined, never 0 (which reads as a failure)."""
+    return a / b if b else float("nan")
 
 
 def confusion(labels, predicted) -> dict[str, int]:
@@ -25,24 +26,29 @@ def confusion(labels, predicted) -> dict[str, int]:
     }
 
 
+def _f1(hits: int, false_alarms: int, misses: int) -> float:
+    """F1 of one class, NaN when the test set has none of it; 2·hits / (2·hits + false alarms + misses) is the
+    harmonic mean of precision and recall, and stays defined when nothing is predicted as that class."""
+    return _ratio(2 * hits, 2 * hits + false_alarms + misses) if hits + misses else float("nan")
+
+
 def from_confusion(c: dict[str, int]) -> dict[str, float]:
-    """Accuracy, precision, recall (sensitivity), specificity, F1 and support-weighted F1 of a confusion matrix."""
+    """Accuracy, precision, recall (sensitivity), specificity, F1 and support-weighted F1 of a confusion matrix.
+
+    A metric whose denominator is empty (specificity without HEM images, precision when nothing is called ALL)
+    is NaN; `summarize` leaves NaN folds out of the mean."""
     tp, tn, fp, fn = c["tp"], c["tn"], c["fp"], c["fn"]
-    precision = _safe_div(tp, tp + fp)
-    recall = _safe_div(tp, tp + fn)
-    specificity = _safe_div(tn, tn + fp)
-    f1 = _safe_div(2 * precision * recall, precision + recall)
-    # F1 of HEM as the positive class, for the challenge's support-weighted F1.
-    npv = _safe_div(tn, tn + fn)
-    f1_hem = _safe_div(2 * npv * specificity, npv + specificity)
     n_all, n_hem = tp + fn, tn + fp
+    f1, f1_hem = _f1(tp, fp, fn), _f1(tn, fn, fp)  # F1 of HEM as the positive class, for the weighted F1
+    # Support-weighted over the classes present: an absent class weighs 0 and must not turn the mean NaN.
+    present = [(f, n) for f, n in ((f1, n_all), (f1_hem, n_hem)) if n]
     return {
-        "accuracy": _safe_div(tp + tn, tp + tn + fp + fn),
-        "precision": precision,
-        "recall": recall,
-        "specificity": specificity,
+        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
+        "precision": _ratio(tp, tp + fp),
+        "recall": _ratio(tp, n_all),
+        "specificity": _ratio(tn, n_hem),
         "f1": f1,
-        "weighted_f1": _safe_div(f1 * n_all + f1_hem * n_hem, n_all + n_hem),
+        "weighted_f1": _ratio(sum(f * n for f, n in present), sum(n for _, n in present)),
     }
 
 
@@ -91,7 +97,8 @@ def evaluate(labels, prob_all, threshold: float = THRESHOLD) -> dict:
 
 
 def summarize(per_fold: list[dict]) -> dict:
-    """Mean and sample standard deviation (ddof 1; 0 for a single fold) of each metric over folds."""
+    """Mean and sample standard deviation (ddof 1; 0 for a single fold) of each metric over the folds where it
+    is defined: a NaN fold (say, specificity of a fold without HEM images) is left out, not counted as 0."""
     summary = {}
     for name in METRICS:
         values = np.array([m[name] for m in per_fold], dtype=float)

@@ -12,12 +12,15 @@ and existing caches are never touched.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,6 +31,8 @@ from .cnmc import Cell, Problem
 from .transforms import Preprocessing, load_image
 
 FORMAT_VERSION = 1
+TMP_MARK = ".tmp-"  # a build in progress: `.<key>.tmp-<pid>`, renamed to `<key>` when complete
+SPACE_MARGIN = 64 * 2**20  # bytes kept free beyond the array (index, compaction of skipped rows)
 
 
 class PrepareError(Exception):
@@ -96,6 +101,38 @@ def _check_writable(cache_dir: Path) -> None:
         ) from None
 
 
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Remove the temporary folders of builds whose process is gone (killed, or the machine went down)."""
+    for folder in cache_dir.glob(f".*{TMP_MARK}*"):
+        pid = folder.name.rsplit(TMP_MARK, 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _check_free_space(cache_dir: Path, needed: int) -> None:
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed + SPACE_MARGIN:
+        raise PrepareError(f"{cache_dir}: not enough free space for the cache (needs {needed / 2**20:.0f} MiB, "
+                           f"{free / 2**20:.0f} MiB free); free some space or pass --cache DIR on another disk")
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the whole array on disk now: a full disk shows here as ENOSPC, not later as SIGBUS in a worker
+    writing through its memory map."""
+    with open(path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+
+
 def load_cache(path: Path | str) -> Prepared:
     """Open a finished cache folder (the one `prepare` returned)."""
     path = Path(path)
@@ -133,16 +170,19 @@ def prepare(
     if (final / "index.json").is_file():
         return load_cache(final)
     _check_writable(cache_dir)
+    _remove_stale_builds(cache_dir)
+    shape = (len(cells), preprocessing.size, preprocessing.size, 3)
+    _check_free_space(cache_dir, int(np.prod(shape)))
 
     workers = workers or len(os.sched_getaffinity(0))
-    tmp = cache_dir / f".{key}.tmp-{os.getpid()}"
+    tmp = cache_dir / f".{key}{TMP_MARK}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         array_path = tmp / "images.npy"
-        images = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8,
-                                           shape=(len(cells), preprocessing.size, preprocessing.size, 3))
+        images = np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=shape)
         del images  # workers write through their own maps
+        _reserve(array_path)
         chunk = max(16, min(128, len(cells) // (workers * 8) or 1))
         jobs = [(str(array_path), [(i, str(c.path)) for i, c in enumerate(cells[s:s + chunk], start=s)],
                  preprocessing) for s in range(0, len(cells), chunk)]
@@ -167,9 +207,17 @@ def prepare(
             for job in jobs:
                 collect(_decode_chunk(job))
         else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for results in pool.imap_unordered(_decode_chunk, jobs):
-                    collect(results)
+            # A pool of processes that reports a worker's death (BrokenProcessPool) instead of waiting forever.
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                try:
+                    for future in as_completed([pool.submit(_decode_chunk, job) for job in jobs]):
+                        collect(future.result())
+                except BrokenProcessPool:
+                    raise PrepareError(f"{cache_dir}: a decoding process died (out of memory or disk?); nothing "
+                                       "was kept: free some memory or space, or run with --workers 1") from None
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
 
         kept = [i for i in range(len(cells)) if i not in failures]
         if failures:  # compact: the array holds only images that decoded
@@ -196,6 +244,12 @@ def prepare(
             os.replace(tmp, final)
         except OSError:  # another process finished the same cache first: use theirs
             shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise PrepareError(f"{cache_dir}: the disk is full ({err.strerror}); nothing was kept: free some space "
+                               "or pass --cache DIR on another disk") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -135,6 +135,16 @@ def _is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name.lower() in {"thumbs.db", "desktop.ini"}
 
 
+def _list_files(folder: Path, problems: list[Problem]) -> list[Path] | None:
+    """The visible files of `folder`, sorted; None, reported, when it cannot be read."""
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_file() and not _is_hidden(p))
+    except OSError as err:  # one unreadable folder must not hide the rest of the dataset
+        problems.append(Problem(folder, f"cannot read this folder ({err.strerror or err}): check its permissions; "
+                                "skipped"))
+        return None
+
+
 def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -> None:
     fold_dirs = sorted((p for p in training.iterdir() if p.is_dir() and p.name.lower().startswith("fold_")),
                        key=lambda p: p.name)
@@ -150,7 +160,9 @@ def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -
                 problems.append(Problem(fold_dir / class_name, "class folder missing: this fold has no "
                                         f"{class_name.upper()} images"))
                 continue
-            files = sorted(p for p in class_dir.iterdir() if p.is_file() and not _is_hidden(p))
+            files = _list_files(class_dir, problems)
+            if files is None:
+                continue
             if not files:
                 problems.append(Problem(class_dir, f"class folder is empty: this fold has no {class_name.upper()} "
                                         "images"))
@@ -170,45 +182,84 @@ def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -
                 cells.append(Cell(path, label, subject, fold, "train"))
 
 
+def _parse_label(text: str | None) -> int:
+    text = (text or "").strip()
+    if text not in ("0", "1"):
+        raise ValueError(f"labels is {repr(text) if text else 'empty'}, not 0 (HEM) or 1 (ALL)")
+    return int(text)
+
+
+def _read_labels_csv(path: Path) -> dict[str, list[tuple[int, dict]]]:
+    """new_names -> its rows as (line, row), in file order. A byte-order mark (spreadsheets write one) is skipped."""
+    rows: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"Patient_ID", "new_names", "labels"} - set(reader.fieldnames or [])
+        if missing:
+            raise DatasetError(f"{path}: header lacks {', '.join(sorted(missing))}; expected "
+                               "Patient_ID,new_names,labels")
+        for row in reader:
+            rows[(row["new_names"] or "").strip()].append((reader.line_num, row))
+    return rows
+
+
+def _row_key(row: dict) -> tuple[str, str]:
+    return (row["labels"] or "").strip(), (row["Patient_ID"] or "").strip()
+
+
+def _single_row(csv_path: Path, name: str, rows: list[tuple[int, dict]],
+                problems: list[Problem]) -> tuple[int, dict] | None:
+    """The row of an image listed once or repeated identically; None when its rows disagree. Repeats are reported."""
+    # An image listed twice must never be scored twice, and when its rows disagree neither can be trusted.
+    if len({_row_key(row) for _, row in rows}) > 1:
+        lines = ", ".join(str(line) for line, _ in rows)
+        problems.extend(Problem(Path(f"{csv_path}:{line}"), f"{name} is listed on lines {lines} with different "
+                                "labels or Patient_ID: fix the CSV so that it is listed once; skipped")
+                        for line, _ in rows)
+        return None
+    problems.extend(Problem(Path(f"{csv_path}:{line}"), f"{name} listed again on line {line} (first on line "
+                            f"{rows[0][0]}): duplicate row ignored") for line, _ in rows[1:])
+    return rows[0]
+
+
+def _prelim_cell(path: Path, where: Path, row: dict, problems: list[Problem]) -> Cell | None:
+    try:
+        label = _parse_label(row["labels"])
+        subject, name_label = parse_name((row["Patient_ID"] or "").strip())
+    except ValueError as err:
+        problems.append(Problem(where, f"row for {path.name} is malformed ({err}): fix the row; skipped"))
+        return None
+    if name_label != label:
+        problems.append(Problem(where, f"labels={label} contradicts Patient_ID {row['Patient_ID']}: "
+                                "the labels column is used"))
+    return Cell(path, label, subject, None, "prelim")
+
+
 def _scan_prelim(layout: Layout, cells: list[Cell], problems: list[Problem]) -> None:
     images = {p.name: p for p in sorted(layout.prelim.iterdir())
               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-    if layout.prelim_labels is None:
+    csv_path = layout.prelim_labels
+    if csv_path is None:
         problems.append(Problem(layout.prelim, f"{LABELS_CSV} not found beside this folder: the preliminary "
                                 "test images are used as unlabelled"))
         cells.extend(Cell(p, None, None, None, "prelim") for p in images.values())
         return
-    listed: set[str] = set()
-    with open(layout.prelim_labels, newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"Patient_ID", "new_names", "labels"} - set(reader.fieldnames or [])
-        if missing:
-            raise DatasetError(f"{layout.prelim_labels}: header lacks {', '.join(sorted(missing))}; expected "
-                               "Patient_ID,new_names,labels")
-        for line, row in enumerate(reader, start=2):
-            where = Path(f"{layout.prelim_labels}:{line}")
-            name = (row["new_names"] or "").strip()
-            listed.add(name)
-            if name not in images:
-                problems.append(Problem(where, f"{name or '(empty)'} is listed but not in {layout.prelim.name}/: "
-                                        "restore the image or delete the row; skipped"))
-                continue
-            try:
-                label = int(row["labels"])
-                if label not in (ALL, HEM):
-                    raise ValueError
-                subject, name_label = parse_name(row["Patient_ID"].strip())
-            except (ValueError, TypeError) as err:
-                problems.append(Problem(where, f"row for {name} is malformed ({err or 'labels must be 0 or 1'}): "
-                                        "fix the row; skipped"))
-                continue
-            if name_label != label:
-                problems.append(Problem(where, f"labels={label} contradicts Patient_ID {row['Patient_ID']}: "
-                                        "the labels column is used"))
-            cells.append(Cell(images[name], label, subject, None, "prelim"))
+    listed = _read_labels_csv(csv_path)
+    for name, rows in listed.items():
+        if name not in images:
+            problems.extend(Problem(Path(f"{csv_path}:{line}"), f"{name or '(empty)'} is listed but not in "
+                                    f"{layout.prelim.name}/: restore the image or delete the row; skipped")
+                            for line, _ in rows)
+            continue
+        single = _single_row(csv_path, name, rows, problems)
+        if single is None:
+            continue
+        cell = _prelim_cell(images[name], Path(f"{csv_path}:{single[0]}"), single[1], problems)
+        if cell is not None:
+            cells.append(cell)
     for name, path in images.items():
         if name not in listed:
-            problems.append(Problem(path, f"not listed in {layout.prelim_labels.name}: add a row for it; skipped"))
+            problems.append(Problem(path, f"not listed in {csv_path.name}: add a row for it; skipped"))
 
 
 def scan(root: Path | str) -> Dataset:

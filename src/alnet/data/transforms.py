@@ -3,9 +3,9 @@
 The same steps serve the training cache, `predict`, `serve`, `explain` and the metadata of an ONNX export
 (docs/design.md, "Data flow"):
 
-    file → RGB (transparent pixels become the black background) → centre crop to a square of `crop` × the
-    short side → resize to size×size (Pillow bilinear, antialiased, reducing_gap 1.0) → uint8 H×W×3
-    → float N×3×H×W in [0, 1] (value / 255)
+    file → RGB (transparent pixels become the black background; 16-bit greyscale is scaled, not clipped)
+    → centre crop to a square of `crop` × the short side → resize to size×size (Pillow bilinear,
+    antialiased, reducing_gap 1.0) → uint8 H×W×3 → float N×3×H×W in [0, 1] (value / 255)
 
 Model-specific normalisation (ImageNet mean and std for the baselines) happens inside the model, so every
 model takes the same [0, 1] input.
@@ -28,6 +28,10 @@ RESAMPLE = Image.Resampling.BILINEAR  # PIL's bilinear is antialiased when shrin
 # over 450 → 224, within 0.13 grey levels on average on real C-NMC cells.
 REDUCING_GAP = 1.0
 
+# Greyscale modes wider than 8 bits; convert("RGB") clips them at 255 (a cell becomes a white silhouette).
+WIDE_MODES = {"I;16", "I;16B", "I;16L", "I"}
+FULL_16_BIT = 65535
+
 DESCRIPTION = ("RGB image; centre crop to a square of `crop` × the short side; resize to size×size (Pillow "
                "bilinear, reducing_gap 1.0); float32 N×3×H×W in [0, 1] (value / 255). Model-specific "
                "normalisation (ImageNet for baselines) happens inside the graph.")
@@ -48,6 +52,17 @@ class Preprocessing:
         return cls(size=int(data["size"]), crop=float(data["crop"]))
 
 
+def _to_8_bit(image: Image.Image) -> tuple[Image.Image, str]:
+    """A 16- or 32-bit greyscale image → 8-bit "L", scaled rather than clipped, with a note saying how."""
+    values = np.asarray(image, dtype=np.float64)
+    # The full 16-bit range, so that an 8-bit image stored ×257 comes back pixel for pixel; a 32-bit image
+    # with larger values has no fixed range, so its own maximum is the top.
+    top = max(FULL_16_BIT, values.max(initial=0))
+    note = "scaled from 16-bit to 8-bit" if top == FULL_16_BIT else "scaled from 32-bit to 8-bit by its maximum"
+    pixels = np.clip(np.rint(values * (255 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels), note
+
+
 def load_image(source: Path | BinaryIO, preprocessing: Preprocessing) -> tuple[np.ndarray, list[str]]:
     """Decode one image → size×size×3 uint8, with notes on what had to be converted. Raises on unreadable files."""
     notes = []
@@ -56,6 +71,9 @@ def load_image(source: Path | BinaryIO, preprocessing: Preprocessing) -> tuple[n
             notes.append(f"resized from {image.size[0]}x{image.size[1]}")
         if image.mode != "RGB":
             notes.append(f"converted from {image.mode} to RGB")
+            if image.mode in WIDE_MODES:
+                image, note = _to_8_bit(image)
+                notes.append(note)
             if "A" in image.mode or image.mode == "P" and "transparency" in image.info:
                 # Transparent pixels become the black background C-NMC cells are segmented onto.
                 rgba = image.convert("RGBA")

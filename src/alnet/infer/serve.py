@@ -5,30 +5,52 @@
     GET  /health    {"status": "ok", "model", "checkpoint"}
     GET  /docs      OpenAPI documentation
 
-Uploads are read into memory, capped in size, checked to be images Pillow can decode, and never written to
-disk; every refusal is a 4xx JSON body {"error": "..."}.
+Uploads are capped while they arrive and never written to disk: a `Content-Length` over the cap is refused
+before the body is read, a body is counted as it streams in and refused as soon as it passes the cap (plus a
+small allowance for the multipart framing), and the multipart body is parsed in memory. The picture is then
+checked from its header alone: its decoded format must be BMP, PNG, JPEG, TIFF or WebP (whatever type the
+client declared) and it must have at most `MAX_PIXELS` pixels; at most `DECODES_IN_FLIGHT` pictures are
+decoded at once and one inference runs at a time. Every refusal, unknown paths and wrong methods included,
+is a 4xx JSON body {"error": "..."}. `port_in_use` lets the command check its port before announcing it.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import io
+import os
+import socket
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from ..data.transforms import load_image
 from ..labels import name_of
 from .predict import load_predictor
 
-MAX_BYTES = 10 * 2**20
+MAX_BYTES = 10 * 2**20  # the largest image file accepted
+MULTIPART_ALLOWANCE = 64 * 2**10  # boundaries, part headers and small fields around the file, beyond MAX_BYTES
+MAX_PIXELS = 16_000_000  # C-NMC cells are 450×450 or 600×600; a picture this large is not one cell
+DECODES_IN_FLIGHT = 2  # decoded pictures held at once, whatever the number of concurrent requests
 IMAGE_TYPES = {"image/bmp", "image/x-ms-bmp", "image/png", "image/jpeg", "image/tiff", "image/webp",
                "application/octet-stream"}  # some clients send no specific type: the decoder decides
+IMAGE_FORMATS = {"BMP", "PNG", "JPEG", "MPO", "TIFF", "WEBP"}  # Pillow's names; MPO: a camera JPEG with extras
+KINDS = "BMP, PNG, JPEG, TIFF or WebP"
+MISSING_FILE = "send the image as multipart form field `file`"
+CLOSE = {"Connection": "close"}  # a refusal before the body was read: do not read (and discard) the rest
 
 PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1"><title>alnet — cell classifier</title>
@@ -47,14 +69,20 @@ text-align:center;cursor:pointer}
 <div id="result"><div><div id="label"></div><div id="probability"></div></div><img id="gradcam" alt=""></div>
 <script>
 const drop = document.getElementById('drop'), input = document.getElementById('file');
+function fail(message) {
+  document.getElementById('label').textContent = ''; document.getElementById('error').textContent = message;
+}
 async function send(file) {
   document.getElementById('error').textContent = '';
+  if (file.size > __MAX_BYTES__) { fail(file.name + ': larger than __MAX_SIZE__; send one cell image'); return; }
   document.getElementById('label').textContent = '…';
   const form = new FormData(); form.append('file', file);
-  const response = await fetch('predict?gradcam=true', {method: 'POST', body: form});
-  const body = await response.json();
-  if (!response.ok) { document.getElementById('label').textContent = '';
-    document.getElementById('error').textContent = body.error; return; }
+  let response, body;
+  try {
+    response = await fetch('predict?gradcam=true', {method: 'POST', body: form});
+    body = await response.json();
+  } catch (err) { fail(file.name + ': the upload failed (' + err.message + ')'); return; }
+  if (!response.ok) { fail(body.error); return; }
   document.getElementById('label').textContent = body.label;
   document.getElementById('probability').textContent =
     'P(ALL) = ' + body.probability_all.toFixed(3);
@@ -69,45 +97,76 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 </script></body></html>"""
 
 
-def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES) -> FastAPI:
+def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> FastAPI:
     checkpoint = Path(checkpoint)
     predictor = load_predictor(checkpoint)
     lock = threading.Lock()  # one inference at a time: torch already uses every core for one batch
+    decoding = threading.BoundedSemaphore(DECODES_IN_FLIGHT)  # bounds the memory decoded pictures hold
+    body_limit = max_bytes + MULTIPART_ALLOWANCE
+    too_large = f"larger than {_size(max_bytes)}; send one cell image"
     app = FastAPI(title="alnet", description="ALL vs HEM classification of single white-blood-cell images.")
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, err: HTTPException):
-        return JSONResponse({"error": err.detail}, status_code=err.status_code)
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, 404 and 405 included
+    async def http_error(request: Request, err: StarletteHTTPException):
+        message = err.detail
+        if err.status_code == 404:
+            message = f"{request.url.path}: not found; the API is POST /predict and GET /health, described at /docs"
+        elif err.status_code == 405:
+            message = (f"{request.method} {request.url.path}: method not allowed; use "
+                       f"{(err.headers or {}).get('Allow', 'another method')}")
+        return JSONResponse({"error": message}, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
-        return JSONResponse({"error": "send the image as multipart form field `file`", "detail": err.errors()},
-                            status_code=422)
+        errors = jsonable_encoder(err.errors())
+        query = [e for e in errors if tuple(e.get("loc", ()))[:1] == ("query",)]
+        if query:
+            message = "; ".join(
+                f"query parameter `gradcam` must be true or false, not {e.get('input')!r}"
+                if tuple(e["loc"])[1:] == ("gradcam",) else f"query parameter `{e['loc'][-1]}`: {e.get('msg')}"
+                for e in query)
+        else:
+            message = MISSING_FILE
+        return JSONResponse({"error": message, "detail": errors}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return PAGE.replace("__MODEL__", predictor.model_name).replace("__CHECKPOINT__", checkpoint.name)
+        return (PAGE.replace("__MODEL__", predictor.model_name).replace("__CHECKPOINT__", checkpoint.name)
+                .replace("__MAX_BYTES__", str(max_bytes)).replace("__MAX_SIZE__", _size(max_bytes)))
 
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "model": predictor.model_name, "checkpoint": checkpoint.name}
 
-    @app.post("/predict")
-    def predict(file: UploadFile = File(..., description="a single-cell image (BMP, PNG, JPEG, TIFF)"),
-                gradcam: bool = Query(False, description="add a Grad-CAM overlay as base64 PNG")) -> dict:
-        if file.content_type and file.content_type not in IMAGE_TYPES:
-            raise HTTPException(415, f"{file.filename}: {file.content_type} is not an image type; send a BMP, "
-                                     "PNG, JPEG or TIFF cell image")
-        data = file.file.read(max_bytes + 1)
+    @app.post("/predict", openapi_extra=_upload_schema(max_bytes), responses={
+        400: {"description": "empty upload, or not a decodable image"},
+        413: {"description": f"upload over {_size(max_bytes)}, or a picture over {max_pixels:,} pixels"},
+        415: {"description": f"not a {KINDS} image"}})
+    async def predict(request: Request,
+                      gradcam: bool = Query(False, description="add a Grad-CAM overlay as base64 PNG")) -> dict:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > body_limit:  # refused before a byte of the body is read
+            raise HTTPException(413, f"upload of {int(declared):,} bytes is {too_large}", headers=CLOSE)
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise HTTPException(422, MISSING_FILE, headers=CLOSE)
+        form = await _read_form(request, body_limit, too_large)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(422, MISSING_FILE)
+        name = upload.filename or "upload"
+        if upload.content_type and upload.content_type not in IMAGE_TYPES:
+            raise HTTPException(415, f"{name}: {upload.content_type} is not an image type; send a {KINDS} cell "
+                                     "image")
+        data = upload.file.read()  # in memory: the parser never spools past the body limit
+        await form.close()
         if len(data) > max_bytes:
-            raise HTTPException(413, f"{file.filename}: larger than {max_bytes // 2**20} MiB; send one cell image")
+            raise HTTPException(413, f"{name}: {too_large}")
         if not data:
-            raise HTTPException(400, f"{file.filename}: empty upload; send a cell image")
-        try:
-            pixels, _ = load_image(io.BytesIO(data), predictor.preprocessing)
-        except Exception as err:
-            raise HTTPException(400, f"{file.filename}: cannot decode this image ({type(err).__name__}); send a "
-                                     "BMP, PNG, JPEG or TIFF cell image")
+            raise HTTPException(400, f"{name}: empty upload; send a cell image")
+        return await run_in_threadpool(classify, name, data, gradcam)
+
+    def classify(name: str, data: bytes, gradcam: bool) -> dict:
+        pixels = decode(name, data)
         with lock:
             probability = float(predictor(pixels[None])[0])
             result = {"label": name_of(probability), "probability_all": probability,
@@ -116,7 +175,99 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES) -> FastAPI:
                 result["gradcam_png"] = _gradcam_png(predictor, pixels)
         return result
 
+    def decode(name: str, data: bytes) -> np.ndarray:
+        over = (f"more than the limit of {max_pixels:,} pixels (C-NMC cells are 450x450 or 600x600); send one "
+                "cell image")
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # lazy: reads the header, decodes nothing
+                kind, (width, height) = header.format, header.size
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"{name}: {over}")
+        except Exception as err:
+            raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a {KINDS} "
+                                     "cell image")
+        if kind not in IMAGE_FORMATS:
+            raise HTTPException(415, f"{name}: a {kind} image; send a {KINDS} cell image")
+        if width * height > max_pixels:
+            raise HTTPException(413, f"{name}: {width}x{height} pixels is {over}")
+        with decoding:
+            try:
+                pixels, _ = load_image(io.BytesIO(data), predictor.preprocessing)
+            except Exception as err:
+                raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a "
+                                         f"{KINDS} cell image")
+        return pixels
+
     return app
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _InMemoryParser(MultiPartParser):
+    """Starlette's multipart parser, with files kept in memory up to `spool_max_size` (set past the body cap)."""
+
+    def __init__(self, request: Request, stream, spool_max_size: int):
+        super().__init__(request.headers, stream, max_files=1, max_fields=16, max_part_size=MULTIPART_ALLOWANCE)
+        self.spool_max_size = spool_max_size
+
+
+async def _read_form(request: Request, limit: int, too_large: str):
+    """The multipart body, counted as it arrives: past `limit` bytes reading stops with 413."""
+
+    async def counted():
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _TooLarge
+            yield chunk
+
+    try:
+        return await _InMemoryParser(request, counted(), spool_max_size=limit + 1).parse()
+    except _TooLarge:
+        raise HTTPException(413, f"upload {too_large}", headers=CLOSE)
+    except MultiPartException as err:
+        raise HTTPException(400, f"{err.message.rstrip('.')}: {MISSING_FILE}, one file per request", headers=CLOSE)
+    except ClientDisconnect:
+        raise HTTPException(400, "the upload was cut off before its end", headers=CLOSE)
+
+
+def _upload_schema(max_bytes: int) -> dict:
+    """/predict's request body for the OpenAPI page: the endpoint reads it itself, so FastAPI cannot infer it."""
+    file = {"type": "string", "contentMediaType": "application/octet-stream", "title": "File",
+            "description": f"a single-cell image ({KINDS}, at most {_size(max_bytes)})"}
+    schema = {"type": "object", "title": "Upload", "required": ["file"], "properties": {"file": file}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+def _size(n: int) -> str:
+    return f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n:,} bytes"
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something already listens on host:port, so that uvicorn could not bind it.
+
+    Binds a probe the way uvicorn (asyncio) will: every address `host` resolves to, SO_REUSEADDR on POSIX (a
+    port left in TIME_WAIT is free), IPv6 sockets IPv6-only. Errors other than "address in use" (an unknown
+    host, a privileged port) answer False: uvicorn reports those itself."""
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError):
+        return False
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            if os.name == "posix" and sys.platform != "cygwin":
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    return True
+    return False
 
 
 def _gradcam_png(predictor, pixels: np.ndarray) -> str | None:

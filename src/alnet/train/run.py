@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from ..checkpoint import CheckpointError, read_checkpoint
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
-from ..checkpoint import CheckpointError, read_checkpoint
 from ..device import threads_per_process
 from ..models import create_model_from
 from .batches import CellData, tensors, world
