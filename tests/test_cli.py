@@ -113,3 +113,29 @@ def test_numbers_yaml_reads_as_text_are_accepted_where_a_number_is_meant(tmp_pat
     path.write_text("lr: 1e-4\neps: 1e-7\nprecision: 32\n")  # YAML 1.1 reads 1e-4 as a string, 32 as a number
     config = RunConfig.from_yaml(path)
     assert (config.lr, config.eps, config.precision) == (1e-4, 1e-7, "32")
+
+
+def test_serve_refuses_a_port_already_in_use_before_announcing_it(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["serve", str(tmp_path / "any.ckpt"), "--port", str(port)])
+    assert result.exit_code == 2 and f"127.0.0.1:{port} is already in use" in result.output
+    assert "serving" not in result.output
+
+
+def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path):
+    precious = tmp_path / "run" / "thesis.tex"
+    precious.parent.mkdir()
+    precious.write_text("years of work")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "1", "--no-progress"])
+    assert result.exit_code == 2 and "is not an alnet run directory" in result.output
+    assert precious.read_text() == "years of work"
+
+
+def test_predict_refuses_a_batch_size_below_one(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path / "m.ckpt"), str(tmp_path), "--batch-size", "0"])
+    assert result.exit_code == 2 and "--batch-size" in result.output

@@ -169,7 +169,7 @@ def test_two_process_ddp_run_shards_the_data_and_gathers_metrics_once(synthetic_
 
 def test_a_run_that_cannot_start_writes_nothing(small_prepared, tmp_path):
     config = RunConfig(epochs=1, **{**SMALL, "image_size": 100})  # too small for ALNet's valid convolutions
-    with pytest.raises(RunError, match="too small.*nothing was written"):
+    with pytest.raises(RunError, match="too small.*nothing was written to"):
         train_run(config, small_prepared, tmp_path / "run", progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
 

@@ -168,8 +168,10 @@ def serve(
     """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
     import uvicorn
 
-    from ..infer.serve import create_app
+    from ..infer.serve import create_app, port_in_use
 
+    if port_in_use(host, port):
+        fail(f"{host}:{port} is already in use (another server?); stop it or pick another --port")
     application = create_app(checkpoint)
     result(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")

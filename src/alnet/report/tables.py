@@ -13,7 +13,8 @@ METRIC_NAMES = {
     "auc": ("ROC AUC", "AUC"),
 }
 SHORT_NAMES_LEGEND = ("acc accuracy, prec precision, recall sensitivity (ALL positive), spec specificity, "
-                      "wF1 weighted F1")
+                      "wF1 weighted F1; – undefined for that test set (e.g. specificity without HEM cells), "
+                      "left out of the mean")
 
 
 def number(value, digits: int = 3) -> str:

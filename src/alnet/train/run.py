@@ -23,7 +23,7 @@ from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import threads_per_process
-from ..models import create_model_from
+from ..models import WeightsError, create_model_from
 from .batches import CellData, tensors, world
 from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
@@ -128,10 +128,11 @@ def train_run(
     elif is_main_process() and run.exists():  # DDP ranks > 0 start after rank 0 wrote it
         raise RunError(f"{run}: a run already lives here; continue it with --resume {run} or pick another --out")
     config.validate()
-    try:  # settings only the model can judge (e.g. an input too small for ALNet), before anything is written
-        create_model_from(config, pretrained=False)
-    except ValueError as err:
-        raise RunError(f"{run}: {err}; nothing was written") from None
+    if not resume:
+        try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
+            create_model_from(config)  # anything is written: a failed start leaves no folder that blocks --out
+        except (ValueError, WeightsError) as err:
+            raise RunError(f"{err}; nothing was written to {run}") from None
     if config.devices > 1:
         torch.set_num_threads(threads_per_process(config.devices))
     L.seed_everything(config.seed, workers=True, verbose=False)
