@@ -94,7 +94,9 @@ def test_a_table_too_wide_for_the_terminal_turns_vertical_instead_of_cutting(mon
     ('augment: "no"', "augment must be true or false, not 'no'"),
     ("devices: 0", "devices must be at least 1"),
     ("image_size: -5", "image_size must be at least 32"),
-    ("lr: fast", "lr must be a number, not 'fast'"),
+    ("lr: fast", "lr must be a finite number, not 'fast'"),
+    ("lr: .inf", "lr must be a finite number, not inf"),
+    ("accelerator: tpu", "accelerator must be one of auto, cpu, gpu, cuda"),
 ])
 def test_a_configuration_value_of_the_wrong_type_or_range_names_the_setting(tmp_path, line, message):
     from alnet.config import ConfigError, RunConfig
@@ -132,10 +134,54 @@ def test_demo_never_deletes_a_folder_it_did_not_write(tmp_path):
     precious.parent.mkdir()
     precious.write_text("years of work")
     result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "1", "--no-progress"])
-    assert result.exit_code == 2 and "is not an alnet run directory" in result.output
+    assert result.exit_code == 2 and "is not this demo's earlier run" in result.output
     assert precious.read_text() == "years of work"
 
 
 def test_predict_refuses_a_batch_size_below_one(tmp_path):
     result = runner.invoke(app, ["predict", str(tmp_path / "m.ckpt"), str(tmp_path), "--batch-size", "0"])
     assert result.exit_code == 2 and "--batch-size" in result.output
+
+
+def test_synth_never_writes_into_a_folder_that_holds_files(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "UID_1_1_1_all.bmp").write_bytes(b"a real cell")
+    result = runner.invoke(app, ["synth", str(tmp_path / "real")])
+    assert result.exit_code == 2 and "not an empty folder" in result.output
+    assert (tmp_path / "real" / "UID_1_1_1_all.bmp").read_bytes() == b"a real cell"
+
+
+def test_demo_replaces_only_its_own_earlier_run(tmp_path):
+    """A run folder of another dataset (it holds a config.yaml too) is not the demo's to delete."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: alnet\n")
+    (run / "data.json").write_text(json.dumps({"root": str(tmp_path / "elsewhere")}))
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--epochs", "1", "--no-progress"])
+    assert result.exit_code == 2 and "is not this demo's earlier run" in result.output
+    assert (run / "config.yaml").is_file() and not (tmp_path / "synthetic-data").exists()
+
+
+def test_evaluate_checks_its_output_before_evaluating(tmp_path):
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"the model")
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}')
+    for out, message in ((checkpoint, "is one of the inputs"), (notes, "--force"), (tmp_path, "is a folder"),
+                         (tmp_path / "nowhere" / "m.json", "no such folder")):
+        result = runner.invoke(app, ["evaluate", str(checkpoint), "--data", str(tmp_path), "--out", str(out)])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert checkpoint.read_bytes() == b"the model" and notes.read_text() == '{"mine": true}'
+
+
+def test_a_yaml_bomb_is_refused_without_expanding_it(tmp_path):
+    """Nested aliases (\"billion laughs\") under a known setting: ten million leaves if anything expanded them."""
+    from alnet.config import ConfigError, RunConfig
+
+    levels = ["&a0 [" + ", ".join(["x"] * 10) + "]"]
+    levels += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 8)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("model: [" + ", ".join(levels) + "]\n")
+    with pytest.raises(ConfigError, match="model must be text") as err:
+        RunConfig.from_yaml(bomb)
+    assert len(str(err.value)) < 500

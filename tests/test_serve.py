@@ -320,3 +320,18 @@ def test_the_page_classifies_a_real_cell_end_to_end_in_a_browser(server, cell):
         browser.quit()
     expected = httpx.post(f"{server}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")}).json()
     assert label == expected["label"] and probability == pytest.approx(expected["probability_all"], abs=1e-3)
+
+
+def test_names_from_the_model_file_are_shown_as_text_never_as_markup(mini_checkpoint, tmp_path):
+    hostile = tmp_path / "<img src=x onerror=alert(1)>.ckpt"
+    shutil.copy(mini_checkpoint, hostile)
+    page = TestClient(create_app(hostile)).get("/").text
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;.ckpt" in page
+
+
+def test_any_spelling_of_an_image_type_is_accepted_and_the_decoded_format_decides(client, cell):
+    for declared in ("IMAGE/BMP", "image/bmp; charset=binary", "image/x-bmp", "binary/octet-stream"):
+        response = client.post("/predict", files={"file": (cell.name, cell.read_bytes(), declared)})
+        assert response.status_code == 200, (declared, response.text)
+    refused = client.post("/predict", files={"file": ("cell.bmp", cell.read_bytes(), "text/plain")})
+    assert refused.status_code == 415 and "text/plain is not an image type" in refused.json()["error"]

@@ -193,3 +193,22 @@ def test_resume_refuses_a_changed_dataset_and_a_truncated_checkpoint(synthetic_c
     changed = prepare(scan(synthetic_copy).cells, tmp_path / "cache", Preprocessing(size=136))
     with pytest.raises(RunError, match="the dataset changed since this run started"):
         train_run(config, changed, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+
+
+def test_a_run_never_writes_into_a_folder_that_holds_other_files(small_prepared, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "report.html").write_text("my own report")
+    with pytest.raises(RunError, match="not an empty folder"):
+        train_run(RunConfig(epochs=1, **SMALL), small_prepared, tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "report.html").read_text() == "my own report"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"devices": 10_000}, "more than this machine has"),
+    ({"strategy": "bogus"}, "strategy 'bogus' is not one Lightning knows"),
+])
+def test_settings_only_the_machine_can_judge_are_checked_before_writing(small_prepared, tmp_path, settings,
+                                                                         message):
+    with pytest.raises(RunError, match=message):
+        train_run(RunConfig(epochs=1, **{**SMALL, **settings}), small_prepared, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,8 @@ they resolve the same from a checkout, a wheel or a git install.
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,7 @@ class ConfigError(Exception):
     """A configuration file or value is unusable; the message says which and how to fix it."""
 
 
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 RUN_PRESETS = ("paper", "subject")  # run configurations, for --config
 GRID_PRESETS = ("grid",)  # search spaces, for `alnet tune --grid`
 
@@ -46,32 +49,41 @@ def read_yaml(path: Path | str, what: str = "configuration") -> dict:
     return data
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring = 2, 4, 4, 60
+
+
+def _shown(value) -> str:
+    """A value as an error message may quote it: short, even for a YAML alias bomb."""
+    return _REPR.repr(value)
+
+
 def _typed(name: str, kind: str, value):
     """`value` as the setting's declared type, or a ConfigError naming the setting. YAML reads `1e-4` as a
     string, so numbers written that way are accepted; `2.5` is not a count and "no" is not a boolean."""
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be true or false, not {value!r}")
+        raise ConfigError(f"{name} must be true or false, not {_shown(value)}")
     if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{name} must be a whole number, not {value!r}")
+        raise ConfigError(f"{name} must be a whole number, not {_shown(value)}")
     if kind == "float":
         if isinstance(value, str):
             try:
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise ConfigError(f"{name} must be a number, not {value!r}")
+        raise ConfigError(f"{name} must be a finite number, not {_shown(value)}")
     if value is None and "None" in kind:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # `precision: 32`
     if not isinstance(value, str):
-        raise ConfigError(f"{name} must be text, not {value!r}")
+        raise ConfigError(f"{name} must be text, not {_shown(value)}")
     return value
 
 
@@ -129,6 +141,7 @@ class RunConfig:
             (0 < self.crop <= 1, "crop must be in (0, 1]"),
             (0 <= self.bn_momentum < 1, "bn_momentum must be in [0, 1)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}"),
         ]
         for ok, message in checks:
             if not ok:

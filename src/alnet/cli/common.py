@@ -4,6 +4,7 @@ that never cut a number, and loading a dataset into the cache."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
@@ -63,7 +64,8 @@ DataOption = Annotated[Path, typer.Option("--data", help="C-NMC data root (Kaggl
 CacheOption = Annotated[Optional[Path], typer.Option(
     "--cache", help="Cache folder (default: $ALNET_CACHE, else the user cache).")]
 WorkersOption = Annotated[Optional[int], typer.Option(
-    "--workers", help="Decoding processes for the cache (default: one per core).")]
+    "--workers", min=1, max=max(1, len(os.sched_getaffinity(0))),
+    help="Decoding processes for the cache (default: one per core).")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
 ConfigOption = Annotated[Optional[str], typer.Option(
     "--config", help="YAML run configuration or a preset: paper, subject.")]
@@ -126,6 +128,20 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], bold_rows
         result(title)
         for row in rows:
             result("  " + ", ".join(f"{header}: {value}" for header, value in zip(headers, row) if value != ""))
+
+
+def check_output(out: Path, force: bool, written_by_us: bool, inputs: tuple[Path, ...] = (),
+                 parent_must_exist: bool = True) -> None:
+    """Refuse an output path that would destroy something alnet did not write: an input, a folder, a file of
+    another kind (unless --force), or one in a folder that does not exist. Checked before any work starts."""
+    if out.is_dir():
+        fail(f"{out}: is a folder; pass a file name")
+    if parent_must_exist and not out.parent.is_dir():
+        fail(f"{out.parent}: no such folder for --out; create it first or pick another path")
+    if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):
+        fail(f"{out}: is one of the inputs; pick another path")
+    if out.exists() and not (force or written_by_us):
+        fail(f"{out}: exists and was not written by this command; pass --force to replace it, or pick another path")
 
 
 # --- data -----------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .common import (
     CacheOption,
     ProgressOption,
     WorkersOption,
+    fail,
     handles_errors,
     out,
     prepare_data,
@@ -86,6 +87,8 @@ def synth(
     """Write a SYNTHETIC dataset in the exact C-NMC layout (for demos and tests; not real cells)."""
     from ..data.synthetic import write_dataset
 
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # never mix into real data
+        fail(f"{out_dir}: exists and is not an empty folder; pick a new or empty folder for the synthetic dataset")
     write_dataset(out_dir, n_subjects, cells_per_subject, folds, prelim_subjects, final_images, seed)
     result(f"wrote a synthetic C-NMC dataset to {out_dir}: {2 * n_subjects * cells_per_subject} training "
            f"images of {2 * n_subjects} subjects in {folds} folds, {2 * prelim_subjects * cells_per_subject} "

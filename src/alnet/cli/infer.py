@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, fail, handles_errors, print_problems, progress_bar, result
+from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result
 
 
 def _checkpoint_of(target: Path) -> Path:
@@ -68,20 +68,6 @@ def explain(
         result(f"wrote {path}")
 
 
-def _check_writable_output(out: Path, force: bool, written_by_us: bool, inputs: tuple[Path, ...] = (),
-                           parent_must_exist: bool = True) -> None:
-    """Refuse an output path that would destroy something alnet did not write: an input, a folder, a file of
-    another kind (unless --force), or one in a folder that does not exist. Checked before any work starts."""
-    if out.is_dir():
-        fail(f"{out}: is a folder; pass a file name")
-    if parent_must_exist and not out.parent.is_dir():
-        fail(f"{out.parent}: no such folder for --out; create it first or pick another path")
-    if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):
-        fail(f"{out}: is one of the inputs; pick another path")
-    if out.exists() and not (force or written_by_us):
-        fail(f"{out}: exists and was not written by this command; pass --force to replace it, or pick another path")
-
-
 def _is_predictions_csv(path: Path) -> bool:
     from ..infer.predict import PREDICTION_FIELDS
 
@@ -119,7 +105,7 @@ def predict(
         console.print(f"[yellow]{item}: {reason}; skipped[/]", highlight=False, soft_wrap=True)
     if not files:
         fail("no images to classify; pass image files, folders or globs")
-    _check_writable_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
+    check_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
     predictor = load_predictor(model)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
@@ -152,7 +138,7 @@ def export(
     """Write an ONNX model (dynamic batch axis; outputs P(ALL)) with its preprocessing in the metadata."""
     from ..infer.export import export_onnx
 
-    _check_writable_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
+    check_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
     path = export_onnx(checkpoint, onnx)
     result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], output `probability_all`; run it with "
            f"`alnet predict {path} IMAGES…`")
@@ -163,7 +149,7 @@ def serve(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or an exported model (.onnx).")],
     host: Annotated[str, typer.Option(
         help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
 ):
     """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
     import uvicorn

@@ -23,6 +23,7 @@ from .common import (
     ProtocolOption,
     SeedOption,
     WorkersOption,
+    check_output,
     fail,
     handles_errors,
     prepare_data,
@@ -51,6 +52,17 @@ def print_metrics(metrics: dict, title: str) -> None:
     result(SHORT_NAMES_LEGEND)
     if metrics.get("note"):
         result(f"protocol {metrics['protocol']}: {metrics['note']}")
+
+
+def _is_metrics_json(path: Path) -> bool:
+    """A metrics file alnet wrote (evaluate's --out): a JSON object with `protocol` and `folds`."""
+    import json
+
+    try:
+        content = json.loads(path.read_text())
+        return isinstance(content, dict) and {"protocol", "folds"} <= set(content)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
 
 
 def _train(config, data: Path, run_dir: Path, cache, workers, resume: bool, progress: bool) -> dict:
@@ -127,7 +139,9 @@ def evaluate(
                                                "by default: they would inflate every metric).")] = False,
     cache: CacheOption = None,
     workers: WorkersOption = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Write the metrics as JSON here.")] = None,
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="Write the metrics as JSON here (default for a run: RUN/evaluation.json).")] = None,
+    force: Annotated[bool, typer.Option(help="Replace --out even if it is not an alnet metrics file.")] = False,
     progress: ProgressOption = True,
 ):
     """Re-test a finished run's checkpoints, or test one checkpoint on a dataset."""
@@ -136,6 +150,8 @@ def evaluate(
     from ..train.module import module_from_checkpoint
     from ..train.rundir import RunDir
 
+    if out_file is not None:  # checked before the work, not after
+        check_output(out_file, force, _is_metrics_json(out_file), inputs=(target,))
     if target.is_dir():
         run = RunDir(target)
         if not run.exists():
@@ -249,13 +265,13 @@ def demo(
 
     start = time.perf_counter()
     data = out_dir / "synthetic-data"
+    run = RunDir(out_dir / "run")
+    if run.path.exists() and not (run.exists() and run.data_root() == data.resolve()):  # before writing data
+        fail(f"{run}: exists and is not this demo's earlier run; move it away or pick another --out")
     if not (data / "C-NMC_Leukemia").is_dir():
         say(f"writing a synthetic C-NMC dataset to {data} (synthetic cells, not real microscopy)")
         write_dataset(data, n_subjects=8, cells_per_subject=10, prelim_subjects=2, final_images=4, seed=0)
-    run = RunDir(out_dir / "run")
-    if run.path.exists():
-        if not run.exists():  # never delete a folder alnet did not write
-            fail(f"{run}: exists and is not an alnet run directory; move it away or pick another --out")
+    if run.path.exists():  # this demo's own earlier run (checked above)
         say(f"replacing the previous demo run in {run}")
         shutil.rmtree(run.path)
     # Small data, few steps: batches of 16 and faster BatchNorm statistics than Keras' 0.99 (which needs a few

@@ -17,7 +17,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
+import socket
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -102,10 +104,13 @@ def _check_writable(cache_dir: Path) -> None:
 
 
 def _remove_stale_builds(cache_dir: Path) -> None:
-    """Remove the temporary folders of builds whose process is gone (killed, or the machine went down)."""
-    for folder in cache_dir.glob(f".*{TMP_MARK}*"):
-        pid = folder.name.rsplit(TMP_MARK, 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+    """Remove the temporary folders of this machine's builds whose process is gone (killed, or the machine went
+    down). Only folders named exactly as `prepare` names them, and started on this host (a cache folder may be
+    shared between machines), are touched."""
+    pattern = re.compile(rf"^\.[0-9a-f]{{24}}{re.escape(TMP_MARK)}{re.escape(socket.gethostname())}-(\d+)$")
+    for folder in cache_dir.iterdir():
+        match = pattern.match(folder.name)
+        if match and folder.is_dir() and not _alive(int(match.group(1))):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -175,7 +180,7 @@ def prepare(
     _check_free_space(cache_dir, int(np.prod(shape)))
 
     workers = workers or len(os.sched_getaffinity(0))
-    tmp = cache_dir / f".{key}{TMP_MARK}{os.getpid()}"
+    tmp = cache_dir / f".{key}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -224,6 +229,7 @@ def prepare(
             full = np.load(array_path, mmap_mode="r")
             compact = np.lib.format.open_memmap(tmp / "compact.npy", mode="w+", dtype=np.uint8,
                                                 shape=(len(kept),) + full.shape[1:])
+            _reserve(tmp / "compact.npy")  # a full disk: ENOSPC here, not SIGBUS while copying
             for start in range(0, len(kept), 1024):
                 compact[start:start + 1024] = full[kept[start:start + 1024]]
             compact.flush()

@@ -96,7 +96,8 @@ def _images_below(folder: Path) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(folder, followlinks=False):
         dirs.sort()
-        found += [Path(parent) / name for name in sorted(files) if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+        found += [Path(parent) / name for name in sorted(files)
+                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and (Path(parent) / name).is_file()]  # no FIFOs
     return found
 
 

@@ -16,8 +16,10 @@ is a 4xx JSON body {"error": "..."}. `port_in_use` lets the command check its po
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import errno
+import html
 import io
 import os
 import socket
@@ -45,8 +47,10 @@ MAX_BYTES = 10 * 2**20  # the largest image file accepted
 MULTIPART_ALLOWANCE = 64 * 2**10  # boundaries, part headers and small fields around the file, beyond MAX_BYTES
 MAX_PIXELS = 16_000_000  # C-NMC cells are 450×450 or 600×600; a picture this large is not one cell
 DECODES_IN_FLIGHT = 2  # decoded pictures held at once, whatever the number of concurrent requests
-IMAGE_TYPES = {"image/bmp", "image/x-ms-bmp", "image/png", "image/jpeg", "image/tiff", "image/webp",
-               "application/octet-stream"}  # some clients send no specific type: the decoder decides
+# Declared types: any image/* (clients spell them many ways), or no specific type; the decoded format decides.
+OPAQUE_TYPES = {"application/octet-stream", "binary/octet-stream"}
+BODIES_IN_FLIGHT = 16  # upload bodies held in memory at once: bounds what slow or stalled clients can hold
+BODY_SECONDS = 60  # an upload must arrive within this time
 IMAGE_FORMATS = {"BMP", "PNG", "JPEG", "MPO", "TIFF", "WEBP"}  # Pillow's names; MPO: a camera JPEG with extras
 KINDS = "BMP, PNG, JPEG, TIFF or WebP"
 MISSING_FILE = "send the image as multipart form field `file`"
@@ -102,6 +106,7 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     predictor = load_predictor(checkpoint)
     lock = threading.Lock()  # one inference at a time: torch already uses every core for one batch
     decoding = threading.BoundedSemaphore(DECODES_IN_FLIGHT)  # bounds the memory decoded pictures hold
+    receiving = asyncio.Semaphore(BODIES_IN_FLIGHT)  # bounds the memory upload bodies hold
     body_limit = max_bytes + MULTIPART_ALLOWANCE
     too_large = f"larger than {_size(max_bytes)}; send one cell image"
     app = FastAPI(title="alnet", description="ALL vs HEM classification of single white-blood-cell images.")
@@ -131,7 +136,9 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
-        return (PAGE.replace("__MODEL__", predictor.model_name).replace("__CHECKPOINT__", checkpoint.name)
+        # Names come from files a user hands in (ONNX metadata, file names): escaped, never markup.
+        return (PAGE.replace("__MODEL__", html.escape(predictor.model_name))
+                .replace("__CHECKPOINT__", html.escape(checkpoint.name))
                 .replace("__MAX_BYTES__", str(max_bytes)).replace("__MAX_SIZE__", _size(max_bytes)))
 
     @app.get("/health")
@@ -149,14 +156,20 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(413, f"upload of {int(declared):,} bytes is {too_large}", headers=CLOSE)
         if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             raise HTTPException(422, MISSING_FILE, headers=CLOSE)
-        form = await _read_form(request, body_limit, too_large)
+        if receiving.locked():
+            raise HTTPException(503, "too many uploads in progress; try again in a moment", headers=CLOSE)
+        async with receiving:
+            try:
+                form = await asyncio.wait_for(_read_form(request, body_limit, too_large), BODY_SECONDS)
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the upload did not arrive within {BODY_SECONDS} s", headers=CLOSE)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise HTTPException(422, MISSING_FILE)
         name = upload.filename or "upload"
-        if upload.content_type and upload.content_type not in IMAGE_TYPES:
-            raise HTTPException(415, f"{name}: {upload.content_type} is not an image type; send a {KINDS} cell "
-                                     "image")
+        declared_type = (upload.content_type or "").split(";")[0].strip().lower()
+        if declared_type and not (declared_type.startswith("image/") or declared_type in OPAQUE_TYPES):
+            raise HTTPException(415, f"{name}: {declared_type} is not an image type; send a {KINDS} cell image")
         data = upload.file.read()  # in memory: the parser never spools past the body limit
         await form.close()
         if len(data) > max_bytes:

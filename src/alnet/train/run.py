@@ -7,6 +7,7 @@ folds are kept, an unfinished one continues from its last checkpoint, and the re
 
 from __future__ import annotations
 
+import os
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -97,8 +98,14 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
     # Checkpoints are read as tensors and plain containers only (docs/design.md, "The run directory").
     trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
     history = [{"fold": split.name, **h} for h in module.history]  # testing below loads the chosen checkpoint
-    chosen = keep[-1].best_model_path or str(last)
-    trainer.test(module, datamodule=data, ckpt_path=chosen, verbose=False, weights_only=True)
+    # The best checkpoint as a name in this run's folder: a resumed copy of a run must not test the original's.
+    best = keep[-1].best_model_path
+    chosen = checkpoints / Path(best).name if best else last
+    try:
+        read_checkpoint(chosen)
+    except CheckpointError as err:
+        raise RunError(f"{err}; to retrain fold {split.name}, delete {checkpoints}") from None
+    trainer.test(module, datamodule=data, ckpt_path=str(chosen), verbose=False, weights_only=True)
     rows = prediction_rows(split.name, job.cells, module.test_predictions)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
@@ -127,7 +134,10 @@ def train_run(
         config = RunConfig.from_yaml(run.config)
     elif is_main_process() and run.exists():  # DDP ranks > 0 start after rank 0 wrote it
         raise RunError(f"{run}: a run already lives here; continue it with --resume {run} or pick another --out")
+    elif is_main_process() and run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
+        raise RunError(f"{run}: exists and is not an empty folder; pick a new or empty folder for --out")
     config.validate()
+    _check_devices(config)
     if not resume:
         try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
             create_model_from(config)  # anything is written: a failed start leaves no folder that blocks --out
@@ -176,6 +186,21 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result
+
+
+def _check_devices(config: RunConfig) -> None:
+    """Settings only this machine and Lightning can judge, checked before anything is written."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if config.strategy != "auto" and config.strategy not in StrategyRegistry:
+        raise RunError(f"strategy {config.strategy!r} is not one Lightning knows; use auto or ddp")
+    cuda = torch.cuda.is_available()
+    if config.accelerator in ("gpu", "cuda") and not cuda:
+        raise RunError(f"accelerator {config.accelerator} asked for, but this machine has no CUDA GPU; use auto")
+    available = torch.cuda.device_count() if cuda and config.accelerator != "cpu" else len(os.sched_getaffinity(0))
+    if config.devices > available:
+        raise RunError(f"devices {config.devices} is more than this machine has ({available} "
+                       f"{'GPUs' if cuda and config.accelerator != 'cpu' else 'cores'})")
 
 
 def _check_same_data(run: RunDir, prepared: Prepared) -> None:
