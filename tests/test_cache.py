@@ -153,13 +153,18 @@ def test_too_little_free_space_is_refused_before_anything_is_written(synthetic_r
     assert list(cache.iterdir()) == []
 
 
-def test_a_build_left_by_a_killed_run_is_removed(synthetic_root, tmp_path):
+def test_a_build_left_by_a_killed_run_is_removed_and_nothing_else(synthetic_root, tmp_path):
+    import socket
+
     cache = tmp_path / "cache"
-    stale = cache / ".0123abcd.tmp-999999999"  # no such process
-    stale.mkdir(parents=True)
-    (stale / "images.npy").write_bytes(b"\0" * 1000)
+    stale = cache / f".{'0123abcd' * 3}.tmp-{socket.gethostname()}-999999999"  # this host, no such process
+    other_host = cache / f".{'0123abcd' * 3}.tmp-another-machine-999999999"  # may still be running there
+    users = cache / ".photos.tmp-4242"  # looks alike, is not ours
+    for folder in (stale, other_host, users):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"\0" * 1000)
     prepare(scan(synthetic_root).cells, cache)
-    assert not stale.exists()
+    assert not stale.exists() and other_host.exists() and users.exists()
 
 
 def _die_after_the_first_chunk(job):
