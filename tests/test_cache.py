@@ -189,3 +189,22 @@ def test_a_decoding_process_that_dies_stops_the_build_with_a_message(synthetic_c
     with pytest.raises(PrepareError, match="a decoding process died"):
         prepare(scan(synthetic_copy).cells, cache, workers=2)
     assert list(cache.iterdir()) == []
+
+
+def test_a_damaged_cache_is_built_again_not_trusted(synthetic_root, tmp_path):
+    cells = scan(synthetic_root).cells
+    first = prepare(cells, tmp_path)
+    expected, array = np.array(first.images), first.path / "images.npy"
+    del first  # its memory map would see the file cut short
+    array.write_bytes(array.read_bytes()[:1000])  # cut short (a full disk, an interrupted copy)
+    again = prepare(cells, tmp_path)
+    assert not again.reused
+    np.testing.assert_array_equal(again.images, expected)
+
+
+def test_prepare_refuses_sizes_and_crops_that_make_no_image(synthetic_root, tmp_path):
+    runner = CliRunner()
+    for option in (["--size", "0"], ["--crop", "2"], ["--crop", "0"]):
+        result = runner.invoke(app, ["prepare", str(synthetic_root), "--cache", str(tmp_path), *option])
+        assert result.exit_code == 2 and option[0] in result.output
+    assert list(tmp_path.iterdir()) == []

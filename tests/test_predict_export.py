@@ -193,3 +193,25 @@ def test_a_checkpoint_is_read_without_unpickling_objects(tmp_path, mini_checkpoi
     with pytest.raises(CheckpointError, match="not an alnet checkpoint"):
         load_trained_model(hostile)
     assert not marker.exists()
+
+
+def test_hostile_metadata_in_a_model_file_is_a_one_line_error(tmp_path, mini_checkpoint, mini_root):
+    import torch
+
+    path = export_onnx(mini_checkpoint, tmp_path / "m.onnx")
+    for value in ("{}", "[1, 2]", "not json", '{"size": 60000, "crop": 1.0}', '{"size": 136, "crop": 0}'):
+        model = onnx.load(str(path))
+        for entry in model.metadata_props:
+            if entry.key == "alnet_preprocessing":
+                entry.value = value
+        onnx.save(model, str(tmp_path / "bad.onnx"))
+        with pytest.raises(ValueError, match="bad.onnx: .*preprocessing.*export the model again"):
+            load_predictor(tmp_path / "bad.onnx")
+
+    from alnet.checkpoint import CheckpointError, load_trained_model
+
+    checkpoint = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["seen_subjects"] = 5
+    torch.save(checkpoint, tmp_path / "odd.ckpt")
+    with pytest.raises(CheckpointError, match="odd.ckpt: not an alnet checkpoint this version can read"):
+        load_trained_model(tmp_path / "odd.ckpt")

@@ -81,7 +81,10 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         weights = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items()
                    if k.startswith(MODEL_PREFIX)}
         model.load_state_dict(weights)
-    except (ConfigError, TypeError, ValueError, RuntimeError) as err:
+        seen = hparams.get("seen_subjects") or []
+        if not (isinstance(seen, list) and all(isinstance(subject, str) for subject in seen)):
+            raise TypeError("seen_subjects is not a list of subject ids")
+    except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
-    return TrainedModel(model.float().eval(), hparams["config"], path, list(hparams.get("seen_subjects") or []))
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen))

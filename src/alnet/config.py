@@ -138,7 +138,7 @@ class RunConfig:
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.rotation >= 0 and 0 <= self.zoom < 1 and 0 <= self.contrast < 1,
              "rotation must be at least 0, zoom and contrast in [0, 1)"),
-            (0 < self.crop <= 1, "crop must be in (0, 1]"),
+            (0.05 <= self.crop <= 1, "crop must be in [0.05, 1]"),
             (0 <= self.bn_momentum < 1, "bn_momentum must be in [0, 1)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}"),

@@ -56,8 +56,9 @@ def info(
 def prepare(
     data_root: DataRoot,
     cache: CacheOption = None,
-    size: Annotated[int, typer.Option(help="Side of the stored square images, in pixels.")] = 224,
-    crop: Annotated[float, typer.Option(help="Fraction of the short side kept by the centre crop.")] = 1.0,
+    size: Annotated[int, typer.Option(min=32, max=4096, help="Side of the stored square images, in pixels.")] = 224,
+    crop: Annotated[float, typer.Option(min=0.05, max=1.0,
+                                        help="Fraction of the short side kept by the centre crop.")] = 1.0,
     workers: WorkersOption = None,
     strict: Annotated[bool, typer.Option(help="Stop at the first unreadable image instead of skipping it.")] = False,
     progress: ProgressOption = True,

@@ -144,14 +144,20 @@ def load_cache(path: Path | str) -> Prepared:
     index_path = path / "index.json"
     if not index_path.is_file():
         raise PrepareError(f"{path}: not a finished alnet cache (no index.json); run `alnet prepare` again")
-    index = json.loads(index_path.read_text())
-    if index.get("format_version") != FORMAT_VERSION:
-        raise PrepareError(f"{path}: cache format {index.get('format_version')} is not {FORMAT_VERSION}; "
-                           "run `alnet prepare` again")
-    images = np.load(path / "images.npy", mmap_mode="r")
-    cells = [Cell(Path(c["path"]), c["label"], c["subject"], c["fold"], c["split"]) for c in index["cells"]]
-    skipped = [Problem(Path(p["path"]), p["message"]) for p in index["skipped"]]
-    return Prepared(images, cells, skipped, index["notes"], Preprocessing(**index["params"]), path, reused=True)
+    try:
+        index = json.loads(index_path.read_text())
+        if index.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format {index.get('format_version')}, not {FORMAT_VERSION}")
+        images = np.load(path / "images.npy", mmap_mode="r", allow_pickle=False)
+        cells = [Cell(Path(c["path"]), c["label"], c["subject"], c["fold"], c["split"]) for c in index["cells"]]
+        skipped = [Problem(Path(p["path"]), p["message"]) for p in index["skipped"]]
+        if images.shape[0] != len(cells):
+            raise ValueError(f"{images.shape[0]} images for {len(cells)} index entries")
+        preprocessing = Preprocessing(**index["params"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PrepareError(f"{path}: a damaged cache ({type(err).__name__}: {err}); delete this folder and run "
+                           "`alnet prepare` again") from None
+    return Prepared(images, cells, skipped, index["notes"], preprocessing, path, reused=True)
 
 
 def prepare(
@@ -173,7 +179,10 @@ def prepare(
         raise PrepareError(f"{err.filename}: cannot read the file ({err.strerror}); check the dataset") from None
     final = cache_dir / key
     if (final / "index.json").is_file():
-        return load_cache(final)
+        try:
+            return load_cache(final)
+        except PrepareError:  # damaged after it was built (a cut copy, a full disk): built again below
+            shutil.rmtree(final, ignore_errors=True)
     _check_writable(cache_dir)
     _remove_stale_builds(cache_dir)
     shape = (len(cells), preprocessing.size, preprocessing.size, 3)

@@ -32,6 +32,8 @@ REDUCING_GAP = 1.0
 WIDE_MODES = {"I;16", "I;16B", "I;16L", "I"}
 FULL_16_BIT = 65535
 
+MAX_SIZE = 4096  # the largest side a model input may ask for (a cell image is 450 px)
+
 DESCRIPTION = ("RGB image; centre crop to a square of `crop` × the short side; resize to size×size (Pillow "
                "bilinear, reducing_gap 1.0); float32 N×3×H×W in [0, 1] (value / 255). Model-specific "
                "normalisation (ImageNet for baselines) happens inside the graph.")
@@ -48,8 +50,15 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, text: str) -> "Preprocessing":
-        data = json.loads(text)
-        return cls(size=int(data["size"]), crop=float(data["crop"]))
+        """From a model file's metadata, which may be hostile: a ValueError unless size and crop are sane."""
+        try:
+            data = json.loads(text)
+            size, crop = int(data["size"]), float(data["crop"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"unreadable preprocessing ({type(err).__name__})") from None
+        if not (32 <= size <= MAX_SIZE and 0.05 <= crop <= 1):
+            raise ValueError(f"preprocessing out of range (size {size}, crop {crop})")
+        return cls(size=size, crop=crop)
 
 
 def _to_8_bit(image: Image.Image) -> tuple[Image.Image, str]:

@@ -81,7 +81,10 @@ def _onnx_predictor(path: Path) -> Predictor:
     meta = session.get_modelmeta().custom_metadata_map
     if ONNX_METADATA["preprocessing"] not in meta:
         raise ValueError(f"{path}: not an ONNX model written by `alnet export` (no preprocessing metadata)")
-    preprocessing = Preprocessing.from_json(meta[ONNX_METADATA["preprocessing"]])
+    try:
+        preprocessing = Preprocessing.from_json(meta[ONNX_METADATA["preprocessing"]])
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
     input_name = session.get_inputs()[0].name
 
     def probabilities(images: np.ndarray) -> np.ndarray:
