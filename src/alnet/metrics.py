@@ -16,6 +16,12 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b else float("nan")
 
 
+def columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, P(ALL)) of prediction rows (predictions.csv's `label` and `probability_all`)."""
+    return (np.array([int(r["label"]) for r in rows], dtype=int),
+            np.array([float(r["probability_all"]) for r in rows], dtype=float))
+
+
 def confusion(labels, predicted) -> dict[str, int]:
     labels, predicted = np.asarray(labels).astype(int), np.asarray(predicted).astype(int)
     return {

@@ -17,9 +17,10 @@ console = Console(stderr=True)  # messages, progress, problems
 out = Console()  # results: tables and what was written where
 
 
-def fail(message: str) -> None:
+def fail(message: str, code: int = 2) -> None:
+    """`error: <message>` on stderr and exit: status 2 for a usage or input error, 1 for work that failed."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=code)
 
 
 def say(message: str) -> None:

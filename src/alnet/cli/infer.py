@@ -40,6 +40,7 @@ def explain(
     import torch
 
     from ..checkpoint import load_trained_model
+    from ..data.transforms import as_batch
     from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
     from ..labels import name_of
 
@@ -51,8 +52,6 @@ def explain(
         pixels = read_image(image, trained.preprocessing)
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
-    from ..data.transforms import as_batch
-
     with torch.no_grad():
         probability = float(trained.probability_all(trained.model(as_batch(pixels)))[0])
     result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)} ({trained.name}, {checkpoint})")
@@ -113,9 +112,7 @@ def predict(
                                      progress=lambda done, total: bar.update(task, completed=done))
     print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
     if not rows:
-        console.print(f"[bold red]error:[/] none of the {len(files)} image(s) could be classified; {out_file} "
-                      "was not written", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=1)
+        fail(f"none of the {len(files)} image(s) could be classified; {out_file} was not written", code=1)
     with open(out_file, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
         writer.writeheader()

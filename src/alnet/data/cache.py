@@ -33,7 +33,8 @@ from .cnmc import Cell, Problem
 from .transforms import Preprocessing, load_image
 
 FORMAT_VERSION = 1
-TMP_MARK = ".tmp-"  # a build in progress: `.<key>.tmp-<pid>`, renamed to `<key>` when complete
+KEY_LENGTH = 24  # hex digits of a cache key, the name of a finished cache folder
+TMP_MARK = ".tmp-"  # a build in progress: `.<key>.tmp-<host>-<pid>`, renamed to `<key>` when complete
 SPACE_MARGIN = 64 * 2**20  # bytes kept free beyond the array (index, compaction of skipped rows)
 
 
@@ -72,7 +73,7 @@ def cache_key(cells: list[Cell], preprocessing: Preprocessing) -> str:
             f"{cell.path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{cell.label}|{cell.subject}|{cell.fold}|"
             f"{cell.split}\n".encode()
         )
-    return digest.hexdigest()[:24]
+    return digest.hexdigest()[:KEY_LENGTH]
 
 
 def _decode_chunk(job: tuple[str, list[tuple[int, str]], Preprocessing]) -> list[tuple[int, str | None, list]]:
@@ -103,11 +104,17 @@ def _check_writable(cache_dir: Path) -> None:
         ) from None
 
 
+def _build_folder(cache_dir: Path, key: str) -> Path:
+    """Where this process builds the cache of `key` before renaming it into place (`_remove_stale_builds` reads
+    the same name back)."""
+    return cache_dir / f".{key}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
+
+
 def _remove_stale_builds(cache_dir: Path) -> None:
     """Remove the temporary folders of this machine's builds whose process is gone (killed, or the machine went
     down). Only folders named exactly as `prepare` names them, and started on this host (a cache folder may be
     shared between machines), are touched."""
-    pattern = re.compile(rf"^\.[0-9a-f]{{24}}{re.escape(TMP_MARK)}{re.escape(socket.gethostname())}-(\d+)$")
+    pattern = re.compile(rf"^\.[0-9a-f]{{{KEY_LENGTH}}}{re.escape(TMP_MARK)}{re.escape(socket.gethostname())}-(\d+)$")
     for folder in cache_dir.iterdir():
         match = pattern.match(folder.name)
         if match and folder.is_dir() and not _alive(int(match.group(1))):
@@ -189,7 +196,7 @@ def prepare(
     _check_free_space(cache_dir, int(np.prod(shape)))
 
     workers = workers or len(os.sched_getaffinity(0))
-    tmp = cache_dir / f".{key}{TMP_MARK}{socket.gethostname()}-{os.getpid()}"
+    tmp = _build_folder(cache_dir, key)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:

@@ -47,6 +47,11 @@ class Predictor:
         return np.mean([self.probabilities(np.ascontiguousarray(v)) for v in variants], axis=0)
 
 
+def _floats(images: np.ndarray) -> torch.Tensor:
+    """A uint8 N×H×W×3 batch (any view, e.g. a flipped one) → the float N×3×H×W model input."""
+    return to_float(torch.from_numpy(np.require(images, requirements=["C", "W"])))
+
+
 def load_predictor(path: Path | str, precision: str | None = None) -> Predictor:
     """`precision` overrides the checkpoint's (e.g. "32" for exact fp32 arithmetic)."""
     path = Path(path)
@@ -61,7 +66,7 @@ def load_predictor(path: Path | str, precision: str | None = None) -> Predictor:
 
     @torch.no_grad()
     def probabilities(images: np.ndarray) -> np.ndarray:
-        x = runs_as.input(to_float(torch.from_numpy(np.require(images, requirements=["C", "W"]))))
+        x = runs_as.input(_floats(images))
         with runs_as.autocast():
             return trained.probability_all(model(x)).float().numpy()
 
@@ -88,7 +93,7 @@ def _onnx_predictor(path: Path) -> Predictor:
     input_name = session.get_inputs()[0].name
 
     def probabilities(images: np.ndarray) -> np.ndarray:
-        x = to_float(torch.from_numpy(np.require(images, requirements=["C", "W"]))).contiguous().numpy()
+        x = _floats(images).contiguous().numpy()
         return session.run(None, {input_name: x})[0].astype(np.float32)
 
     return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, probabilities)

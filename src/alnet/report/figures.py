@@ -72,8 +72,7 @@ def write_run_figures(out: Path, predictions: dict[str, list[dict]], history: li
     written = []
     curves = {}
     for fold, rows in predictions.items():
-        labels = np.array([int(r["label"]) for r in rows])
-        probs = np.array([float(r["probability_all"]) for r in rows])
+        labels, probs = M.columns(rows)
         curves[fold] = (labels, probs)
         fold_history = [h for h in history if h["fold"] == fold]
         if fold_history:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .. import metrics as M
 from ..config import RunConfig
 from ..data.cnmc import Cell
@@ -22,14 +20,8 @@ def prediction_rows(split_name: str, cells: list[Cell], predictions: dict) -> li
     ]
 
 
-def columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, P(ALL)) of prediction rows."""
-    return (np.array([int(r["label"]) for r in rows], dtype=int),
-            np.array([float(r["probability_all"]) for r in rows], dtype=float))
-
-
 def fold_metrics(rows: list[dict]) -> dict:
-    return M.evaluate(*columns(rows))
+    return M.evaluate(*M.columns(rows))
 
 
 def json_safe(value):
@@ -64,7 +56,7 @@ def subject_rows(predictions: dict[str, list[dict]]) -> list[dict]:
     """subjects.csv: per test set and subject, images, mean P(ALL), share called ALL, accuracy."""
     rows = []
     for fold, fold_rows in predictions.items():
-        labels, probs = columns(fold_rows)
+        labels, probs = M.columns(fold_rows)
         for row in M.per_subject([r["subject"] for r in fold_rows], labels, probs):
             rows.append({"fold": fold, **row})
     return rows

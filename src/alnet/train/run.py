@@ -23,7 +23,7 @@ from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
-from ..device import threads_per_process
+from ..device import resolve_precision, threads_per_process
 from ..models import WeightsError, create_model_from
 from .batches import CellData, tensors, world
 from .module import build_module
@@ -194,13 +194,13 @@ def _check_devices(config: RunConfig) -> None:
 
     if config.strategy != "auto" and config.strategy not in StrategyRegistry:
         raise RunError(f"strategy {config.strategy!r} is not one Lightning knows; use auto or ddp")
-    cuda = torch.cuda.is_available()
-    if config.accelerator in ("gpu", "cuda") and not cuda:
+    on_gpu = resolve_precision(config.precision, config.accelerator).accelerator == "gpu"
+    if config.accelerator in ("gpu", "cuda") and not on_gpu:
         raise RunError(f"accelerator {config.accelerator} asked for, but this machine has no CUDA GPU; use auto")
-    available = torch.cuda.device_count() if cuda and config.accelerator != "cpu" else len(os.sched_getaffinity(0))
+    available = torch.cuda.device_count() if on_gpu else len(os.sched_getaffinity(0))
     if config.devices > available:
         raise RunError(f"devices {config.devices} is more than this machine has ({available} "
-                       f"{'GPUs' if cuda and config.accelerator != 'cpu' else 'cores'})")
+                       f"{'GPUs' if on_gpu else 'cores'})")
 
 
 def _check_same_data(run: RunDir, prepared: Prepared) -> None:
