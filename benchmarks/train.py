@@ -2,13 +2,17 @@
 
 Ours: images decoded once into the uint8 cache, whole batches gathered from memory, augmentation on the
 device, Lightning with the default precision (bf16 autocast + channels-last on CPUs with bf16).
-Plain: torchvision ImageFolder + PIL transforms in a DataLoader, fp32 eager, a hand-written loop — measured with
-0 and with 2 loader workers; the faster of the two is the baseline (the conservative ratio).
+Plain: torchvision ImageFolder + PIL transforms in a DataLoader, fp32 eager, a hand-written loop, on the same
+device — measured with each of --workers loader workers (default 0 and 2); the fastest is the baseline (the
+conservative ratio).
 
 Prints one JSON line: train_images_per_s, baseline_train_images_per_s, train_ratio, infer_images_per_s,
 baseline_infer_images_per_s, infer_ratio (and the settings). The cache build is not timed (it happens once per
 dataset; benchmarks/prepare.py measures it).
-Usage: python benchmarks/train.py [--data DIR] [--images 256] [--epochs 3] [--batch-size 32]
+Usage: python benchmarks/train.py [--data DIR] [--images 256] [--repeat 1] [--epochs 3] [--batch-size 32]
+       [--workers 0,2]
+On a GPU, --repeat K makes each epoch K passes over the images (both pipelines), so that an epoch lasts long
+enough to time without synthesising thousands of files.
 """
 
 import argparse
@@ -45,15 +49,17 @@ class EpochTimer(Callback):
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, module):
+        _sync("cuda" if torch.cuda.is_available() else "cpu")
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def ours(prepared, epochs: int, batch_size: int) -> tuple[float, float, str]:
+def ours(prepared, epochs: int, batch_size: int, repeat: int = 1) -> tuple[float, float, str]:
     quiet_lightning()
     config = RunConfig(epochs=epochs, batch_size=batch_size)
     path = resolve_precision(config.precision, config.accelerator)
     accelerator, precision = path.accelerator, path.lightning
     images, labels = tensors(prepared)
+    images, labels = images.repeat(repeat, 1, 1, 1), labels.repeat(repeat)
     rows = np.arange(len(prepared.cells))
     module = build_module(config, [])
     timer = EpochTimer()
@@ -70,44 +76,54 @@ def ours(prepared, epochs: int, batch_size: int) -> tuple[float, float, str]:
     return train_rate, len(rows) / (time.perf_counter() - start), precision
 
 
-def plain_datasets(training_root: Path, train: bool):
+def plain_datasets(training_root: Path, train: bool, repeat: int = 1):
     steps = [transforms.Resize((224, 224))]
     if train:
         steps += [transforms.RandomRotation(15), transforms.RandomHorizontalFlip(),
                   transforms.RandomAffine(0, scale=(0.9, 1.1)), transforms.ColorJitter(contrast=0.2)]
     transform = transforms.Compose(steps + [transforms.ToTensor()])
     folds = sorted(p for p in training_root.iterdir() if p.name.startswith("fold_"))
-    return ConcatDataset([datasets.ImageFolder(str(f), transform=transform) for f in folds])
+    return ConcatDataset([datasets.ImageFolder(str(f), transform=transform) for f in folds] * repeat)
 
 
-def plain(training_root: Path, epochs: int, batch_size: int, workers: int) -> tuple[float, float]:
-    """What a first script does: ImageFolder + PIL, fp32, eager, a hand-written loop."""
+def plain(training_root: Path, epochs: int, batch_size: int, workers: int, device: str = "cpu",
+          repeat: int = 1) -> tuple[float, float]:
+    """What a first script does: ImageFolder + PIL, fp32, eager, a hand-written loop (on `device`)."""
     torch.manual_seed(0)
-    model = create_model("alnet")
+    model = create_model("alnet").to(device)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-4, alpha=0.9, eps=1e-7)
-    loader = DataLoader(plain_datasets(training_root, True), batch_size=batch_size, shuffle=True,
-                        num_workers=workers)
+    loader = DataLoader(plain_datasets(training_root, True, repeat), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, pin_memory=device == "cuda")
     seconds = []
     for _ in range(epochs):
         start, seen = time.perf_counter(), 0
         model.train()
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 model(x), torch.nn.functional.one_hot(y, 2).float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             seen += len(y)
+        _sync(device)
         seconds.append(time.perf_counter() - start)
     train_rate = seen / np.median(seconds[1:] or seconds)
     model.eval()
-    loader = DataLoader(plain_datasets(training_root, False), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(plain_datasets(training_root, False, repeat), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device == "cuda")
     start, seen = time.perf_counter(), 0
     with torch.no_grad():
         for x, _ in loader:
-            torch.sigmoid(model(x))
+            torch.sigmoid(model(x.to(device, non_blocking=True)))
             seen += len(x)
+    _sync(device)
     return train_rate, seen / (time.perf_counter() - start)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()  # kernels run asynchronously: time what finished, not what was queued
 
 
 def main():
@@ -116,20 +132,25 @@ def main():
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the images per epoch")
+    parser.add_argument("--workers", default="0,2", help="loader workers of the plain pipeline, comma-separated")
     args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or write_dataset(Path(tmp) / "synthetic", n_subjects=max(1, args.images // 20),
                                           cells_per_subject=10, prelim_subjects=0, final_images=0)
         dataset = scan(root)
         cells = dataset.select(split="train")
         prepared = prepare(cells, Path(tmp) / "cache")
-        train_rate, infer_rate, precision = ours(prepared, args.epochs, args.batch_size)
-        baselines = {w: plain(dataset.layout.training, max(2, args.epochs - 1), args.batch_size, w) for w in (0, 2)}
+        train_rate, infer_rate, precision = ours(prepared, args.epochs, args.batch_size, args.repeat)
+        baselines = {w: plain(dataset.layout.training, max(2, args.epochs - 1), args.batch_size, w, device,
+                              args.repeat) for w in workers}
     best = max(baselines.values(), key=lambda rates: rates[0])
     best_infer = max(rates[1] for rates in baselines.values())
     print(json.dumps({
-        "images": len(cells), "batch_size": args.batch_size, "precision": precision,
-        "device": "cuda" if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads(),
+        "images": len(cells) * args.repeat, "batch_size": args.batch_size, "precision": precision,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
         "train_images_per_s": round(train_rate, 1), "baseline_train_images_per_s": round(best[0], 1),
         "train_ratio": round(train_rate / best[0], 2),
         "infer_images_per_s": round(infer_rate, 1), "baseline_infer_images_per_s": round(best_infer, 1),

@@ -72,7 +72,8 @@ def gradcam_overlay(model: nn.Module, model_name: str, pixels: np.ndarray, layer
     if layer not in modules:
         raise ValueError(f"unknown layer {layer!r} for Grad-CAM; for example {', '.join(list(modules)[1:8])}")
     model.eval()
-    x = as_batch(pixels).requires_grad_(True)  # a frozen backbone still needs gradients to flow to its activations
+    device = next(model.parameters()).device  # the model may live on the GPU (`serve` on CUDA)
+    x = as_batch(pixels).to(device).requires_grad_(True)  # a frozen backbone still needs gradients to flow to its activations
     with GradCAM(model=model, target_layers=[modules[layer]]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
     return show_cam_on_image(pixels.astype(np.float32) / 255, heat, use_rgb=True), layer

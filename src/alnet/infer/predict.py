@@ -47,28 +47,31 @@ class Predictor:
         return np.mean([self.probabilities(np.ascontiguousarray(v)) for v in variants], axis=0)
 
 
-def _floats(images: np.ndarray) -> torch.Tensor:
-    """A uint8 N×H×W×3 batch (any view, e.g. a flipped one) → the float N×3×H×W model input."""
-    return to_float(torch.from_numpy(np.require(images, requirements=["C", "W"])))
+def _floats(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uint8 N×H×W×3 batch (any view, e.g. a flipped one) → the float N×3×H×W model input on `device`
+    (sent as uint8, a quarter of the bytes, and converted there)."""
+    return to_float(torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device))
 
 
-def load_predictor(path: Path | str, precision: str | None = None) -> Predictor:
-    """`precision` overrides the checkpoint's (e.g. "32" for exact fp32 arithmetic)."""
+def load_predictor(path: Path | str, precision: str | None = None, accelerator: str = "auto") -> Predictor:
+    """`precision` overrides the checkpoint's (e.g. "32" for exact fp32 arithmetic); `accelerator` "auto" runs
+    a checkpoint on the GPU when there is one (bf16 AMP, channels-last), "cpu" keeps it on the CPU."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         return _onnx_predictor(path)
     trained = load_trained_model(path)
-    # Prediction runs on the CPU, in the precision the run trained with unless told otherwise.
-    runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator="cpu")
-    model = trained.model
+    # The precision the run trained with unless told otherwise, on the device this machine offers.
+    runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator)
+    device = torch.device(runs_as.device_type)
+    model = trained.model.to(device)
     if runs_as.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
     def probabilities(images: np.ndarray) -> np.ndarray:
-        x = runs_as.input(_floats(images))
+        x = runs_as.input(_floats(images, device))
         with runs_as.autocast():
-            return trained.probability_all(model(x)).float().numpy()
+            return trained.probability_all(model(x)).float().cpu().numpy()
 
     return Predictor(path, trained.name, trained.preprocessing, probabilities, trained)
 
