@@ -1,6 +1,6 @@
 """The `alnet` command. Thin by design: each command parses its options, calls the package and prints.
 
-Commands are grouped by what they work on: `data.py` (info, prepare, synth), `train.py` (train, evaluate,
+Commands are grouped by what they work on: `data.py` (info, verify, prepare, synth), `train.py` (train, evaluate,
 compare, tune, demo) and `infer.py` (predict, explain, export, serve); `common.py` holds what they share.
 """
 
@@ -11,7 +11,7 @@ import typer
 from . import data, infer, train
 
 app = typer.Typer(
-    help="ALNet for C-NMC 2019 cell images (ALL vs HEM): prepare data, train and evaluate (paper or "
+    help="ALNet for C-NMC 2019 cell images (ALL vs HEM): check and prepare data, train and evaluate (paper or "
     "subject-level protocol), compare with baselines, explain, tune, predict, export and serve.",
     no_args_is_help=True,
     add_completion=False,
@@ -19,6 +19,6 @@ app = typer.Typer(
 )
 
 # In the order a user meets them: look at the data, train and test, look inside, use the model.
-for command in (data.info, data.prepare, data.synth, train.train, train.evaluate, train.compare, infer.explain,
+for command in (data.info, data.verify, data.prepare, data.synth, train.train, train.evaluate, train.compare, infer.explain,
                 train.tune, infer.predict, infer.export, infer.serve, train.demo):
     app.command(command.__name__)(command)

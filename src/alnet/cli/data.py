@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,13 +12,16 @@ from .common import (
     CacheOption,
     ProgressOption,
     WorkersOption,
+    check_output,
     fail,
     handles_errors,
     out,
     prepare_data,
     print_problems,
     print_table,
+    progress_bar,
     result,
+    say,
     scan_dataset,
 )
 
@@ -32,7 +35,8 @@ def info(
     problems: Annotated[bool, typer.Option("--problems", help="List every problem found, not just the first 20.")]
     = False,
 ):
-    """Summarise a C-NMC dataset: images and subjects per split, fold and class."""
+    """Summarise a C-NMC dataset: images and subjects per split, fold and class. (`alnet verify DATA` checks
+    its files against the published list of the Kaggle copy.)"""
     from ..data.cnmc import summarize
 
     dataset = scan_dataset(data_root)
@@ -50,6 +54,7 @@ def info(
     print_table(f"C-NMC dataset at {data_root} ({dataset.layout.name} layout)",
                 ["split", "fold", "class", "images", "subjects"], rows, bold_rows={len(rows) - 1}, left=3)
     print_problems(dataset.problems, "problem(s)", limit=len(dataset.problems) if problems else 20)
+    say(f"to check every file against the published list of the Kaggle copy: alnet verify {data_root}")
 
 
 @handles_errors
@@ -94,3 +99,82 @@ def synth(
     result(f"wrote a synthetic C-NMC dataset to {out_dir}: {2 * n_subjects * cells_per_subject} training "
            f"images of {2 * n_subjects} subjects in {folds} folds, {2 * prelim_subjects * cells_per_subject} "
            f"preliminary test images, {final_images} final test images")
+
+
+def _written_by_verify(path: Path) -> bool:
+    from ..data.verify import REPORT_COLUMNS
+
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.readline(4096).decode("utf-8", "replace").rstrip("\r\n") == ",".join(REPORT_COLUMNS)
+
+
+@handles_errors
+def verify(
+    data_root: DataRoot,
+    quick: Annotated[bool, typer.Option("--quick", help="Compare names and sizes only; read no file.")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, max=64, help="Files hashed at once (default: one per core, at most 8).")] = None,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", help="Also write every file that is not a match (missing, changed, unreadable, extra) to this "
+        "CSV.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --report file.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=0, help="Files named per kind of difference.")] = 20,
+    progress: ProgressOption = True,
+):
+    """Check a C-NMC copy file by file against the published list of the Kaggle copy (sha256 and size of its
+    15,114 images and the labels CSV): missing, changed and extra files per split and class.
+
+    Training images are matched by fold, class folder and name, test images by folder and name, so a TCIA copy
+    is checked too (its differences are from the Kaggle copy, not proof of damage). Exit status 1 when a listed
+    file is missing, changed or unreadable."""
+    from ..data.verify import CHANGED, EXTRA, MATCH, MISSING, STATUSES, UNREADABLE, write_report
+    from ..data.verify import verify as check_copy
+
+    if report is not None:
+        check_output(report, force, _written_by_verify(report))
+    with progress_bar("hashing files", disable=not progress or quick) as bar:
+        task = bar.add_task("hash", total=None)
+        verification = check_copy(data_root, quick=quick, workers=workers,
+                                  progress=lambda done, total: bar.update(task, completed=done, total=total))
+    changed = "differ from Kaggle" if verification.tcia else "changed"
+    headers = ["split", "class", "listed", "match", "missing", changed, "unreadable", "extra"]
+    counts = verification.counts()
+    rows = [[split, cls, *(f"{c[k]:,}" for k in ("expected", *STATUSES))] for (split, cls), c in counts.items()]
+    total = verification.total()
+    rows.append(["total", "", *(f"{total[k]:,}" for k in ("expected", *STATUSES))])
+    how = "names and sizes" if quick else "sha256 and size"
+    print_table(f"{data_root} against the list of the Kaggle copy ({how})", headers, rows,
+                bold_rows={len(rows) - 1}, left=2)
+
+    # A group the copy holds nothing of is one line, not thousands of names.
+    absent = {group for group, c in counts.items() if c["expected"] and c[MISSING] == c["expected"]}
+    if absent:
+        result("missing entirely: " + ", ".join(f"{split} {cls} ({counts[(split, cls)][MISSING]:,})"
+                                                for split, cls in sorted(absent, key=list(counts).index)))
+    for status, label in ((CHANGED, changed), (UNREADABLE, "unreadable"), (MISSING, "missing"), (EXTRA, "extra")):
+        checks = [c for c in verification.with_status(status) if status != MISSING or c.group not in absent]
+        if not checks or not limit:
+            continue
+        result(f"{len(checks):,} {label}" + (" (from the folders the copy holds)" if status == MISSING and absent
+                                               else "") + ":")
+        for check in checks[:limit]:
+            where = f" (found as {check.found.relative_to(verification.root)})" if check.found and status != EXTRA \
+                else ""
+            result(f"  {check.name}{where}{': ' + check.note if check.note else ''}")
+        if len(checks) > limit:
+            result(f"  … and {len(checks) - limit:,} more" + ("" if report else " (all of them: --report FILE)"))
+    print_problems(verification.skipped, "file(s) skipped", limit=max(limit, 1))
+    if verification.tcia and total[CHANGED]:
+        result(f"this is a TCIA copy: {total[CHANGED]:,} file(s) differ from the Kaggle copy the list describes; "
+               "that alone does not mean they are damaged")
+    if report is not None:
+        write_report(verification, report)
+        result(f"wrote {report}")
+    if not verification.ok:
+        result(f"{total[MATCH]:,} of {total['expected']:,} listed files match; the copy is not the published one"
+               f"{' (names and sizes only)' if quick else ''}")
+        raise typer.Exit(code=1)
+    result(f"all {total['expected']:,} listed files match ({how})"
+           + (f"; {total[EXTRA]:,} extra file(s)" if total[EXTRA] else ""))
