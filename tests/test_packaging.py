@@ -37,7 +37,7 @@ def test_a_built_wheel_carries_the_presets_and_finds_them_outside_the_checkout(t
     subprocess.run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")],
                    check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("alnet-*.whl"))
-    assert PRESETS <= set(zipfile.ZipFile(wheel).namelist())
+    assert PRESETS | {"alnet/data/cnmc-kaggle-sha256.csv.gz"} <= set(zipfile.ZipFile(wheel).namelist())
 
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)

@@ -1,19 +1,30 @@
-"""Everything derived from predictions. Pure functions over arrays; the positive class is ALL (label 1)."""
+"""Everything derived from predictions. Pure functions over arrays; the positive class is ALL (label 1).
+
+The metrics themselves come from torchmetrics' functional API; this module fixes their conventions: NaN (never
+0) where a metric is undefined, ALL as the positive class, P(ALL) > 0.5 as the decision."""
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 
 import numpy as np
+import torch
+from torchmetrics.functional.classification import (
+    binary_accuracy,
+    binary_auroc,
+    binary_confusion_matrix,
+    binary_f1_score,
+    binary_precision,
+    binary_recall,
+    binary_roc,
+    binary_specificity,
+    multiclass_f1_score,
+)
 
 from .labels import THRESHOLD
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
-
-
-def _ratio(a: float, b: float) -> float:
-    """a / b, NaN when b is 0: a metric with nothing to measure is undefined, never 0 (which reads as a failure)."""
-    return a / b if b else float("nan")
 
 
 def columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -22,20 +33,44 @@ def columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
             np.array([float(r["probability_all"]) for r in rows], dtype=float))
 
 
+def _labels(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values).astype(np.int64).reshape(-1))
+
+
+def _scores(values) -> torch.Tensor:
+    return torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1))
+
+
 def confusion(labels, predicted) -> dict[str, int]:
-    labels, predicted = np.asarray(labels).astype(int), np.asarray(predicted).astype(int)
+    """tp, tn, fp, fn of 0/1 predictions (torchmetrics' binary confusion matrix: rows are labels HEM, ALL)."""
+    (tn, fp), (fn, tp) = binary_confusion_matrix(_labels(predicted), _labels(labels)).tolist()
+    return {"tp": tp, "tn": tn, "fp": fp, "fn": fn}
+
+
+def _expand(c: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels and 0/1 predictions that have the confusion matrix `c`."""
+    labels = torch.tensor([1] * (c["tp"] + c["fn"]) + [0] * (c["tn"] + c["fp"]), dtype=torch.long)
+    predicted = torch.tensor([1] * c["tp"] + [0] * c["fn"] + [0] * c["tn"] + [1] * c["fp"], dtype=torch.long)
+    return labels, predicted
+
+
+def _classification(labels: torch.Tensor, predicted: torch.Tensor) -> dict[str, float]:
+    """The threshold metrics, from torchmetrics. A metric with nothing to measure is NaN, never 0 (which reads as
+    a failure; torchmetrics says 0): precision when nothing is called ALL, recall and F1 without ALL images,
+    specificity without HEM images, all of them without images."""
+    nan = float("nan")
+    if len(labels) == 0:
+        return dict.fromkeys(("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1"), nan)
+    has_all, has_hem, called_all = bool((labels == 1).any()), bool((labels == 0).any()), bool(predicted.any())
+    # Support-weighted over the classes present: an absent class weighs 0 and does not turn the mean NaN.
     return {
-        "tp": int(((labels == 1) & (predicted == 1)).sum()),
-        "tn": int(((labels == 0) & (predicted == 0)).sum()),
-        "fp": int(((labels == 0) & (predicted == 1)).sum()),
-        "fn": int(((labels == 1) & (predicted == 0)).sum()),
+        "accuracy": float(binary_accuracy(predicted, labels)),
+        "precision": float(binary_precision(predicted, labels)) if called_all else nan,
+        "recall": float(binary_recall(predicted, labels)) if has_all else nan,
+        "specificity": float(binary_specificity(predicted, labels)) if has_hem else nan,
+        "f1": float(binary_f1_score(predicted, labels)) if has_all else nan,
+        "weighted_f1": float(multiclass_f1_score(predicted, labels, num_classes=2, average="weighted")),
     }
-
-
-def _f1(hits: int, false_alarms: int, misses: int) -> float:
-    """F1 of one class, NaN when the test set has none of it; 2·hits / (2·hits + false alarms + misses) is the
-    harmonic mean of precision and recall, and stays defined when nothing is predicted as that class."""
-    return _ratio(2 * hits, 2 * hits + false_alarms + misses) if hits + misses else float("nan")
 
 
 def from_confusion(c: dict[str, int]) -> dict[str, float]:
@@ -43,59 +78,35 @@ def from_confusion(c: dict[str, int]) -> dict[str, float]:
 
     A metric whose denominator is empty (specificity without HEM images, precision when nothing is called ALL)
     is NaN; `summarize` leaves NaN folds out of the mean."""
-    tp, tn, fp, fn = c["tp"], c["tn"], c["fp"], c["fn"]
-    n_all, n_hem = tp + fn, tn + fp
-    f1, f1_hem = _f1(tp, fp, fn), _f1(tn, fn, fp)  # F1 of HEM as the positive class, for the weighted F1
-    # Support-weighted over the classes present: an absent class weighs 0 and must not turn the mean NaN.
-    present = [(f, n) for f, n in ((f1, n_all), (f1_hem, n_hem)) if n]
-    return {
-        "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
-        "precision": _ratio(tp, tp + fp),
-        "recall": _ratio(tp, n_all),
-        "specificity": _ratio(tn, n_hem),
-        "f1": f1,
-        "weighted_f1": _ratio(sum(f * n for f, n in present), sum(n for _, n in present)),
-    }
+    return _classification(*_expand(c))
 
 
 def roc_auc(labels, scores) -> float:
-    """Area under the ROC curve (Mann–Whitney U; ties count one half). NaN when only one class is present."""
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    n_pos, n_neg = int((labels == 1).sum()), int((labels == 0).sum())
-    if n_pos == 0 or n_neg == 0:
+    """Area under the ROC curve (torchmetrics; ties count one half). NaN when only one class is present."""
+    labels, scores = _labels(labels), _scores(scores)
+    if not (labels == 1).any() or not (labels == 0).any():
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):  # average ranks over ties
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(binary_auroc(scores, labels))
 
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """False-positive rate, true-positive rate and thresholds, from the highest threshold down."""
-    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
-    tps = np.cumsum(labels)[last_of_tie]
-    fps = (last_of_tie + 1) - tps
-    tpr = np.r_[0.0, tps / max(labels.sum(), 1)]
-    fpr = np.r_[0.0, fps / max((1 - labels).sum(), 1)]
-    return fpr, tpr, np.r_[np.inf, scores[last_of_tie]]
+    """False-positive rate, true-positive rate and thresholds, from the highest threshold down; the first point
+    (0, 0) has threshold infinity. A class that is absent gives a rate of 0 throughout."""
+    with warnings.catch_warnings():  # one class only: torchmetrics warns, and its rates are 0 as documented
+        warnings.filterwarnings("ignore", message=".*(positive|negative) samples in targets.*")
+        fpr, tpr, thresholds = binary_roc(_scores(scores), _labels(labels))
+    thresholds = thresholds.double().numpy().copy()
+    thresholds[0] = np.inf  # torchmetrics clamps the (0, 0) point's threshold to 1
+    return fpr.double().numpy(), tpr.double().numpy(), thresholds
 
 
 def evaluate(labels, prob_all, threshold: float = THRESHOLD) -> dict:
     """All metrics of one set of predictions: METRICS plus `confusion` and `images`."""
     labels = np.asarray(labels).astype(int)
     prob_all = np.asarray(prob_all, dtype=float)
-    c = confusion(labels, prob_all > threshold)
-    result = from_confusion(c)
+    predicted = prob_all > threshold
+    c = confusion(labels, predicted)
+    result = _classification(_labels(labels), _labels(predicted))
     result["auc"] = roc_auc(labels, prob_all)
     result["confusion"] = c
     result["images"] = int(len(labels))
