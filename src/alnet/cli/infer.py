@@ -83,28 +83,44 @@ def predict(
     paths: Annotated[list[str], typer.Argument(
         help="Image files, folders or globs (BMP, PNG, JPEG, TIFF of any size; folders are searched "
         "recursively, directory links are not followed).")],
-    out_file: Annotated[Path, typer.Option(
-        "--out", help="CSV with one row per image (an existing file is replaced only if it is a predictions CSV "
-        "written by alnet, or with --force).")] = Path("predictions.csv"),
+    out_file: Annotated[Optional[Path], typer.Option(
+        "--out", help="CSV with one row per image, default predictions.csv (an existing file is replaced only if it "
+        "is a predictions CSV written by alnet, or with --force); with --format isbi the submission file, default "
+        "isbi_valid.predict.")] = None,
     tta: Annotated[bool, typer.Option(help="Average over flips (test-time augmentation).")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
     force: Annotated[bool, typer.Option(help="Replace --out even if it is not a predictions CSV.")] = False,
+    output_format: Annotated[str, typer.Option(
+        "--format", help="csv (one row per image) or isbi: the C-NMC challenge's submission file, one 0/1 line per "
+        "image of the final test set in the order 1.bmp … N.bmp, refused images listed in <out>.refused.csv.")]
+    = "csv",
 ):
     """Classify new cell images: path, label (ALL/HEM), P(ALL), model, checkpoint and a note per row.
 
     Exits with status 1 when an input could not be classified (the last line says how many)."""
     import csv
 
+    from ..infer import isbi
     from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
     from ..labels import ALL, NAMES
 
+    if output_format not in ("csv", "isbi"):
+        fail(f"--format {output_format}: unknown; pass csv or isbi")
+    submission = output_format == "isbi"
+    out_file = out_file or Path("isbi_valid.predict" if submission else "predictions.csv")
     files, missing = expand_paths(paths)
     for item in missing:
         reason = "not an image file (BMP, PNG, JPEG or TIFF)" if Path(item).is_file() else "matches no image file"
         console.print(f"[yellow]{item}: {reason}; skipped[/]", highlight=False, soft_wrap=True)
     if not files:
         fail("no images to classify; pass image files, folders or globs")
-    check_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
+    if submission:
+        files = isbi.submission_order(files)  # names checked before the model runs
+        check_output(out_file, force, isbi.is_submission_file(out_file), tuple(files))
+        side = isbi.refused_csv_of(out_file)
+        check_output(side, force, isbi.is_refused_csv(side), tuple(files))
+    else:
+        check_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
     predictor = load_predictor(model)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
@@ -113,6 +129,15 @@ def predict(
     print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
     if not rows:
         fail(f"none of the {len(files)} image(s) could be classified; {out_file} was not written", code=1)
+    if submission:
+        try:
+            lines, refused = isbi.submission_lines(rows, files, failed)
+        except isbi.SubmissionError as err:
+            fail(f"{err}; {out_file} was not written", code=1)
+        side = isbi.write_submission(lines, refused, out_file)
+        result(f"{len(lines)} image(s) 1 … {len(lines)} → {out_file} ({lines.count('1')} ALL, {lines.count('0')} "
+               f"HEM); {len(refused)} refused by the input gate, written with the model's label and listed in {side}")
+        return
     with open(out_file, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
         writer.writeheader()

@@ -1,0 +1,122 @@
+"""The C-NMC 2019 challenge's submission file (`alnet predict … --format isbi`; docs/design.md, "The challenge's
+submission file").
+
+The challenge's evaluation read one line per image of the final test set, `1` (ALL) or `0` (HEM), in the
+numeric order of the file names `1.bmp … N.bmp` (`isbi_valid.predict`). Every image needs a line, so the names
+are checked before the model runs: each must be a number, no number twice, none left out. Images the input
+gate refuses (prediction rows whose `status` is `rejected`) still get the model's label, since the file has
+no way to say "no answer", and are listed in a side CSV so that nobody mistakes them for confident answers.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from itertools import islice
+from pathlib import Path
+
+from ..labels import ALL, NAMES, is_all
+
+REFUSED_FIELDS = ["line", "path", "label", "probability_all", "status", "reason"]
+_NUMBER = re.compile(r"^[1-9][0-9]{0,8}$")  # 1 … 999,999,999; no sign, no leading zero
+_MAX_CHECK_BYTES = 64 * 2**20  # a submission file larger than this is not one alnet wrote
+
+
+class SubmissionError(ValueError):
+    """The images cannot make a submission file (names, gaps, duplicates, unreadable images). One line."""
+
+
+def submission_order(files: list[Path]) -> list[Path]:
+    """The files in the order of their numbers 1 … N; a one-line error for a name that is not a number, a
+    number given twice and a number missing."""
+    by_number: dict[int, Path] = {}
+    for path in files:
+        if not _NUMBER.match(path.stem):
+            raise SubmissionError(f"{path}: not named <number>.<ext> (1.bmp … N.bmp as in the final test set); "
+                                  "the submission file follows the numbers, so pass only the test set's images")
+        number = int(path.stem)
+        if number in by_number:
+            raise SubmissionError(f"{path}: image number {number} given twice (also {by_number[number]}); pass "
+                                  "each test image once")
+        by_number[number] = path
+    highest = max(by_number, default=0)
+    if highest > len(by_number):  # numbers are distinct, so some are missing; name the first few only
+        gaps = highest - len(by_number)
+        first = list(islice((n for n in range(1, highest) if n not in by_number), 5))
+        shown = ", ".join(f"{n}" for n in first) + (f" and {gaps - len(first)} more" if gaps > len(first) else "")
+        raise SubmissionError(f"images numbered up to {highest} but {gaps} number(s) missing ({shown}); the "
+                              "submission needs one line per image 1 … N, so pass the whole final test set")
+    return [by_number[n] for n in sorted(by_number)]
+
+
+def is_refused(row: dict) -> bool:
+    return (row.get("status") or "").strip() == "rejected"
+
+
+def _label_bit(row: dict) -> str:
+    """1 (ALL) or 0 (HEM): the row's label, else (a refused row may carry none) its P(ALL) by the decision rule."""
+    label = (row.get("label") or "").strip()
+    if label:
+        return "1" if label == NAMES[ALL] else "0"
+    probability = (row.get("probability_all") or "").strip()
+    if probability:
+        return "1" if is_all(float(probability)) else "0"
+    raise SubmissionError(f"{row.get('path')}: the model gave no answer for this image; the submission needs "
+                          "one, so pass a model whose predictions keep the label of refused images")
+
+
+def submission_lines(rows: list[dict], ordered: list[Path], failed: list[tuple[Path, str]]) -> tuple[list[str],
+                                                                                                  list[dict]]:
+    """The file's lines in image order, and the refused rows (with their line number). Unreadable images make
+    the submission impossible: a one-line error that names the first."""
+    if failed:
+        path, error = failed[0]
+        raise SubmissionError(f"{path}: cannot decode ({error}); the submission needs one line per image, so "
+                              f"replace it{f' (and {len(failed) - 1} more unreadable)' if len(failed) > 1 else ''}"
+                              " and run again")
+    by_path = {row["path"]: row for row in rows}
+    lines, refused = [], []
+    for number, path in enumerate(ordered, 1):
+        row = by_path[str(path)]
+        lines.append(_label_bit(row))
+        if is_refused(row):
+            refused.append({"line": number, "path": row["path"], "label": row.get("label", ""),
+                            "probability_all": row.get("probability_all", ""), "status": row.get("status", ""),
+                            "reason": row.get("reason", "")})
+    return lines, refused
+
+
+def refused_csv_of(out: Path) -> Path:
+    """The side CSV beside a submission file: isbi_valid.predict → isbi_valid.refused.csv."""
+    return out.with_name(f"{out.stem}.refused.csv")
+
+
+def write_submission(lines: list[str], refused: list[dict], out: Path) -> Path:
+    """The submission file and, always (so an old list is never left beside a new file), its side CSV."""
+    out.write_text("".join(f"{line}\n" for line in lines))
+    side = refused_csv_of(out)
+    with open(side, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=REFUSED_FIELDS)
+        writer.writeheader()
+        writer.writerows(refused)
+    return side
+
+
+def is_submission_file(path: Path) -> bool:
+    """Whether `path` looks like a submission file alnet wrote (lines of 0 and 1 only), so it may be replaced."""
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_CHECK_BYTES:
+            return False
+        return set(path.read_text(encoding="ascii").split()) <= {"0", "1"}
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def is_refused_csv(path: Path) -> bool:
+    if not path.is_file():  # never open a FIFO to find out
+        return False
+    try:
+        with open(path, newline="") as handle:
+            return handle.readline().strip() == ",".join(REFUSED_FIELDS)
+    except (OSError, UnicodeDecodeError):
+        return False

@@ -1,0 +1,126 @@
+import csv
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import alnet.infer.predict as predict_module
+from alnet.cli import app
+from alnet.infer import isbi
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def final_test_set(mini_root, tmp_path) -> Path:
+    """Twelve real cells renamed 1 … 12 as in the final test set (BMP and PNG mixed)."""
+    folder = tmp_path / "C-NMC_test_final_phase_data"
+    folder.mkdir()
+    cells = sorted(mini_root.rglob("UID_*"))[:12]
+    for number, cell in enumerate(cells, 1):
+        shutil.copyfile(cell, folder / f"{number}{cell.suffix}")
+    return folder
+
+
+def _paths(*names):
+    return [Path("final") / name for name in names]
+
+
+def test_images_are_ordered_by_the_number_in_their_name_not_as_text():
+    ordered = isbi.submission_order(_paths("10.bmp", "2.bmp", "1.bmp", "3.png", "4.bmp", "5.bmp", "6.bmp", "7.bmp",
+                                           "8.bmp", "9.bmp"))
+    assert [p.name for p in ordered][:4] == ["1.bmp", "2.bmp", "3.png", "4.bmp"] and ordered[-1].name == "10.bmp"
+
+
+@pytest.mark.parametrize("names, message", [
+    (("1.bmp", "cell.bmp"), r"final/cell\.bmp: not named <number>\.<ext>"),
+    (("1.bmp", "02.bmp"), r"final/02\.bmp: not named <number>\.<ext>"),
+    (("1.bmp", "2.bmp", "2.png"), r"final/2\.png: image number 2 given twice \(also final/2\.bmp\)"),
+    (("1.bmp", "2.bmp", "5.bmp"), r"images numbered up to 5 but 2 number\(s\) missing \(3, 4\)"),
+    (("2.bmp",), r"1 number\(s\) missing \(1\)"),
+    (("1.bmp", "999999999.bmp"), r"999999997 number\(s\) missing \(2, 3, 4, 5, 6 and 999999992 more\)"),
+])
+def test_names_that_cannot_make_a_submission_are_a_one_line_error(names, message):
+    with pytest.raises(isbi.SubmissionError, match=message):
+        isbi.submission_order(_paths(*names))
+
+
+def test_a_refused_image_keeps_the_models_label_and_is_listed_with_its_line():
+    ordered = _paths("1.bmp", "2.bmp", "3.bmp")
+    rows = [{"path": str(ordered[0]), "label": "ALL", "probability_all": "0.900000"},
+            {"path": str(ordered[1]), "label": "", "probability_all": "0.700000", "status": "rejected",
+             "reason": "not a cell"},
+            {"path": str(ordered[2]), "label": "HEM", "probability_all": "0.200000", "status": "review"}]
+    lines, refused = isbi.submission_lines(list(reversed(rows)), ordered, [])
+    assert lines == ["1", "1", "0"]
+    assert refused == [{"line": 2, "path": str(ordered[1]), "label": "", "probability_all": "0.700000",
+                        "status": "rejected", "reason": "not a cell"}]
+
+
+def test_an_unreadable_image_makes_the_submission_impossible():
+    with pytest.raises(isbi.SubmissionError, match=r"final/2\.bmp: cannot decode \(broken\).*one line per image"):
+        isbi.submission_lines([], _paths("1.bmp", "2.bmp"), [(Path("final/2.bmp"), "broken")])
+
+
+def test_predict_writes_one_line_per_image_in_the_order_of_the_numbers(mini_checkpoint, final_test_set, tmp_path):
+    out = tmp_path / "isbi_valid.predict"
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 12 and set(lines) <= {"0", "1"}
+
+    table = tmp_path / "predictions.csv"
+    assert runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--out", str(table)]
+                         ).exit_code == 0
+    label_of = {Path(row["path"]).stem: row["label"] for row in csv.DictReader(table.open())}
+    assert lines == ["1" if label_of[str(n)] == "ALL" else "0" for n in range(1, 13)]
+    assert (tmp_path / "isbi_valid.refused.csv").read_text().strip() == ",".join(isbi.REFUSED_FIELDS)
+
+    again = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                "--out", str(out)])
+    assert again.exit_code == 0, again.output  # its own file is replaced
+
+
+def test_images_the_gate_refuses_are_written_and_listed_beside_the_submission(mini_checkpoint, final_test_set,
+                                                                              tmp_path, monkeypatch):
+    real = predict_module.predict_files
+
+    def gated(*args, **kwargs):
+        rows, failed = real(*args, **kwargs)
+        for row in rows:
+            if Path(row["path"]).stem == "3":
+                row.update(status="rejected", reason="not a cell image")
+        return rows, failed
+
+    monkeypatch.setattr(predict_module, "predict_files", gated)
+    out = tmp_path / "isbi_valid.predict"
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 refused by the input gate" in result.output
+    refused = list(csv.DictReader((tmp_path / "isbi_valid.refused.csv").open()))
+    assert len(refused) == 1
+    assert (refused[0]["line"], Path(refused[0]["path"]).stem, refused[0]["reason"]) == ("3", "3", "not a cell image")
+    assert out.read_text().splitlines()[2] == ("1" if refused[0]["label"] == "ALL" else "0")
+
+
+def test_a_gap_in_the_numbers_stops_before_the_model_runs_and_writes_nothing(mini_checkpoint, final_test_set,
+                                                                            tmp_path):
+    next(final_test_set.glob("7.*")).unlink()
+    out = tmp_path / "isbi_valid.predict"
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                 "--out", str(out)])
+    assert result.exit_code == 2 and "1 number(s) missing (7)" in result.output
+    assert not out.exists() and not (tmp_path / "isbi_valid.refused.csv").exists()
+
+
+def test_a_submission_never_replaces_a_file_alnet_did_not_write(mini_checkpoint, final_test_set, tmp_path):
+    out = tmp_path / "isbi_valid.predict"
+    out.write_text("my notes\n")
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                 "--out", str(out)])
+    assert result.exit_code == 2 and out.read_text() == "my notes\n"
+    assert runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "xml"]
+                         ).exit_code == 2
