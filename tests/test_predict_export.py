@@ -18,8 +18,11 @@ runner = CliRunner()
 
 def test_onnx_gives_the_same_probabilities_as_pytorch_on_real_cells(mini_checkpoint, mini_root, tmp_path):
     path = export_onnx(mini_checkpoint, tmp_path / "alnet.onnx")
-    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    graph = onnx.load(str(path))
+    meta = {p.key: p.value for p in graph.metadata_props}
     assert json.loads(meta["alnet_preprocessing"])["size"] == 136 and meta["alnet_model"] == "alnet"
+    assert [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [
+        "batch", 3, 136, 136]  # the batch axis stays symbolic through torch.export
     files = [c.path for c in scan(mini_root).cells]
     torch_rows, _ = predict_files(load_predictor(mini_checkpoint, precision="32"), files, batch_size=20)
     onnx_rows, _ = predict_files(load_predictor(path), files, batch_size=7)  # another batch size: dynamic axis
@@ -215,3 +218,23 @@ def test_hostile_metadata_in_a_model_file_is_a_one_line_error(tmp_path, mini_che
     torch.save(checkpoint, tmp_path / "odd.ckpt")
     with pytest.raises(CheckpointError, match="odd.ckpt: not an alnet checkpoint this version can read"):
         load_trained_model(tmp_path / "odd.ckpt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["alnet", "alexnet", "vgg16", "googlenet", "resnet50"])
+def test_every_registered_model_exports_through_torch_export_and_matches_pytorch(name, tmp_path):
+    import onnxruntime
+    import torch
+
+    from alnet.config import RunConfig
+    from alnet.infer.export import ProbabilityOfAll, export_graph
+    from alnet.models import create_model_from
+
+    model = create_model_from(RunConfig(model=name, pretrained=False, image_size=136)).eval()
+    wrapper = ProbabilityOfAll(model, "sigmoid").eval()
+    export_graph(wrapper, 136, tmp_path / "m.onnx")
+    images = torch.rand(3, 3, 136, 136, generator=torch.Generator().manual_seed(0))  # 3: not the example's 2
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = wrapper(images).numpy()
+    np.testing.assert_allclose(session.run(None, {"image": images.numpy()})[0], expected, atol=1e-5)

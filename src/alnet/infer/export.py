@@ -12,6 +12,9 @@ from ..labels import THRESHOLD
 from ..models import probability_all
 from .predict import ONNX_METADATA
 
+OPSET = 18  # the torch.export-based exporter's own opset; older ones would need a version conversion
+BATCH_LIMIT = 2**20  # images per call; the graph's batch axis is symbolic up to this
+
 
 class ProbabilityOfAll(nn.Module):
     """A classifier whose single output is P(ALL) per image, as `alnet predict` reports it."""
@@ -24,17 +27,27 @@ class ProbabilityOfAll(nn.Module):
         return probability_all(self.model(x), self.head)
 
 
-def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = 17) -> Path:
+def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET) -> None:
+    """`model` (N×3×size×size in [0, 1] → N values) as an ONNX graph with input `image`, output
+    `probability_all` and a symbolic batch axis, through the torch.export-based exporter."""
+    # torch.export specialises a dimension of size 1, so the example batch holds two images.
+    example = (torch.zeros(2, 3, size, size),)
+    batch = torch.export.Dim("batch", min=1, max=BATCH_LIMIT)
+    torch.onnx.export(model, example, str(out), dynamo=True, opset_version=opset, input_names=["image"],
+                      output_names=["probability_all"], dynamic_shapes=({0: batch},), external_data=False,
+                      verbose=False)
+
+
+def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> Path:
+    """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript), the batch axis
+    dynamic, then write alnet's metadata into the graph."""
     import onnx
 
     trained = load_trained_model(checkpoint)
     wrapper = ProbabilityOfAll(trained.model, trained.head).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    size = trained.preprocessing.size
-    torch.onnx.export(wrapper, (torch.zeros(1, 3, size, size),), str(out), dynamo=False, opset_version=opset,
-                      input_names=["image"], output_names=["probability_all"],
-                      dynamic_axes={"image": {0: "batch"}, "probability_all": {0: "batch"}})
+    export_graph(wrapper, trained.preprocessing.size, out, opset)
     graph = onnx.load(str(out))
     for key, value in {
         ONNX_METADATA["model"]: trained.name,
