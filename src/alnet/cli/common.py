@@ -53,6 +53,8 @@ def handles_errors(command: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except typer.Exit:  # a chosen exit status: passes before user_errors() imports the training stack
+            raise
         except user_errors() as err:
             fail(str(err))
 
