@@ -123,12 +123,12 @@ def verify(
     limit: Annotated[int, typer.Option("--limit", min=0, help="Files named per kind of difference.")] = 20,
     progress: ProgressOption = True,
 ):
-    """Check a C-NMC copy file by file against the published list of the Kaggle copy (sha256 and size of its
-    15,114 images and the labels CSV): missing, changed and extra files per split and class.
+    """Check a C-NMC copy file by file against the published sha256 list of the Kaggle copy (15,114 images + CSV).
 
-    Training images are matched by fold, class folder and name, test images by folder and name, so a TCIA copy
-    is checked too (its differences are from the Kaggle copy, not proof of damage). Exit status 1 when a listed
-    file is missing, changed or unreadable."""
+    Missing, changed and extra files per split and class; exit status 1 when a listed file is missing or changed.
+
+    Files are matched by folder and name, so a TCIA copy is checked too: its differences are from the Kaggle copy.
+    """
     from ..data.verify import CHANGED, EXTRA, MATCH, MISSING, STATUSES, UNREADABLE, write_report
     from ..data.verify import verify as check_copy
 
