@@ -335,3 +335,52 @@ def test_any_spelling_of_an_image_type_is_accepted_and_the_decoded_format_decide
         assert response.status_code == 200, (declared, response.text)
     refused = client.post("/predict", files={"file": ("cell.bmp", cell.read_bytes(), "text/plain")})
     assert refused.status_code == 415 and "text/plain is not an image type" in refused.json()["error"]
+
+
+def test_concurrent_requests_share_forward_passes_and_get_the_answers_of_one_at_a_time(mini_checkpoint, mini_root):
+    cells = sorted((mini_root / "C-NMC_Leukemia" / "training_data").rglob("*.png"))[:12]
+    expected = {}
+    with _serve(create_app(mini_checkpoint, max_batch=1)) as url:
+        for path in cells:
+            r = httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes(), "image/png")}, timeout=60)
+            expected[path.name] = r.json()["probability_all"]
+    app = create_app(mini_checkpoint, max_batch=8, max_wait_ms=50)
+    with _serve(app) as url:
+        def post(path):
+            return httpx.post(f"{url}/predict", files={"file": (path.name, path.read_bytes(), "image/png")},
+                              timeout=60)
+
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            responses = list(pool.map(post, cells))
+    assert [r.status_code for r in responses] == [200] * len(cells)
+    for path, response in zip(cells, responses):  # batching never mixes up whose answer is whose
+        assert response.json()["probability_all"] == pytest.approx(expected[path.name], abs=1e-4)
+    sizes = app.state.batcher.batch_sizes
+    assert max(sizes) > 1 and max(sizes) <= 8 and sum(n * k for n, k in sizes.items()) == len(cells)
+
+
+def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_500(mini_checkpoint, cell,
+                                                                                monkeypatch):
+    real = serve.load_predictor
+
+    def broken_predictor(path):
+        predictor = real(path)
+
+        def fail(batch, tta=False):
+            time.sleep(0.05)
+            raise RuntimeError("simulated out of memory")
+
+        predictor.probabilities = fail
+        return predictor
+
+    monkeypatch.setattr(serve, "load_predictor", broken_predictor)
+    with _serve(create_app(mini_checkpoint, max_batch=4)) as url:
+        def post(_):
+            return httpx.post(f"{url}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")},
+                              timeout=60)
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            responses = list(pool.map(post, range(6)))
+        assert httpx.get(f"{url}/health").json()["status"] == "ok", "the service lives on"
+    assert [r.status_code for r in responses] == [500] * 6
+    assert all("the model failed" in r.json()["error"] for r in responses)

@@ -172,6 +172,11 @@ def serve(
     host: Annotated[str, typer.Option(
         help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(
+        min=1, max=256, help="Most images per forward pass: concurrent requests share one (1: one at a time).")]
+    = 16,
+    max_wait_ms: Annotated[float, typer.Option(
+        min=0, max=1000, help="Most milliseconds a forming batch waits for requests still being decoded.")] = 5.0,
 ):
     """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
     import uvicorn
@@ -180,6 +185,6 @@ def serve(
 
     if port_in_use(host, port):
         fail(f"{host}:{port} is already in use (another server?); stop it or pick another --port")
-    application = create_app(checkpoint)
+    application = create_app(checkpoint, max_batch=max_batch, max_wait_ms=max_wait_ms)
     result(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")

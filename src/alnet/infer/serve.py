@@ -10,8 +10,12 @@ before the body is read, a body is counted as it streams in and refused as soon 
 small allowance for the multipart framing), and the multipart body is parsed in memory. The picture is then
 checked from its header alone: its decoded format must be BMP, PNG, JPEG, TIFF or WebP (whatever type the
 client declared) and it must have at most `MAX_PIXELS` pixels; at most `DECODES_IN_FLIGHT` pictures are
-decoded at once and one inference runs at a time. Every refusal, unknown paths and wrong methods included,
-is a 4xx JSON body {"error": "..."}. `port_in_use` lets the command check its port before announcing it.
+decoded at once (a pool of that many threads) and at most `REQUESTS_IN_FLIGHT` received uploads wait for
+decoding or the model. Decoded cells are classified by dynamic micro-batching (`batcher.MicroBatcher`):
+requests that arrive while others are being decoded or classified share one forward pass of up to `max_batch`
+images, waiting at most `max_wait_ms` for each other; a lone request is never held back. Every refusal, unknown
+paths and wrong methods included, is a 4xx JSON body {"error": "..."}; a failed forward pass is a 500 JSON body
+for every request of its batch. `port_in_use` lets the command check its port before announcing it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 import socket
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,7 @@ from starlette.requests import ClientDisconnect
 
 from ..data.transforms import load_image
 from ..labels import name_of
+from .batcher import BatcherClosed, MicroBatcher
 from .predict import load_predictor
 
 MAX_BYTES = 10 * 2**20  # the largest image file accepted
@@ -51,6 +58,10 @@ DECODES_IN_FLIGHT = 2  # decoded pictures held at once, whatever the number of c
 OPAQUE_TYPES = {"application/octet-stream", "binary/octet-stream"}
 BODIES_IN_FLIGHT = 16  # upload bodies held in memory at once: bounds what slow or stalled clients can hold
 BODY_SECONDS = 60  # an upload must arrive within this time
+REQUESTS_IN_FLIGHT = 64  # received uploads waiting for decoding or the model: bounds what a flood can queue
+ANSWER_SECONDS = 60  # a received upload must be classified within this time
+MAX_BATCH = 16  # images per forward pass: past ~16 a CPU gains little speed and each answer waits longer
+MAX_WAIT_MS = 5.0  # how long a forming batch waits for requests still being decoded
 IMAGE_FORMATS = {"BMP", "PNG", "JPEG", "MPO", "TIFF", "WEBP"}  # Pillow's names; MPO: a camera JPEG with extras
 KINDS = "BMP, PNG, JPEG, TIFF or WebP"
 MISSING_FILE = "send the image as multipart form field `file`"
@@ -101,15 +112,33 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 </script></body></html>"""
 
 
-def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS) -> FastAPI:
+def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
+               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS) -> FastAPI:
+    """`max_batch` 1 classifies each request on its own (the unbatched service)."""
     checkpoint = Path(checkpoint)
     predictor = load_predictor(checkpoint)
-    lock = threading.Lock()  # one inference at a time: torch already uses every core for one batch
-    decoding = threading.BoundedSemaphore(DECODES_IN_FLIGHT)  # bounds the memory decoded pictures hold
+    model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
+
+    def forward(batch: np.ndarray) -> np.ndarray:
+        with model_lock:
+            return predictor(batch)
+
+    batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
+    decoding = ThreadPoolExecutor(DECODES_IN_FLIGHT, thread_name_prefix="alnet-decode")  # bounds decoded pictures
     receiving = asyncio.Semaphore(BODIES_IN_FLIGHT)  # bounds the memory upload bodies hold
+    waiting = 0  # received uploads not yet answered (changed on the event loop only)
     body_limit = max_bytes + MULTIPART_ALLOWANCE
     too_large = f"larger than {_size(max_bytes)}; send one cell image"
-    app = FastAPI(title="alnet", description="ALL vs HEM classification of single white-blood-cell images.")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        batcher.close()
+        decoding.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="alnet", description="ALL vs HEM classification of single white-blood-cell images.",
+                  lifespan=lifespan)
+    app.state.batcher = batcher
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException, 404 and 405 included
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -176,17 +205,41 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(413, f"{name}: {too_large}")
         if not data:
             raise HTTPException(400, f"{name}: empty upload; send a cell image")
-        return await run_in_threadpool(classify, name, data, gradcam)
-
-    def classify(name: str, data: bytes, gradcam: bool) -> dict:
-        pixels = decode(name, data)
-        with lock:
-            probability = float(predictor(pixels[None])[0])
-            result = {"label": name_of(probability), "probability_all": probability,
-                      "model": predictor.model_name, "checkpoint": checkpoint.name}
-            if gradcam:
-                result["gradcam_png"] = _gradcam_png(predictor, pixels)
+        nonlocal waiting
+        if waiting >= REQUESTS_IN_FLIGHT:
+            raise HTTPException(503, "too many requests waiting for the model; try again in a moment")
+        waiting += 1
+        try:
+            pixels, probability = await asyncio.wait_for(classify(name, data), ANSWER_SECONDS)
+        except asyncio.TimeoutError:
+            raise HTTPException(503, f"{name}: not classified within {ANSWER_SECONDS} s; the service is "
+                                     "overloaded, try again later")
+        finally:
+            waiting -= 1
+        result = {"label": name_of(probability), "probability_all": probability,
+                  "model": predictor.model_name, "checkpoint": checkpoint.name}
+        if gradcam:
+            result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
         return result
+
+    async def classify(name: str, data: bytes) -> tuple[np.ndarray, float]:
+        try:
+            with batcher.incoming():  # a forming batch may wait for this picture while it is decoded
+                pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
+                answer = batcher.submit(pixels)
+            return pixels, float(await asyncio.wrap_future(answer))
+        except BatcherClosed:
+            raise HTTPException(503, "the service is shutting down; try again in a moment")
+        except HTTPException:
+            raise
+        except Exception as err:  # the forward pass failed: every request of its batch hears of it
+            print(f"alnet serve: inference failed: {type(err).__name__}: {err}", file=sys.stderr)
+            raise HTTPException(500, f"{name}: the model failed on this batch ({type(err).__name__}); see the "
+                                     "service's log") from None
+
+    def gradcam_of(pixels: np.ndarray) -> str | None:
+        with model_lock:  # Grad-CAM hooks the network: never while a batch runs through it
+            return _gradcam_png(predictor, pixels)
 
     def decode(name: str, data: bytes) -> np.ndarray:
         over = (f"more than the limit of {max_pixels:,} pixels (C-NMC cells are 450x450 or 600x600); send one "
@@ -203,12 +256,11 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(415, f"{name}: a {kind} image; send a {KINDS} cell image")
         if width * height > max_pixels:
             raise HTTPException(413, f"{name}: {width}x{height} pixels is {over}")
-        with decoding:
-            try:
-                pixels, _ = load_image(io.BytesIO(data), predictor.preprocessing)
-            except Exception as err:
-                raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a "
-                                         f"{KINDS} cell image")
+        try:
+            pixels, _ = load_image(io.BytesIO(data), predictor.preprocessing)
+        except Exception as err:
+            raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a "
+                                     f"{KINDS} cell image")
         return pixels
 
     return app
