@@ -62,10 +62,10 @@ def test_a_forming_batch_waits_for_an_announced_request_until_max_wait():
         announced = threading.Event()
 
         def late():
-            with batcher.incoming():
+            with batcher.incoming() as submit:
                 announced.set()
                 time.sleep(0.2)  # "decoding"
-                return batcher.submit(np.array([2]))
+                return submit(np.array([2]))
 
         with ThreadPoolExecutor(1) as pool:
             second = pool.submit(late)

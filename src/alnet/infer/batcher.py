@@ -39,24 +39,34 @@ class MicroBatcher:
 
     @contextmanager
     def incoming(self):
-        """Announce an item on its way (being decoded): a batch being formed may wait for it."""
+        """Announce an item on its way (being decoded): a batch being formed may wait for it.
+
+        Yields the `submit` to send it with; the announcement ends when it is sent or the block is left."""
         with self._changed:
             self._incoming += 1
-        try:
-            yield
-        finally:
-            with self._changed:
-                self._incoming -= 1
-                self._changed.notify_all()
+        announced = [True]
 
-    def submit(self, item: np.ndarray) -> Future:
+        def submit(item: np.ndarray) -> Future:
+            announced[0] = False
+            return self.submit(item, announced=True)
+
+        try:
+            yield submit
+        finally:
+            if announced[0]:
+                with self._changed:
+                    self._incoming -= 1
+                    self._changed.notify_all()
+
+    def submit(self, item: np.ndarray, announced: bool = False) -> Future:
         """Queue one item; the future resolves to its row of the forward pass's output."""
         future: Future = Future()
-        with self._changed:
+        with self._changed:  # queued and no longer announced in one step: a forming batch never waits for it
+            self._incoming -= announced
+            self._changed.notify_all()
             if self._closed:
                 raise BatcherClosed("the batcher is closed")
             self._pending.append((item, future))
-            self._changed.notify_all()
         return future
 
     def __call__(self, item: np.ndarray, timeout: float | None = None):

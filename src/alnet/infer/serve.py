@@ -224,9 +224,9 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
 
     async def classify(name: str, data: bytes) -> tuple[np.ndarray, float]:
         try:
-            with batcher.incoming():  # a forming batch may wait for this picture while it is decoded
+            with batcher.incoming() as submit:  # a forming batch may wait for this picture while it is decoded
                 pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
-                answer = batcher.submit(pixels)
+                answer = submit(pixels)
             return pixels, float(await asyncio.wrap_future(answer))
         except BatcherClosed:
             raise HTTPException(503, "the service is shutting down; try again in a moment")
