@@ -4,8 +4,8 @@ Starts `alnet serve` (a separate process, as users run it) on a checkpoint, post
 tests/data/cnmc-mini from --clients concurrent clients (each waits for its answer before sending the next) and
 times every request. The same service with --max-batch 1 (each request classified on its own, the unbatched
 service) is measured in the same run, with --clients and with one client, in --rounds interleaved rounds. The
-offline rate of the same checkpoint (`alnet predict`'s path: decoding in a pool, batches of 64) is the yardstick: serve_ratio =
-throughput / batch rate. full_batch_ms is one forward pass of --max-batch decoded cells.
+offline rate of the same checkpoint (`alnet predict`'s path: decoding in a pool, batches of 64) is the
+yardstick: serve_ratio = throughput / batch rate. full_batch_ms is one forward pass of --max-batch decoded cells.
 Without --checkpoint an untrained ALNet is saved (speed does not depend on the weights).
 
 Prints one JSON line: throughput_rps, p50_ms, p95_ms, p99_ms, errors, server_peak_rss_mb (batched service,
