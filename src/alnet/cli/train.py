@@ -227,6 +227,12 @@ def tune(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (sampler and validation subjects).")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Study folder: study.db, trials.csv, best.yaml.")]
     = Path("runs/tune"),
+    storage: Annotated[Optional[str], typer.Option(
+        help="Share the study between workers (several machines, or several runs on one): an optuna storage URL "
+        "(postgresql://USER:PASSWORD@HOST/DB, mysql+pymysql://…) or journal:FILE on a shared file system. Start "
+        "`alnet tune` with the same --storage, grid and settings on each machine: every grid point runs once, a "
+        "point whose worker died runs again, and each worker writes the same results to its --out. Default: "
+        "OUT/study.db (this machine only).")] = None,
     cache: CacheOption = None,
     workers: WorkersOption = None,
     progress: ProgressOption = False,
@@ -239,7 +245,8 @@ def tune(
     read_grid(grid)  # a bad grid is refused before any image is decoded
     base = RunConfig.load(config, image_size=image_size, seed=seed)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
-    best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say)
+    best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say,
+                                     storage=storage)
     names = list(complete[0].params)
     rows = [[str(t.number), *(str(t.params[n]) for n in names), f"{t.value:.3f}"]
             for t in sorted(complete, key=lambda t: -t.value)]

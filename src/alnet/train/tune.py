@@ -2,13 +2,16 @@
 
 Every trial trains on the training folds' subjects minus a held-out set of validation subjects and is scored by
 validation accuracy after its last epoch — the test folds and the preliminary test set are never looked at.
-The study lives in a SQLite file: rerunning the same command resumes it, and finished trials are never rerun.
+The study lives in a SQLite file, or in any optuna storage shared by several workers (`study.py`): rerunning
+the same command resumes it, and finished trials are never rerun.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
+import os
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -21,9 +24,12 @@ from ..data.cache import Prepared
 from ..data.protocols import Split, check_no_leakage, subject_holdout
 from .batches import CellData, tensors
 from .module import build_module
+from .study import STALE_SECONDS, Heartbeat, fail_stale_trials, open_storage, shown
 from .trainer import make_trainer, quiet_lightning
 
 STUDY_NAME = "alnet-tune"
+SKIPPED = "skipped"  # user attribute of a trial a worker did not run (a duplicate of a queued point), and why
+POLL_SECONDS = 5.0  # how often an idle worker looks whether the others have finished (or died)
 TUNABLE = {f.name for f in fields(RunConfig)} - {"protocol", "devices", "strategy", "accelerator"}
 
 
@@ -43,21 +49,43 @@ def read_grid(grid: Path | str = "grid") -> tuple[dict[str, list], dict]:
     return search, fixed
 
 
+def _point(trial, names: list[str]) -> tuple:
+    """The grid point a trial stands for: the values it was queued with, else those it chose."""
+    params = trial.system_attrs.get("fixed_params") or trial.params
+    return tuple(params.get(name) for name in names)
+
+
 def _queue_missing_points(study, search: dict[str, list]) -> None:
-    """Enqueue every grid point that has neither finished nor is already waiting in the queue."""
+    """Enqueue every grid point that has not finished and is neither waiting nor running."""
     from optuna.trial import TrialState
 
     names = list(search)
-
-    def point(params: dict) -> tuple:
-        return tuple(params.get(name) for name in names)
-
-    done = {point(t.params) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    queued = {point(t.system_attrs.get("fixed_params", {}))
-              for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))}
+    taken = {_point(t, names) for t in study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING))}
     for values in itertools.product(*search.values()):
-        if values not in done | queued:
+        if values not in taken:
             study.enqueue_trial(dict(zip(names, values)))
+
+
+def _claim(study, trial, names: list[str]) -> bool:
+    """Whether this worker runs the trial it was handed. Two workers may queue the same point at once; the
+    copy with the lower number runs, the other is skipped (as is a trial created when the queue had emptied)."""
+    from optuna.trial import TrialState
+
+    frozen = study._storage.get_trial(trial._trial_id)
+    if "fixed_params" not in frozen.system_attrs:
+        reason = "no grid point left"
+    else:
+        mine = _point(frozen, names)
+        first = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.number != frozen.number and _point(t, names) == mine
+                 and (t.state == TrialState.COMPLETE or t.number < frozen.number)]
+        if not first:
+            return True
+        reason = f"same point as trial {min(first)}"
+    trial.set_user_attr(SKIPPED, reason)
+    study.tell(trial, state=TrialState.PRUNED)
+    return False
 
 
 def validation_split(prepared: Prepared, fraction: float, seed: int) -> Split:
@@ -83,8 +111,13 @@ def train_and_score(config: RunConfig, prepared: Prepared, split: Split, progres
 
 
 def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig, sampler: str = "grid",
-         trials: int | None = None, log: Callable[[str], None] = print, progress: bool = False):
-    """Run (or resume) the study in out/study.db; writes out/best.yaml and out/trials.csv."""
+         trials: int | None = None, log: Callable[[str], None] = print, progress: bool = False,
+         storage: str | None = None):
+    """Run (or resume, or join) the study; writes out/best.yaml and out/trials.csv.
+
+    The study lives in out/study.db, or in `storage` (an optuna storage URL or journal:FILE) shared by workers
+    started with the same grid and settings on several machines: each grid point runs once, a point whose worker
+    died runs again, and every worker waits for the others to finish before writing the same results."""
     import optuna
     from optuna.trial import TrialState
 
@@ -105,40 +138,110 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
         total = trials or 20
     else:
         raise ConfigError(f"unknown sampler {sampler!r}: use grid or tpe")
-    study = optuna.create_study(study_name=STUDY_NAME, storage=f"sqlite:///{out / 'study.db'}", sampler=chosen,
-                                direction="maximize", load_if_exists=True)
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # A trial that was running when the last search was killed: mark it failed so its point runs again.
-        study._storage.set_trial_state_values(stale._trial_id, state=TrialState.FAIL)
+    where = shown(storage) if storage else str(out / "study.db")
+    study = _open_study(storage, out, where, chosen)
+    _check_same_search(study, where, search, base, sampler)
     finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if finished:
-        log(f"resuming {out / 'study.db'}: {finished} trial(s) finished earlier are kept")
-    if sampler == "grid":
-        _queue_missing_points(study, search)
-
-    def objective(trial) -> float:
+        log(f"resuming {where}: {finished} trial(s) finished earlier are kept")
+    names = list(search)
+    waiting_said = False
+    while True:
+        for number in fail_stale_trials(study):
+            log(f"trial {number}: its worker fell silent for {STALE_SECONDS:.0f} s; its point runs again")
+        if sampler == "grid":
+            _queue_missing_points(study, search)
+        counts = {state: len(study.get_trials(deepcopy=False, states=(state,)))
+                  for state in (TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING)}
+        work_left = (counts[TrialState.WAITING] if sampler == "grid"
+                     else total - counts[TrialState.COMPLETE] - counts[TrialState.RUNNING])
+        if work_left <= 0:
+            if not counts[TrialState.RUNNING]:
+                break
+            if not waiting_said:
+                log(f"waiting for {counts[TrialState.RUNNING]} trial(s) running in other workers")
+                waiting_said = True
+            time.sleep(POLL_SECONDS)
+            continue
+        trial = study.ask()
+        if sampler == "grid" and not _claim(study, trial, names):
+            continue
         params = {name: trial.suggest_categorical(name, values) for name, values in search.items()}
         config = RunConfig(**{**asdict(base), **params}).validate()
         start = time.perf_counter()
-        score = train_and_score(config, prepared, split, progress)
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) + 1
-        log(f"trial {done}/{total}: {', '.join(f'{k}={v}' for k, v in params.items())} → validation accuracy "
-            f"{score:.3f} ({time.perf_counter() - start:.0f} s)")
-        return score
-
-    remaining = max(0, total - finished) if sampler == "tpe" else len(study.get_trials(
-        deepcopy=False, states=(TrialState.WAITING,)))
-    if remaining:
-        study.optimize(objective, n_trials=remaining)
+        try:
+            with Heartbeat(trial):
+                score = train_and_score(config, prepared, split, progress)
+        except BaseException:
+            _tell(study, trial, log, state=TrialState.FAIL)
+            raise
+        if _tell(study, trial, log, values=score):
+            done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            log(f"trial {done}/{total}: {', '.join(f'{k}={v}' for k, v in params.items())} → validation accuracy "
+                f"{score:.3f} ({time.perf_counter() - start:.0f} s)")
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise ConfigError("no trial finished; see the messages above")
-    best = study.best_trial
+    # The best by score, ties to the earlier grid point (else trial): the same whichever worker ran what first.
+    order = {values: i for i, values in enumerate(itertools.product(*search.values()))}
+    best = max(complete, key=lambda t: (t.value, -order.get(_point(t, names), t.number)))
     best_config = RunConfig(**{**asdict(base), **best.params}).validate()
-    best_config.to_yaml(out / "best.yaml")
-    with open(out / "trials.csv", "w", newline="") as handle:
+    written = out / f".best.yaml.{os.getpid()}"  # written whole, then renamed: workers finish together
+    best_config.to_yaml(written)
+    os.replace(written, out / "best.yaml")
+    written = out / f".trials.csv.{os.getpid()}"
+    with open(written, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["trial", *search, "validation_accuracy", "state"])
         writer.writeheader()
         for t in study.get_trials(deepcopy=False):
-            writer.writerow({"trial": t.number, **t.params, "validation_accuracy": t.value, "state": t.state.name})
+            if SKIPPED not in t.user_attrs:
+                writer.writerow({"trial": t.number, **t.params, "validation_accuracy": t.value,
+                                 "state": t.state.name})
+    os.replace(written, out / "trials.csv")
     return best_config, best.value, complete
+
+
+def _open_study(storage: str | None, out: Path, where: str, sampler):
+    import optuna
+
+    for attempt in range(3):
+        try:
+            return optuna.create_study(study_name=STUDY_NAME, storage=open_storage(storage, out), sampler=sampler,
+                                       direction="maximize", load_if_exists=True)
+        except ConfigError:
+            raise
+        except ImportError as err:
+            raise ConfigError(f"--storage {where}: its database driver is not installed ({err}); e.g. pip install "
+                              "'alnet[postgres]'") from None
+        except Exception as err:  # unreachable server, bad credentials, unknown dialect: SQLAlchemy's own errors
+            if attempt == 2:
+                raise ConfigError(f"--storage {where}: cannot open the study ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from None
+            time.sleep(1 + attempt)  # workers starting together on a new database race to create its tables
+
+
+def _tell(study, trial, log, **outcome) -> bool:
+    """Record a trial's end; False when another worker had already given it up as stale (its point ran again)."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        study.tell(trial, **outcome)
+        return True
+    except (UpdateFinishedTrialError, RuntimeError, ValueError) as err:
+        if study._storage.get_trial(trial._trial_id).state.is_finished():
+            log(f"trial {trial.number} was given up as stale by another worker; its result is dropped")
+            return False
+        raise err
+
+
+def _check_same_search(study, where: str, search: dict, base: RunConfig, sampler: str) -> None:
+    """Workers joining a study must search the same grid from the same base configuration."""
+    setup = json.loads(json.dumps({"search": search, "base": asdict(base), "sampler": sampler}))
+    recorded = study.user_attrs.get("search")
+    if recorded is None:
+        study.set_user_attr("search", setup)
+    elif recorded != setup:
+        differ = sorted(k for k in setup if recorded.get(k) != setup[k])
+        raise ConfigError(f"{where}: this study was started with another {' and '.join(differ)}; start every worker "
+                          "with the same --grid, --config, --image-size, --seed and --sampler, or use another "
+                          "--storage/--out")
