@@ -2,7 +2,9 @@
 
 Ours: `CellClassifier.extract_features` (the run's default precision: bf16 autocast + channels-last on CPUs with
 bf16). Plain: the same backbone, fp32, contiguous NCHW, no autocast. Random weights (speed does not depend on
-their values), random 224×224 images. Prints one JSON line: per backbone, images/s of both and the ratio.
+their values), random 224×224 images. Prints one JSON line: per backbone, images/s of both and the ratio, and
+its GFLOP per image, achieved GFLOP/s and share of the peak of its precision (`infer_efficiency`; the plain path
+against the fp32 peak), with the machine's peak_bf16_gflops and peak_fp32_gflops (benchmarks/efficiency.py).
 Usage: python benchmarks/features.py [--images 64] [--batch-size 32] [--models alexnet,vgg16,googlenet,resnet50]
 """
 
@@ -13,6 +15,7 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from efficiency import efficiency, forward_flops, peak_for, peaks
 
 from alnet.config import RunConfig
 from alnet.data.transforms import to_float
@@ -36,7 +39,8 @@ def main():
     images = torch.randint(0, 255, (args.images, 224, 224, 3), dtype=torch.uint8)
     rows = np.arange(args.images)
     result = {"images": args.images, "batch_size": args.batch_size,
-              "precision": resolve_precision().lightning, "threads": torch.get_num_threads()}
+              "precision": resolve_precision().lightning, "threads": torch.get_num_threads(), **peaks()}
+    bf16 = result["precision"] == "bf16-mixed"
     for name in args.models.split(","):
         config = RunConfig(model=name, pretrained=False, augment=False)
         module = build_module(config, [])
@@ -49,8 +53,11 @@ def main():
                 plain_model.forward_features(to_float(images[start:start + args.batch_size]).contiguous())
 
         baseline = rate(plain, args.images)
+        flops = forward_flops(plain_model, method="forward_features")
         result[name] = {"images_per_s": round(ours, 1), "fp32_eager_images_per_s": round(baseline, 1),
-                        "ratio": round(ours / baseline, 2)}
+                        "ratio": round(ours / baseline, 2), "gflop_per_image": round(flops / 1e9, 2),
+                        **efficiency("infer", ours, flops, peak_for(bf16, result)),
+                        **efficiency("fp32_eager_infer", baseline, flops, result["peak_fp32_gflops"])}
     print(json.dumps(result))
 
 

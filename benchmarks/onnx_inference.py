@@ -3,7 +3,9 @@
 Both classify the same uint8 batches (decoding excluded): PyTorch with the checkpoint's default precision
 (bf16 autocast + channels-last on CPUs with bf16) and in fp32, onnxruntime in fp32 (its CPU provider).
 Without --checkpoint an untrained ALNet is saved and exported (speed does not depend on the weights).
-Prints one JSON line of images/s and ratios.
+Prints one JSON line of images/s and ratios, and what they mean on this machine (benchmarks/efficiency.py):
+peak_bf16_gflops, peak_fp32_gflops, infer_gflops and infer_efficiency (PyTorch default path, against the peak of
+its precision), and the same for PyTorch fp32 and onnxruntime (against the fp32 peak).
 Usage: python benchmarks/onnx_inference.py [--checkpoint CKPT] [--images 256] [--batch-size 64]
 """
 
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from efficiency import efficiency, forward_flops, peak_for, peaks
 
 from alnet.config import RunConfig
+from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
 from alnet.infer.predict import load_predictor
 from alnet.train.module import CellClassifier
@@ -50,11 +54,19 @@ def main():
         torch_default = rate(default, images, args.batch_size)
         torch_fp32 = rate(load_predictor(checkpoint, precision="32"), images, args.batch_size)
         onnx = rate(load_predictor(onnx_path), images, args.batch_size)
+        flops = forward_flops(default.trained.model, size)
+        bf16 = default.trained.config.get("precision", "auto") != "32" and resolve_precision("auto", "cpu").lightning \
+            == "bf16-mixed"
+    machine = peaks()
+    shares = {**efficiency("infer", torch_default, flops, peak_for(bf16, machine)),
+              **efficiency("torch_fp32_infer", torch_fp32, flops, machine["peak_fp32_gflops"]),
+              **efficiency("onnxruntime_infer", onnx, flops, machine["peak_fp32_gflops"])}
     print(json.dumps({
         "images": args.images, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
         "onnxruntime_images_per_s": round(onnx, 1), "torch_default_images_per_s": round(torch_default, 1),
         "torch_fp32_images_per_s": round(torch_fp32, 1),
         "onnx_vs_torch_default": round(onnx / torch_default, 2), "onnx_vs_torch_fp32": round(onnx / torch_fp32, 2),
+        **machine, "infer_gflop_per_image": round(flops / 1e9, 2), **shares,
     }))
 
 

@@ -1,6 +1,7 @@
 """Throughput of `alnet prepare` (cold cache) against a plain single-process PIL loop over the same files.
 
-Prints one JSON line: prepare_images_per_s, baseline_images_per_s, ratio (and the setting).
+Prints one JSON line: prepare_images_per_s, baseline_images_per_s, ratio (and the setting). (Decoding runs no
+model, so this benchmark has no FLOP-based efficiency; the others do, via benchmarks/efficiency.py.)
 Usage: python benchmarks/prepare.py [--data DIR] [--images 2000] [--workers N]
 Without --data it writes a synthetic C-NMC set of --images images to a temporary folder first.
 """

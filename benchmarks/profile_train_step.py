@@ -1,7 +1,8 @@
 """Where an ALNet training step spends its time on this machine (default CPU path: bf16 + channels-last).
 
 Prints the torch.profiler table of the top operators over a few steps (batch 32, augmentation on), grouped
-into convolution, element-wise/pooling, augmentation and the rest, as one JSON line at the end.
+into convolution, element-wise/pooling, augmentation and the rest, as one JSON line at the end, with the step's
+train_efficiency (share of this machine's matmul peak in the step's precision; benchmarks/efficiency.py).
 Usage: python benchmarks/profile_train_step.py [--steps 4] [--batch-size 32]
 """
 
@@ -9,6 +10,7 @@ import argparse
 import json
 
 import torch
+from efficiency import efficiency, peak_for, peaks, training_flops
 from torch.profiler import ProfilerActivity, profile
 
 from alnet.config import RunConfig
@@ -55,8 +57,12 @@ def main():
             if any(k in e.key for k in keys):
                 shares[name] += e.self_cpu_time_total
                 break
+    step_s = total / args.steps / 1e6
+    machine = peaks()
+    flops = training_flops(build_module(config, []).model)
     print(json.dumps({"precision": precision, "batch_size": args.batch_size,
-                      "step_ms": round(total / args.steps / 1000, 1),
+                      "step_ms": round(1000 * step_s, 1), **machine,
+                      **efficiency("train", args.batch_size / step_s, flops, peak_for("bf16" in precision, machine)),
                       **{f"{k}_share": round(v / total, 3) for k, v in shares.items()}}))
 
 

@@ -10,7 +10,9 @@ Without --checkpoint an untrained ALNet is saved (speed does not depend on the w
 
 Prints one JSON line: throughput_rps, p50_ms, p95_ms, p99_ms, errors, server_peak_rss_mb (batched service,
 --clients clients), batch_images_per_s, serve_ratio, full_batch_ms, p95_over_full_batch, speedup_over_unbatched,
-one_client_p50_ratio (batched / unbatched), and every setting's figures under "runs".
+one_client_p50_ratio (batched / unbatched), peak_bf16_gflops, peak_fp32_gflops, infer_efficiency (the served
+rate's share of the peak of the checkpoint's precision; benchmarks/efficiency.py), batch_infer_efficiency, and every
+setting's figures under "runs".
 Usage: python benchmarks/serve_load.py [--checkpoint CKPT] [--clients 16] [--requests 16] [--max-batch 16]
 """
 
@@ -29,9 +31,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from efficiency import efficiency, forward_flops, peak_for, peaks
 
 from alnet.config import RunConfig
 from alnet.data.transforms import load_image
+from alnet.device import cpu_has_bf16
 from alnet.infer.predict import load_predictor, predict_files
 from alnet.train.module import CellClassifier
 
@@ -151,6 +155,10 @@ def main():
             checkpoint = Path(tmp) / "alnet.ckpt"
             module = CellClassifier(asdict(RunConfig(image_size=args.image_size)))
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
+        machine = peaks()
+        predictor = load_predictor(checkpoint)
+        flops = forward_flops(predictor.trained.model, predictor.preprocessing.size)
+        peak = peak_for(predictor.trained.config.get("precision", "auto") != "32" and cpu_has_bf16(), machine)
         # The machine may be shared: every setting is measured in each of --rounds rounds, interleaved, so that
         # a busy moment falls on all of them alike; figures pool the rounds.
         settings = [(args.clients, args.max_batch), (args.clients, 1), (1, args.max_batch), (1, 1)]
@@ -186,6 +194,8 @@ def main():
         "p95_over_full_batch": round(main_run["p95_ms"] / batch_ms, 2),
         "speedup_over_unbatched": round(main_run["throughput_rps"] / unbatched["throughput_rps"], 2),
         "one_client_p50_ratio": round(one["p50_ms"] / one_unbatched["p50_ms"], 2),
+        **machine, **efficiency("infer", main_run["throughput_rps"], flops, peak),
+        **efficiency("batch_infer", batch_rate, flops, peak),
         "threads": torch.get_num_threads(), "cpus": len(os.sched_getaffinity(0)), "runs": runs,
     }))
 

@@ -7,12 +7,17 @@ device — measured with each of --workers loader workers (default 0 and 2); the
 conservative ratio).
 
 Prints one JSON line: train_images_per_s, baseline_train_images_per_s, train_ratio, infer_images_per_s,
-baseline_infer_images_per_s, infer_ratio (and the settings). The cache build is not timed (it happens once per
-dataset; benchmarks/prepare.py measures it).
+baseline_infer_images_per_s, infer_ratio (and the settings); and what they mean on this machine
+(benchmarks/efficiency.py): peak_bf16_gflops, peak_fp32_gflops, the model's GFLOP per image, train_gflops,
+train_efficiency, infer_gflops, infer_efficiency (shares of the peak of the precision each path runs in; the
+plain pipeline's against the fp32 peak), and, where a share is under one half (or with --profile), the
+forward pass's layers by time (layer_profile). The cache build is not timed (it happens once per dataset;
+benchmarks/prepare.py measures it).
 Usage: python benchmarks/train.py [--data DIR] [--images 256] [--repeat 1] [--epochs 3] [--batch-size 32]
-       [--workers 0,2]
+       [--workers 0,2] [--profile]
 On a GPU, --repeat K makes each epoch K passes over the images (both pipelines), so that an epoch lasts long
 enough to time without synthesising thousands of files.
+On a GPU the peaks are the GPU's and no layer profile is taken (benchmarks/gpu_step.py breaks a step down).
 """
 
 import argparse
@@ -24,6 +29,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from efficiency import LOW_SHARE, efficiency, forward_flops, layer_profile, peak_for, peaks, training_flops
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
@@ -134,6 +140,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=1, help="passes over the images per epoch")
     parser.add_argument("--workers", default="0,2", help="loader workers of the plain pipeline, comma-separated")
+    parser.add_argument("--profile", action="store_true", help="add the per-layer profile whatever the shares")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workers = [int(w) for w in args.workers.split(",")]
@@ -148,6 +155,21 @@ def main():
                               args.repeat) for w in workers}
     best = max(baselines.values(), key=lambda rates: rates[0])
     best_infer = max(rates[1] for rates in baselines.values())
+    machine = peaks(device)
+    model = create_model("alnet")
+    flops = {"train": training_flops(model), "infer": forward_flops(model)}
+    ours_peak, plain_peak = peak_for("bf16" in precision, machine), machine["peak_fp32_gflops"]
+    shares = {**efficiency("train", train_rate, flops["train"], ours_peak),
+              **efficiency("infer", infer_rate, flops["infer"], ours_peak),
+              **efficiency("baseline_train", best[0], flops["train"], plain_peak),
+              **efficiency("baseline_infer", best_infer, flops["infer"], plain_peak)}
+    profile = {}
+    low = min(shares["train_efficiency"], shares["infer_efficiency"]) < LOW_SHARE
+    if device == "cpu" and (args.profile or low):
+        path = resolve_precision(RunConfig().precision, "cpu")
+        net = model.to(memory_format=torch.channels_last) if path.channels_last else model
+        images = torch.randn(args.batch_size, 3, 224, 224)
+        profile["layer_profile"] = layer_profile(net, path.input(images), lambda: path.autocast("cpu"))
     print(json.dumps({
         "images": len(cells) * args.repeat, "batch_size": args.batch_size, "precision": precision,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
@@ -156,6 +178,8 @@ def main():
         "infer_images_per_s": round(infer_rate, 1), "baseline_infer_images_per_s": round(best_infer, 1),
         "infer_ratio": round(infer_rate / best_infer, 2),
         "baseline_by_workers": {w: {"train": round(r[0], 1), "infer": round(r[1], 1)} for w, r in baselines.items()},
+        **machine, "train_gflop_per_image": round(flops["train"] / 1e9, 2),
+        "infer_gflop_per_image": round(flops["infer"] / 1e9, 2), **shares, **profile,
     }))
 
 
