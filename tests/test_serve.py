@@ -384,3 +384,36 @@ def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_50
         assert httpx.get(f"{url}/health").json()["status"] == "ok", "the service lives on"
     assert [r.status_code for r in responses] == [500] * 6
     assert all("the model failed" in r.json()["error"] for r in responses)
+
+
+def _slow_decoding(monkeypatch, seconds: float):
+    real_load_image = serve.load_image
+
+    def slow_load_image(*args, **kwargs):
+        time.sleep(seconds)
+        return real_load_image(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "load_image", slow_load_image)
+
+
+def test_requests_past_the_waiting_limit_are_refused_with_a_json_503(server, cell, monkeypatch):
+    _slow_decoding(monkeypatch, 0.5)
+    monkeypatch.setattr(serve, "REQUESTS_IN_FLIGHT", 2)
+    data = cell.read_bytes()
+
+    def post(_):
+        return httpx.post(f"{server}/predict", files={"file": (cell.name, data, "image/bmp")}, timeout=60)
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        responses = list(pool.map(post, range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and set(codes) <= {200, 503} and 503 in codes
+    assert all("too many requests waiting" in r.json()["error"] for r in responses if r.status_code == 503)
+
+
+def test_a_request_not_classified_in_time_gets_a_json_503(server, cell, monkeypatch):
+    _slow_decoding(monkeypatch, 1.0)
+    monkeypatch.setattr(serve, "ANSWER_SECONDS", 0.2)
+    response = httpx.post(f"{server}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")},
+                          timeout=60)
+    assert response.status_code == 503 and "not classified within" in response.json()["error"]
