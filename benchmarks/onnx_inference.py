@@ -48,11 +48,11 @@ def main():
             module = CellClassifier(asdict(RunConfig()))
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
         onnx_path = export_onnx(checkpoint, Path(tmp) / "alnet.onnx")
-        default = load_predictor(checkpoint)
+        default = load_predictor(checkpoint, accelerator="cpu")  # a CPU comparison, GPU or not
         size = default.preprocessing.size
         images = np.random.default_rng(0).integers(0, 255, (args.images, size, size, 3), dtype=np.uint8)
         torch_default = rate(default, images, args.batch_size)
-        torch_fp32 = rate(load_predictor(checkpoint, precision="32"), images, args.batch_size)
+        torch_fp32 = rate(load_predictor(checkpoint, precision="32", accelerator="cpu"), images, args.batch_size)
         onnx = rate(load_predictor(onnx_path), images, args.batch_size)
         flops = forward_flops(default.trained.model, size)
         bf16 = default.trained.config.get("precision", "auto") != "32" and resolve_precision("auto", "cpu").lightning \

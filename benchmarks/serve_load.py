@@ -155,10 +155,12 @@ def main():
             checkpoint = Path(tmp) / "alnet.ckpt"
             module = CellClassifier(asdict(RunConfig(image_size=args.image_size)))
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
-        machine = peaks()
-        predictor = load_predictor(checkpoint)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where the service runs its model
+        machine = peaks(device)
+        predictor = load_predictor(checkpoint, accelerator="cpu")
         flops = forward_flops(predictor.trained.model, predictor.preprocessing.size)
-        peak = peak_for(predictor.trained.config.get("precision", "auto") != "32" and cpu_has_bf16(), machine)
+        mixed = predictor.trained.config.get("precision", "auto") != "32" and (device == "cuda" or cpu_has_bf16())
+        peak = peak_for(mixed, machine)
         # The machine may be shared: every setting is measured in each of --rounds rounds, interleaved, so that
         # a busy moment falls on all of them alike; figures pool the rounds.
         settings = [(args.clients, args.max_batch), (args.clients, 1), (1, args.max_batch), (1, 1)]
