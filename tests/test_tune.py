@@ -278,3 +278,11 @@ def test_workers_sharing_a_postgresql_study_run_each_grid_point_once(grid, prepa
     assert len(done) == 4 and len(set(done)) == 4
     assert results[0][0] == results[1][0]
     assert (tmp_path / "a" / "best.yaml").read_text() == (tmp_path / "b" / "best.yaml").read_text()
+
+
+def test_a_bad_storage_is_refused_before_any_image_is_decoded(grid, synthetic_root, tmp_path):
+    result = CliRunner().invoke(app, ["tune", "--data", str(synthetic_root), "--grid", str(grid), "--storage",
+                                      "db.example.org:5432", "--cache", str(tmp_path / "cache"), "--out",
+                                      str(tmp_path / "t")])
+    assert result.exit_code == 2 and "not a storage URL" in result.output
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "t").exists()

@@ -239,10 +239,12 @@ def tune(
 ):
     """Grid (or TPE) search scored on validation subjects; resumable; writes the best configuration as YAML."""
     from ..config import RunConfig
+    from ..train.study import check_storage
     from ..train.tune import read_grid
     from ..train.tune import tune as run_tune
 
-    read_grid(grid)  # a bad grid is refused before any image is decoded
+    read_grid(grid)  # a bad grid (or storage) is refused before any image is decoded
+    check_storage(storage)
     base = RunConfig.load(config, image_size=image_size, seed=seed)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say,

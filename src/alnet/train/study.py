@@ -23,22 +23,30 @@ HEARTBEAT = "heartbeat"  # the trial's user attribute holding its last heartbeat
 STORAGE_HELP = "postgresql://USER:PASSWORD@HOST/DB, mysql+pymysql://…, sqlite:///FILE or journal:FILE"
 
 
-def open_storage(storage: str | None, out: Path):
-    """`--storage` → what optuna.create_study takes; None → the SQLite file out/study.db."""
+def check_storage(storage: str | None) -> None:
+    """Refuse a `--storage` that cannot be one, before any work starts."""
     if storage is None:
-        return f"sqlite:///{out / 'study.db'}"
+        return
     if storage.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(storage[len("journal:"):]).expanduser()
         if not path.name or not path.parent.is_dir():
             raise ConfigError(f"--storage {storage}: the folder {path.parent} does not exist; name a journal file in "
                               "an existing (shared) folder")
-        return JournalStorage(JournalFileBackend(str(path)))
-    if re.match(r"^[a-z][a-z0-9+]*://", storage):
-        return storage
-    raise ConfigError(f"--storage {shown(storage)}: not a storage URL; use {STORAGE_HELP}")
+    elif not re.match(r"^[a-z][a-z0-9+]*://", storage):
+        raise ConfigError(f"--storage {shown(storage)}: not a storage URL; use {STORAGE_HELP}")
+
+
+def open_storage(storage: str | None, out: Path):
+    """`--storage` → what optuna.create_study takes; None → the SQLite file out/study.db."""
+    if storage is None:
+        return f"sqlite:///{out / 'study.db'}"
+    check_storage(storage)
+    if storage.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(str(Path(storage[len("journal:"):]).expanduser())))
+    return storage
 
 
 def shown(storage: str | None) -> str:
