@@ -146,6 +146,12 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
     assert len(rows) - 1 == sum(f["images"] for f in metrics["folds"])
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3 * 2
+    card = (run / "model_card.md").read_text()
+    assert "research tool, not a diagnostic device" in card and "**yes**, in fold_0" in card
+    from alnet.report.model_card import sha256_of
+
+    assert sha256_of(run / "checkpoints" / "fold_0" / "last.ckpt") in card
+    assert 'href="model_card.md"' in (run / "report.html").read_text()
 
 
 @pytest.mark.slow

@@ -73,6 +73,9 @@ def write_run_report(run, result: dict, config: dict) -> Path:
     figures = run.figures
     body = [f"<h1>{_esc(config['model'])} — {_esc(result['protocol'])} protocol</h1>",
             f'<p class="small">{_esc(run.path.resolve())}</p>', _protocol_note(result)]
+    if run.model_card.is_file():  # a relative link: the page and the card travel together
+        body.append(f'<p>Model card (intended use, data, limitations): <a href="{run.model_card.name}">'
+                    f"{run.model_card.name}</a>. A research tool, not a diagnostic device.</p>")
     if model_spec(config["model"]).pretrained and not config.get("pretrained", True):
         body.append('<p class="note warn">This baseline was trained <b>from scratch</b> (--no-pretrained), not '
                     "from ImageNet weights as in the paper.</p>")

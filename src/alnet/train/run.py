@@ -217,10 +217,12 @@ def write_outputs(run: RunDir, result: dict, predictions: dict[str, list[dict]],
                   config: RunConfig) -> None:
     from ..report.figures import write_run_figures
     from ..report.html import write_run_report
+    from ..report.model_card import write_model_card
 
     write_csv(run.predictions, [r for rows in predictions.values() for r in rows], PREDICTION_FIELDS)
     write_csv(run.history, history, HISTORY_FIELDS)
     write_csv(run.subjects, subject_rows(predictions), SUBJECT_FIELDS)
     run.write_json(run.metrics, result)
     write_run_figures(run.figures, predictions, history)
+    write_model_card(run)
     write_run_report(run, result, asdict(config))

@@ -8,6 +8,7 @@
     RUN/subjects.csv         per test subject: images, mean P(ALL), share called ALL, accuracy
     RUN/metrics.json         protocol, folds, summary (mean ± std over folds), prelim (when used)
     RUN/report.html          one self-contained page; RUN/figures/*.png
+    RUN/model_card.md        intended use, data, results, limitations (the CLAIM checklist's items)
     RUN/evaluation.json      written by `alnet evaluate RUN`
     RUN/checkpoints/<fold>/{last,best}.ckpt
     RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt}   a fold's results as it finishes
@@ -65,6 +66,7 @@ class RunDir:
     subjects = property(lambda self: self.path / "subjects.csv")
     metrics = property(lambda self: self.path / "metrics.json")
     report = property(lambda self: self.path / "report.html")
+    model_card = property(lambda self: self.path / "model_card.md")
     evaluation = property(lambda self: self.path / "evaluation.json")
     timing = property(lambda self: self.path / "timing.json")
     figures = property(lambda self: self.path / "figures")
