@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
 
 from alnet.config import RunConfig
 from alnet.data.augment import make_augment
@@ -16,6 +17,7 @@ from alnet.data.cache import prepare
 from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing
 from alnet.train.batches import PADDING, BatchOrder, CellData, shard, tensors
+from alnet.train.loggers import read_history
 from alnet.train.module import CellClassifier
 from alnet.train.run import RunError, train_run
 from alnet.train.trainer import quiet_lightning
@@ -76,13 +78,15 @@ def test_alnet_fits_the_cnmc_mini_training_images(mini_root, tmp_path):
     rows = np.arange(len(prepared.cells))
     config = RunConfig(epochs=15, batch_size=8, augment=False, bn_momentum=0.5, seed=0)
     module = CellClassifier(asdict(config))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=config.epochs, logger=False, enable_checkpointing=False,
+    log = CSVLogger(tmp_path, name="log")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=config.epochs, logger=log, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, use_distributed_sampler=False)
     data = CellData(images, labels, rows, [], rows, config)
     trainer.fit(module, datamodule=data)
     trainer.test(module, datamodule=data, verbose=False)
-    losses = [h["train_loss"] for h in module.history]
+    losses = [float(h["train_loss"]) for h in read_history(tmp_path / "log")]
+    assert len(losses) == 15
     assert losses[-1] < 0.5 * losses[0]
     predicted = module.test_predictions["prob_all"] > 0.5
     assert (predicted == module.test_predictions["label"]).mean() >= 0.9

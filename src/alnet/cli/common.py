@@ -19,7 +19,9 @@ out = Console()  # results: tables and what was written where
 
 def fail(message: str, code: int = 2) -> None:
     """`error: <message>` on stderr and exit: status 2 for a usage or input error, 1 for work that failed."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # a message may hold brackets (pip install 'alnet[mlflow]'): not markup
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
@@ -70,6 +72,12 @@ WorkersOption = Annotated[Optional[int], typer.Option(
     "--workers", min=1, max=max(1, len(os.sched_getaffinity(0))),
     help="Decoding processes for the cache (default: one per core).")]
 ProgressOption = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
+LoggerOption = Annotated[str, typer.Option(
+    "--logger", help="Experiment logger beside the CSV log that is always written: csv (only that), tensorboard "
+    "(RUN/tensorboard/; pip install 'alnet[tensorboard]') or mlflow (a store in mlruns/ beside the runs; pip "
+    "install 'alnet[mlflow]').")]
+MlflowUriOption = Annotated[Optional[str], typer.Option(
+    "--mlflow-uri", help="With --logger mlflow: a tracking server or store URI instead of the local mlruns/.")]
 ConfigOption = Annotated[Optional[str], typer.Option(
     "--config", help="YAML run configuration or a preset: paper, subject.")]
 ProtocolOption = Annotated[Optional[str], typer.Option(

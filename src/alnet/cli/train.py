@@ -17,6 +17,8 @@ from .common import (
     EpochsOption,
     FinetuneOption,
     ImageSizeOption,
+    LoggerOption,
+    MlflowUriOption,
     PrecisionOption,
     PretrainedOption,
     ProgressOption,
@@ -65,11 +67,19 @@ def _is_metrics_json(path: Path) -> bool:
         return False
 
 
-def _train(config, data: Path, run_dir: Path, cache, workers, resume: bool, progress: bool) -> dict:
+def _tracking(logger: str, mlflow_uri: str | None):
+    """The experiment logger asked for, checked (known, extra installed) before any image is decoded."""
+    from ..train.loggers import Tracking
+
+    return Tracking(logger.strip().lower(), mlflow_uri).check()
+
+
+def _train(config, data: Path, run_dir: Path, cache, workers, resume: bool, progress: bool, tracking=None) -> dict:
     from ..train.run import train_run
 
     prepared = prepare_data(data, cache, workers, config.preprocessing, progress=progress)
-    return train_run(config, prepared, run_dir, data_root=data, resume=resume, progress=progress, log=say)
+    return train_run(config, prepared, run_dir, data_root=data, resume=resume, progress=progress, log=say,
+                     tracking=tracking)
 
 
 @handles_errors
@@ -100,6 +110,8 @@ def train(
         help="Continue the run in this directory from its last checkpoint.")] = None,
     cache: CacheOption = None,
     workers: WorkersOption = None,
+    logger: LoggerOption = "csv",
+    mlflow_uri: MlflowUriOption = None,
     progress: ProgressOption = True,
 ):
     """Train a model (ALNet by default) under a protocol and test it: a run directory with metrics, figures."""
@@ -123,7 +135,9 @@ def train(
         run_dir = out_dir or default_run_dir(run_config.protocol)
     if data is None:
         fail("--data is required: pass the folder holding the C-NMC dataset")
-    metrics = _train(run_config, data, run_dir, cache, workers, resume=resume is not None, progress=progress)
+    tracking = _tracking(logger, mlflow_uri)
+    metrics = _train(run_config, data, run_dir, cache, workers, resume=resume is not None, progress=progress,
+                     tracking=tracking)
     if is_main_process():  # under DDP every rank gets here; one table is enough
         print_metrics(metrics, f"{run_config.model}, {metrics['protocol']} protocol")
         result(f"run directory: {run_dir}")
@@ -188,6 +202,8 @@ def compare(
     out_dir: Annotated[Path, typer.Option("--out", help="Where the runs and tables go.")] = Path("runs/compare"),
     cache: CacheOption = None,
     workers: WorkersOption = None,
+    logger: LoggerOption = "csv",
+    mlflow_uri: MlflowUriOption = None,
     progress: ProgressOption = True,
 ):
     """Train and test several models under one protocol and seed; tables shaped like the paper's 8 and 9."""
@@ -204,8 +220,10 @@ def compare(
         fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())}")
     base = RunConfig.load(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
                           augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed)
+    tracking = _tracking(logger, mlflow_uri)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
-    rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say)
+    rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say,
+                             tracking=tracking)
     listed = comparison_rows(rows)
     print_table(f"model comparison, {base.protocol} protocol (mean over test folds; paper rows as published)",
                 [c.short for c in COMPARISON], [[c.cell(row) for c in COMPARISON] for _, row in listed],
@@ -235,6 +253,8 @@ def tune(
         "OUT/study.db (this machine only).")] = None,
     cache: CacheOption = None,
     workers: WorkersOption = None,
+    logger: LoggerOption = "csv",
+    mlflow_uri: MlflowUriOption = None,
     progress: ProgressOption = False,
 ):
     """Grid (or TPE) search scored on validation subjects; resumable; writes the best configuration as YAML."""
@@ -245,10 +265,11 @@ def tune(
 
     read_grid(grid)  # a bad grid (or storage) is refused before any image is decoded
     check_storage(storage)
+    tracking = _tracking(logger, mlflow_uri)
     base = RunConfig.load(config, image_size=image_size, seed=seed)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     best, score, complete = run_tune(grid, prepared, out_dir, base, sampler, trials, progress=progress, log=say,
-                                     storage=storage)
+                                     storage=storage, tracking=tracking)
     names = list(complete[0].params)
     rows = [[str(t.number), *(str(t.params[n]) for n in names), f"{t.value:.3f}"]
             for t in sorted(complete, key=lambda t: -t.value)]

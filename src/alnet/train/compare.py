@@ -11,6 +11,7 @@ from ..config import RunConfig
 from ..data.cache import Prepared
 from ..metrics import METRICS
 from ..models import create_model_from, model_spec, trainable_parameters
+from .loggers import Tracking
 from .run import train_run
 from .rundir import ComparisonDir, RunDir, read_csv, write_csv
 
@@ -24,9 +25,10 @@ def count_trainable(config: RunConfig) -> int:
 
 
 def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | str, data_root: Path | None = None,
-            log: Callable[[str], None] = print, progress: bool = True) -> tuple[list[dict], list[dict]]:
+            log: Callable[[str], None] = print, progress: bool = True,
+            tracking: Tracking | None = None) -> tuple[list[dict], list[dict]]:
     """Train and test each model; returns (Table 8 rows, Table 9 rows). A finished model's run is kept, so an
-    interrupted comparison continues where it stopped."""
+    interrupted comparison continues where it stopped. `tracking`: the experiment logger of every run."""
     comparison = ComparisonDir(out)
     comparison.path.mkdir(parents=True, exist_ok=True)
     rows, table9, note = [], [], ""
@@ -41,7 +43,7 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
         else:
             log(f"{name}: training under the {config.protocol} protocol")
             result = train_run(config, prepared, run.path, data_root=data_root, resume=run.exists(), log=log,
-                               progress=progress)
+                               progress=progress, tracking=tracking)
             seconds = time.perf_counter() - start
             run.write_json(run.timing, {"training_seconds": seconds})
         trained_images = sum(s["train"]["images"] for s in run.read_json(run.splits)) * config.epochs

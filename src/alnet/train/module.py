@@ -1,7 +1,8 @@
 """The model logic of training: any registered model + the paper's loss and optimiser (a LightningModule).
 
 Batches arrive as uint8 from `batches.py`; they become floats here, on the device, and are augmented here
-after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks.
+after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks. Each epoch's
+losses and accuracies go to the trainer's loggers (`loggers.py`); the CSV log is the run's history.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..data.augment import make_augment
 from ..data.transforms import to_float
 from ..device import resolve_precision
 from ..models import create_model_from, probability_all
+from .loggers import log_epoch
 
 
 class CellClassifier(L.LightningModule):
@@ -30,7 +32,8 @@ class CellClassifier(L.LightningModule):
         """`seen_subjects`: the training and validation subjects, kept in the checkpoint so that `evaluate`
         can leave them out. `model`: an already built (e.g. trained) network instead of a new one."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        # Kept in the checkpoint; experiment loggers get the flat settings instead (`loggers.make_loggers`).
+        self.save_hyperparameters(ignore=["model"], logger=False)
         self.config = c = RunConfig(**config)
         self.model = model if model is not None else create_model_from(c)
         self.on_features = False  # True while training a frozen backbone's head on precomputed features
@@ -39,7 +42,6 @@ class CellClassifier(L.LightningModule):
         self.channels_last = False
         self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
         self.train_accuracy, self.val_accuracy = BinaryAccuracy(), BinaryAccuracy()
-        self.history: list[dict] = []
         self._val_row: dict = {}
         self._outputs: list[torch.Tensor] = []
         self.test_predictions: dict[str, np.ndarray] | None = None
@@ -90,7 +92,8 @@ class CellClassifier(L.LightningModule):
         loss = self.loss(logits, batch["label"])
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits))
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits),
+                 logger=False)
         return loss
 
     def _masked(self, batch: dict):
@@ -112,22 +115,19 @@ class CellClassifier(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self._val_row = {"val_loss": float(self.val_loss.compute()), "val_accuracy": float(self.val_accuracy.compute())}
-        self.log("val_loss", self._val_row["val_loss"], prog_bar=True, sync_dist=False)
-        self.log("val_accuracy", self._val_row["val_accuracy"], prog_bar=True, sync_dist=False)
+        # For the progress bar and ModelCheckpoint's monitor; loggers get the whole epoch row below.
+        self.log("val_loss", self._val_row["val_loss"], prog_bar=True, sync_dist=False, logger=False)
+        self.log("val_accuracy", self._val_row["val_accuracy"], prog_bar=True, sync_dist=False, logger=False)
 
     def on_train_epoch_end(self) -> None:
-        # Runs after validation and before ModelCheckpoint saves, so each checkpoint carries its epoch's row.
+        # Runs after validation and before ModelCheckpoint saves: the epoch's row is on disk in the CSV log
+        # before its checkpoint exists, so a run killed in between and resumed loses no row. (Rows logged with
+        # `self.log(on_epoch=True)` would reach the loggers only after the checkpoint.)
         row = {"epoch": self.current_epoch + 1, "train_loss": float(self.train_loss.compute()),
                "train_accuracy": float(self.train_accuracy.compute())}
         row.update(self._val_row or {"val_loss": float("nan"), "val_accuracy": float("nan")})
         self._val_row = {}
-        self.history.append(row)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["alnet_history"] = list(self.history)
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.history = list(checkpoint.get("alnet_history", []))
+        log_epoch(self.loggers, row)
 
     # evaluation ---------------------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:

@@ -26,6 +26,7 @@ from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..models import WeightsError, create_model_from
 from .batches import CellData, tensors, world
+from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
 from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, RunDir, read_csv, write_csv
@@ -49,6 +50,7 @@ class Job:
     callbacks: Sequence[Callback]
     progress: bool
     log: Callable[[str], None]
+    tracking: Tracking
 
 
 def _split_summary(split: Split, cells: list[Cell]) -> dict:
@@ -72,8 +74,10 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
     if config.protocol == "subject" and len(split.val) > 0:
         keep.append(ModelCheckpoint(dirpath=checkpoints, filename="best", monitor="val_loss", mode="min",
                                     save_top_k=1, save_on_train_epoch_end=True, enable_version_counter=False))
+    loggers = make_loggers(job.tracking, run.fold_log(split.name), run.tensorboard / split.name, run.path.parent,
+                           f"{run.path.name}/{split.name}", flat_params(asdict(config), fold=split.name))
     trainer = make_trainer(config, [*keep, *job.callbacks], run.fold(split.name), job.progress,
-                           validate=len(split.val) > 0)
+                           validate=len(split.val) > 0, loggers=loggers)
     # Seed per split (not from whatever earlier folds left behind): a resumed run builds the same weights.
     L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
     # Subjects used for training or for choosing the checkpoint: `evaluate` leaves them out later.
@@ -97,7 +101,7 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
         job.log(f"{split.name}: resuming from {last}")
     # Checkpoints are read as tensors and plain containers only (docs/design.md, "The run directory").
     trainer.fit(module, datamodule=data, ckpt_path=resume_from, weights_only=True)
-    history = [{"fold": split.name, **h} for h in module.history]  # testing below loads the chosen checkpoint
+    history = [{"fold": split.name, **h} for h in read_history(run.fold_log(split.name))]  # from the CSV log
     # The best checkpoint as a name in this run's folder: a resumed copy of a run must not test the original's.
     best = keep[-1].best_model_path
     chosen = checkpoints / Path(best).name if best else last
@@ -124,8 +128,10 @@ def train_run(
     callbacks: Sequence[Callback] = (),
     progress: bool = True,
     log: Callable[[str], None] = print,
+    tracking: Tracking | None = None,
 ) -> dict:
-    """Train and test every split of the configured protocol; returns metrics.json's content."""
+    """Train and test every split of the configured protocol; returns metrics.json's content. `tracking`: the
+    experiment logger beside the CSV log (default: the CSV log only)."""
     quiet_lightning()
     run = RunDir(run_dir)
     if resume:
@@ -137,6 +143,7 @@ def train_run(
     elif is_main_process() and run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
         raise RunError(f"{run}: exists and is not an empty folder; pick a new or empty folder for --out")
     config.validate()
+    tracking = (tracking or Tracking()).check()
     _check_devices(config)
     if not resume:
         try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
@@ -150,7 +157,7 @@ def train_run(
     torch.use_deterministic_algorithms(config.deterministic or was_deterministic)
     try:
         images, labels = tensors(prepared)
-        job = Job(config, prepared.cells, images, labels, run, resume, callbacks, progress, log)
+        job = Job(config, prepared.cells, images, labels, run, resume, callbacks, progress, log, tracking)
         return _train_splits(job, prepared, data_root)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)

@@ -11,6 +11,8 @@
     RUN/model_card.md        intended use, data, results, limitations (the CLAIM checklist's items)
     RUN/evaluation.json      written by `alnet evaluate RUN`
     RUN/checkpoints/<fold>/{last,best}.ckpt
+    RUN/logs/<fold>/version_<n>/metrics.csv   the CSV log (one version per start); history.csv comes from it
+    RUN/tensorboard/<fold>/version_<n>/       with --logger tensorboard (MLflow: ../mlruns/ beside the runs)
     RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt}   a fold's results as it finishes
 
     COMPARISON/<model>/      one run directory per model (+ timing.json)
@@ -70,6 +72,8 @@ class RunDir:
     evaluation = property(lambda self: self.path / "evaluation.json")
     timing = property(lambda self: self.path / "timing.json")
     figures = property(lambda self: self.path / "figures")
+    logs = property(lambda self: self.path / "logs")
+    tensorboard = property(lambda self: self.path / "tensorboard")
 
     def exists(self) -> bool:
         """A run lives here (its configuration was written)."""
@@ -88,6 +92,10 @@ class RunDir:
     def fold_predictions(self, name: str) -> Path:
         """Written last when a fold finishes: its presence marks the fold done."""
         return self.fold(name) / "predictions.csv"
+
+    def fold_log(self, name: str) -> Path:
+        """The fold's CSV log folder (one version_<n> per start of the fold)."""
+        return self.logs / name
 
     def checkpoints(self, name: str) -> Path:
         return self.path / "checkpoints" / name

@@ -1,5 +1,5 @@
 """The Lightning trainer as alnet configures it: precision and device from `device.py`, only the checkpoints a
-caller asks for, no loggers, quiet start-up."""
+caller asks for, only the loggers a caller passes (`loggers.py`), quiet start-up."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ def is_main_process() -> bool:
     return rank_zero_only.rank == 0
 
 
-def make_trainer(config: RunConfig, callbacks: Sequence[Callback], root: Path, progress: bool, validate: bool):
+def make_trainer(config: RunConfig, callbacks: Sequence[Callback], root: Path, progress: bool, validate: bool,
+                 loggers: Sequence = ()):
     precision = resolve_precision(config.precision, config.accelerator)
     return L.Trainer(
         accelerator=precision.accelerator, devices=config.devices, strategy=config.strategy,
-        precision=precision.lightning, max_epochs=config.epochs, logger=False, enable_model_summary=False,
+        precision=precision.lightning, max_epochs=config.epochs, logger=list(loggers) or False,
+        enable_model_summary=False,
         num_sanity_val_steps=0, deterministic=config.deterministic, callbacks=list(callbacks),
         use_distributed_sampler=False, default_root_dir=root, enable_progress_bar=progress,
         limit_val_batches=1.0 if validate else 0,
@@ -44,3 +46,4 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*exists and is not empty.*")  # expected when resuming
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # frozen backbones, on purpose
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")  # alnet logs per epoch

@@ -23,6 +23,7 @@ from ..config import GRID_PRESETS, ConfigError, RunConfig, read_yaml, resolve_pr
 from ..data.cache import Prepared
 from ..data.protocols import Split, check_no_leakage, subject_holdout
 from .batches import CellData, tensors
+from .loggers import Tracking, flat_params, make_loggers
 from .module import build_module
 from .study import STALE_SECONDS, Heartbeat, fail_stale_trials, open_storage, shown
 from .trainer import make_trainer, quiet_lightning
@@ -98,31 +99,41 @@ def validation_split(prepared: Prepared, fraction: float, seed: int) -> Split:
     return split
 
 
-def train_and_score(config: RunConfig, prepared: Prepared, split: Split, progress: bool = False) -> float:
+def train_and_score(config: RunConfig, prepared: Prepared, split: Split, progress: bool = False,
+                    loggers=()) -> float:
     """Validation accuracy after the last epoch of one training run."""
     import lightning as L
 
     images, labels = tensors(prepared)
     L.seed_everything(config.seed, verbose=False)
     module = build_module(config, [])
-    trainer = make_trainer(config, [], Path.cwd(), progress, validate=True)
+    trainer = make_trainer(config, [], Path.cwd(), progress, validate=True, loggers=loggers)
     trainer.fit(module, datamodule=CellData(images, labels, split.train, split.val, split.test, config))
-    return float(module.history[-1]["val_accuracy"])
+    return float(trainer.callback_metrics["val_accuracy"])
+
+
+def trial_loggers(tracking: Tracking, out: Path, trial: int, params: dict) -> list:
+    """A trial's CSV log in out/logs/trial-<n>, and the experiment logger asked for (TensorBoard in
+    out/tensorboard/trial-<n>, MLflow in out/mlruns)."""
+    name = f"trial-{trial}"
+    return make_loggers(tracking, out / "logs" / name, out / "tensorboard" / name, out, f"{out.name}/{name}", params)
 
 
 def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig, sampler: str = "grid",
          trials: int | None = None, log: Callable[[str], None] = print, progress: bool = False,
-         storage: str | None = None):
+         storage: str | None = None, tracking: Tracking | None = None):
     """Run (or resume, or join) the study; writes out/best.yaml and out/trials.csv.
 
     The study lives in out/study.db, or in `storage` (an optuna storage URL or journal:FILE) shared by workers
     started with the same grid and settings on several machines: each grid point runs once, a point whose worker
-    died runs again, and every worker waits for the others to finish before writing the same results."""
+    died runs again, and every worker waits for the others to finish before writing the same results. Every trial keeps a CSV log
+    (out/logs/trial-<n>), plus the experiment logger of `tracking`."""
     import optuna
     from optuna.trial import TrialState
 
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracking = (tracking or Tracking()).check()
     search, fixed = read_grid(grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,8 +181,9 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
         config = RunConfig(**{**asdict(base), **params}).validate()
         start = time.perf_counter()
         try:
+            loggers = trial_loggers(tracking, out, trial.number, flat_params(asdict(config), trial=trial.number))
             with Heartbeat(trial):
-                score = train_and_score(config, prepared, split, progress)
+                score = train_and_score(config, prepared, split, progress, loggers)
         except BaseException:
             _tell(study, trial, log, state=TrialState.FAIL)
             raise
