@@ -26,7 +26,7 @@ def test_model_card_says_research_tool_not_diagnostic_device_and_names_its_check
     card = render_model_card(facts())
     assert "research tool, not a diagnostic device" in card
     assert "CLAIM" in card and "doi:10.1148/ryai.2020200029" in card
-    for section in ("## Intended use", "## Data", "## Model", "## Training", "## Evaluation and results",
+    for section in ("## Intended use", "## Data", "## Model", "## Training", "## Validation: evaluation and results",
                     "## Known limitations", "## Citation and availability"):
         assert section in card
     assert "*CLAIM items" in card.split("## Data")[1].split("##")[0]
@@ -60,7 +60,7 @@ def test_model_card_renders_confidence_intervals_calibration_and_subject_results
     metrics = {"protocol": "subject", "note": "n", "folds": [fold], "summary": {}}
     card = render_model_card(facts(metrics=metrics))
     assert "0.900 (0.850–0.950)" in card
-    assert "### Calibration" in card and "ece: 0.0310" in card and "temperature" in card
+    assert "### Calibration" in card and "ece: 0.031" in card and "temperature" in card
     assert "### Subject-level results" in card and "subjects: 4" in card
     assert "No confidence intervals" not in card
 

@@ -166,6 +166,61 @@ def export(
            f"`alnet predict {path} IMAGES…`")
 
 
+def _run_of(checkpoint: Path):
+    """The run directory a checkpoint lives in (RUN/checkpoints/<fold>/x.ckpt), or None."""
+    from ..train.rundir import RunDir
+
+    parents = checkpoint.resolve().parents
+    run = RunDir(parents[2]) if len(parents) > 2 else None
+    return run if run is not None and run.exists() else None
+
+
+def _test_image_of(run) -> Path | None:
+    """A cell the run tested on (its predictions.csv), if one is still on disk."""
+    import csv
+
+    if run is None or not run.predictions.is_file():
+        return None
+    with open(run.predictions, newline="") as handle:
+        return next((Path(row["path"]) for row in csv.DictReader(handle) if Path(row.get("path", "")).is_file()),
+                    None)
+
+
+@handles_errors
+def package(
+    target: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or a run directory (its final model).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="The package folder to write (new or empty).")],
+    image: Annotated[Optional[Path], typer.Option(
+        help="A cell image for the test input and the cover (default: a test image of the checkpoint's run).")]
+    = None,
+    zip_archive: Annotated[bool, typer.Option("--zip", help="Also write the package as OUT.zip.")] = False,
+    author: Annotated[Optional[list[str]], typer.Option(
+        help="Author of the trained model (repeat for several; default: alnet user).")] = None,
+    maintainer: Annotated[Optional[list[str]], typer.Option(
+        help="GitHub user name of a maintainer (bioimage.io asks for one; bioimageio.spec checks it online).")]
+    = None,
+    licence: Annotated[str, typer.Option("--license", help="SPDX licence of the package.")] = "CC-BY-4.0",
+):
+    """Write a bioimage.io model package: rdf.yaml (format 0.5), ONNX and TorchScript weights, test tensors,
+    a Grad-CAM cover and the model card."""
+    from ..checkpoint import load_trained_model, read_checkpoint
+    from ..infer.package import FILES, build_package
+    from ..report.model_card import checkpoint_card
+
+    checkpoint = _checkpoint_of(target)
+    run = _run_of(checkpoint)
+    image = image or _test_image_of(run)
+    if image is None:
+        fail(f"{checkpoint}: no test image of its run is on disk; pass a cell image with --image")
+    trained = load_trained_model(checkpoint)
+    card = checkpoint_card(checkpoint, trained.config, run, read_checkpoint(checkpoint).get("calibration"))
+    out = build_package(checkpoint, out_dir, image, card, authors=author, licence=licence, zip_archive=zip_archive,
+                        maintainers=maintainer or [])
+    result(f"wrote the bioimage.io package {out}/ ({', '.join(FILES.values())})"
+           + (f" and {out.with_suffix('.zip')}" if zip_archive else ""))
+    result("validate it with: pip install 'alnet[bioimage]' && bioimageio validate " + str(out / FILES["rdf"]))
+
+
 @handles_errors
 def serve(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or an exported model (.onnx).")],

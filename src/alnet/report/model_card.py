@@ -57,7 +57,7 @@ def _value(value) -> str:
     if isinstance(value, bool) or value is None:
         return str(value).lower() if isinstance(value, bool) else "–"
     if isinstance(value, float):
-        return number(value, 4)
+        return f"{value:.4g}"
     return str(value)
 
 
@@ -168,7 +168,8 @@ def _data(facts: CardFacts) -> list[str]:
                                           f"{', …' if len(skipped) > 5 else ''})" if skipped else "") + ".")
     protocol = c.get("protocol")
     lines.append(f"- **Protocol**: `{protocol}` — " + (
-        "each training fold on its own, split 80/20 at image level (the paper's protocol)." if protocol == "paper"
+        "each training fold on its own, split 80/20 at image level (the paper's protocol); its validation set is "
+        "its test set, used for curves only." if protocol == "paper"
         else "leave one subject-disjoint fold out, validation subjects held out of training, then a final model "
              "tested on the preliminary test set's unseen subjects."))
     if facts.splits:
@@ -230,7 +231,7 @@ def _metric_rows(entries: list[tuple[str, dict]]) -> list[list[str]]:
 
 
 def _results(facts: CardFacts) -> list[str]:
-    lines = [*_section("Evaluation and results", "28, 29, 31, 32, 35, 36, 37")]
+    lines = [*_section("Validation: evaluation and results", "28, 29, 31, 32, 35, 36, 37")]
     m = facts.metrics
     if not m:
         return lines + ["No metrics are recorded with this model (its run directory was not available)."]
@@ -304,8 +305,8 @@ def render_model_card(facts: CardFacts) -> str:
     title = f"# Model card: {c['model']}" + (f" ({facts.run_name})" if facts.run_name else "")
     lines = [title, "",
              f"Reporting follows {CHECKLIST}; each section names the items it answers. "
-             "Items 5 (retrospective study of a public dataset), 18 (inter-rater variability) and 19 (sample-size "
-             "calculation) are not addressed by the dataset or this run.", "",
+             "Item 5: a retrospective use of a public dataset. Items 18 (inter-rater variability) and 19 "
+             "(sample-size calculation) are not addressed by the dataset or this run.", "",
              NOT_A_DEVICE]
     for part in (_intended_use, _data, _model, _training, _results, _calibration, _limitations, _availability):
         lines += part(facts)
@@ -345,6 +346,18 @@ def card_facts(run, weights: Path | None = None, calibration: dict | None = None
         weights_name=f"{weights.parent.name}/{weights.name}" if weights and weights.is_file() else None,
         weights_sha256=sha256_of(weights) if weights and weights.is_file() else None,
         versions=software_versions(), calibration=calibration, run_name=run.path.name)
+
+
+def checkpoint_card(checkpoint: Path, config: dict, run=None, calibration: dict | None = None) -> str:
+    """The card of one checkpoint (for a package): from its run directory when it has one, else from the
+    checkpoint's own configuration."""
+    checkpoint = Path(checkpoint)
+    if run is not None and run.exists():
+        facts = card_facts(run, weights=checkpoint, calibration=calibration)
+    else:
+        facts = CardFacts(config=config, weights_name=checkpoint.name, weights_sha256=sha256_of(checkpoint),
+                          versions=software_versions(), calibration=calibration)
+    return render_model_card(facts)
 
 
 def write_model_card(run) -> Path:

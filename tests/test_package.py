@@ -1,0 +1,123 @@
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from alnet.cli import app
+from alnet.infer.package import FILES, Calibration, PackageError, PackagedNetwork, calibration_of
+
+CELL = "tests/data/cnmc-mini/C-NMC_Leukemia/training_data/fold_0/all/UID_5_1_1_all.bmp"
+CORE_MISSING = ("bioimageio.core is not installed: its current release (0.11.0) pins bioimageio.spec 0.5.12.0, "
+                "which fails under pydantic >= 2.12; run it in an environment with pydantic < 2.12")
+
+
+class Logits(torch.nn.Module):
+    def forward(self, x):
+        return torch.stack([torch.zeros(len(x)), x.flatten(1).mean(1) * 8 - 4], 1)
+
+
+def test_calibration_forms_become_a_slope_and_intercept_on_the_logit_and_unknown_forms_are_refused():
+    assert calibration_of(None) is None
+    assert calibration_of({"temperature": 2.0}).slope == pytest.approx(0.5)
+    platt = calibration_of({"method": "platt", "slope": 1.5, "intercept": -0.2})
+    assert (platt.slope, platt.intercept) == (1.5, -0.2)
+    with pytest.raises(PackageError, match="bins, edges"):
+        calibration_of({"bins": [0.1], "edges": [0, 1]})
+
+
+def test_packaged_network_outputs_one_probability_column_calibrated_when_asked():
+    x = torch.rand(4, 3, 8, 8)
+    plain = PackagedNetwork(Logits(), "softmax", None)(x)
+    assert plain.shape == (4, 1) and bool(((plain >= 0) & (plain <= 1)).all())
+    tempered = PackagedNetwork(Logits(), "softmax", Calibration(slope=0.5))(x)
+    expected = torch.sigmoid(0.5 * torch.logit(plain, eps=1e-7))
+    assert torch.allclose(tempered, expected, atol=1e-6)
+    assert not torch.allclose(tempered, plain)
+
+
+@pytest.fixture(scope="module")
+def package(mini_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pkg") / "alnet-package"
+    result = CliRunner().invoke(app, ["package", str(mini_checkpoint), "--out", str(out), "--image", CELL, "--zip",
+                                      "--author", "A. Researcher"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _apply_preprocessing(rdf: dict, tensor: np.ndarray) -> np.ndarray:
+    """The input's preprocessing as the rdf writes it (the operations this package uses)."""
+    for step in rdf["inputs"][0]["preprocessing"]:
+        if step["id"] == "ensure_dtype":
+            tensor = tensor.astype(step["kwargs"]["dtype"])
+        elif step["id"] == "scale_linear":
+            tensor = tensor * step["kwargs"]["gain"] + step["kwargs"]["offset"]
+        else:
+            raise AssertionError(f"unexpected operation {step['id']}")
+    return tensor
+
+
+@pytest.mark.slow
+def test_package_holds_description_weights_test_tensors_cover_and_model_card(package):
+    for name in FILES.values():
+        assert (package / name).is_file(), name
+    rdf = yaml.safe_load((package / "rdf.yaml").read_text())
+    assert rdf["type"] == "model" and rdf["format_version"].startswith("0.5.")
+    assert [a["type"] for a in rdf["inputs"][0]["axes"]] == ["batch", "channel", "space", "space"]
+    assert rdf["inputs"][0]["data"]["type"] == "uint8"
+    assert rdf["outputs"][0]["axes"][1]["channel_names"] == ["probability_all"]
+    assert {c["doi"] for c in rdf["cite"]} == {"10.1016/j.combiomed.2022.105894", "10.7937/tcia.2019.dc64i46r"}
+    assert rdf["license"] == "CC-BY-4.0" and rdf["authors"] == [{"name": "A. Researcher"}]
+    assert set(rdf["weights"]) == {"onnx", "torchscript"}
+    card = (package / "model_card.md").read_text()
+    assert "research tool, not a diagnostic device" in card and "## Validation" in card
+    test_input = np.load(package / "test_input.npy")
+    assert test_input.dtype == np.uint8 and test_input.shape == (1, 3, 136, 136)
+    with zipfile.ZipFile(package.with_suffix(".zip")) as bundle:
+        assert sorted(bundle.namelist()) == sorted(FILES.values())
+
+
+@pytest.mark.slow
+def test_both_weight_formats_reproduce_the_test_output_from_the_test_input(package):
+    import onnxruntime
+
+    rdf = yaml.safe_load((package / "rdf.yaml").read_text())
+    x = _apply_preprocessing(rdf, np.load(package / "test_input.npy"))
+    expected = np.load(package / "test_output.npy")
+    assert expected.shape == (1, 1) and 0 <= expected[0, 0] <= 1
+    session = onnxruntime.InferenceSession(str(package / "weights.onnx"), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"image": x})[0], expected, atol=1e-5)
+    scripted = torch.jit.load(str(package / "weights.pt"))
+    with torch.no_grad():
+        assert np.allclose(scripted(torch.from_numpy(x)).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bioimageio_spec_validates_the_package_folder_and_its_zip(package):
+    spec = pytest.importorskip("bioimageio.spec", reason="the bioimage extra is missing: pip install 'alnet[bioimage]'")
+    for source in (package / "rdf.yaml", package.with_suffix(".zip")):
+        description = spec.load_description(source, perform_io_checks=True)
+        summary = description.validation_summary
+        errors = [e.msg for d in summary.details for e in d.errors]
+        assert summary.status == "valid-format", errors
+        assert type(description).__name__ == "ModelDescr"
+
+
+@pytest.mark.slow
+def test_bioimageio_core_runs_the_packages_test_tensors(package):
+    core = pytest.importorskip("bioimageio.core", reason=CORE_MISSING)
+    for weight_format in ("onnx", "torchscript"):
+        summary = core.test_model(package / "rdf.yaml", weight_format=weight_format)
+        assert summary.status == "passed", [e.msg for d in summary.details for e in d.errors]
+
+
+def test_package_refuses_a_folder_that_is_not_empty(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    result = CliRunner().invoke(app, ["package", str(tmp_path / "x.ckpt"), "--out", str(tmp_path / "out"),
+                                      "--image", CELL])
+    assert result.exit_code == 2
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
