@@ -63,7 +63,7 @@ def test_cli_refuses_a_missing_logger_extra_before_reading_any_data(monkeypatch,
 
 @pytest.mark.slow
 def test_history_csv_is_the_csv_log_and_tensorboard_gets_per_epoch_metrics_and_parameters(prepared, tmp_path):
-    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed: pip install 'alnet[tensorboard]'")
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is missing: pip install 'alnet[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"

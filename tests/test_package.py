@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from alnet.cli import app
-from alnet.infer.package import FILES, Calibration, PackageError, PackagedNetwork, calibration_of
+from alnet.infer.package import FILES, Calibration, PackagedNetwork, PackageError, calibration_of
 
 CELL = "tests/data/cnmc-mini/C-NMC_Leukemia/training_data/fold_0/all/UID_5_1_1_all.bmp"
 CORE_MISSING = ("bioimageio.core is not installed: its current release (0.11.0) pins bioimageio.spec 0.5.12.0, "
