@@ -23,6 +23,7 @@ from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing
 from alnet.train import study as study_module
 from alnet.train import tune as tune_module
+from alnet.train.loggers import read_history
 from alnet.train.tune import read_grid, tune, validation_split
 
 
@@ -89,6 +90,12 @@ def test_tune_command_prints_the_table_and_the_best_configuration(grid, syntheti
     assert "trial 4/4" in result.output and "best validation accuracy" in result.output
     assert (tmp_path / "t" / "best.yaml").is_file()
     assert list(workdir.iterdir()) == [], "trials write nothing into the working directory"
+    with open(tmp_path / "t" / "trials.csv", newline="") as handle:
+        trials = list(csv.DictReader(handle))
+    for trial in trials:  # every trial keeps a CSV log whose last epoch is the score it was ranked by
+        logged = read_history(tmp_path / "t" / "logs" / f"trial-{trial['trial']}")
+        assert len(logged) == 1
+        assert float(logged[-1]["val_accuracy"]) == pytest.approx(float(trial["validation_accuracy"]))
 
 
 def test_a_grid_with_unknown_settings_is_refused(tmp_path):
