@@ -126,8 +126,8 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
 
     The study lives in out/study.db, or in `storage` (an optuna storage URL or journal:FILE) shared by workers
     started with the same grid and settings on several machines: each grid point runs once, a point whose worker
-    died runs again, and every worker waits for the others to finish before writing the same results. Every trial keeps a CSV log
-    (out/logs/trial-<n>), plus the experiment logger of `tracking`."""
+    died runs again, and every worker waits for the others to finish before writing the same results. Every trial
+    keeps a CSV log (out/logs/trial-<n>), plus the experiment logger of `tracking`."""
     import optuna
     from optuna.trial import TrialState
 
