@@ -218,7 +218,8 @@ def package(
                         maintainers=maintainer or [])
     result(f"wrote the bioimage.io package {out}/ ({', '.join(FILES.values())})"
            + (f" and {out.with_suffix('.zip')}" if zip_archive else ""))
-    result("validate it with: pip install 'alnet[bioimage]' && bioimageio validate " + str(out / FILES["rdf"]))
+    result("validate it (pip install 'alnet[bioimage]'): python -c \"from bioimageio.spec import load_description; "
+           f"print(load_description('{out / FILES['rdf']}', perform_io_checks=True).validation_summary.status)\"")
 
 
 @handles_errors
