@@ -2,8 +2,9 @@
 
 A checkpoint is Lightning's file: the module's `state_dict` (the model's weights under `model.`), and
 `hyper_parameters` with the run's configuration (`config`) and the subjects the model was trained or validated
-on (`seen_subjects`). Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used:
-its preprocessing and the meaning of its outputs. Nothing from the training code is needed.
+on (`seen_subjects`); `input_gate` (added after training) holds what the input gate knows of the training cells.
+Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used: its preprocessing, the
+meaning of its outputs and its feature gate. Nothing from the training code is needed.
 
 Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a file cannot run
 code when it is opened.
@@ -11,6 +12,7 @@ code when it is opened.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,10 @@ from torch import nn
 
 from .data.transforms import Preprocessing
 from .models import create_model_from, probability_all
+from .trust.features import FeatureGate
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
+INPUT_GATE = "input_gate"  # top-level key: {"features": FeatureGate state}, written after training
 
 
 class CheckpointError(ValueError):
@@ -35,6 +39,7 @@ class TrainedModel:
     config: dict  # the run configuration it was trained with
     path: Path
     seen_subjects: list[str] = field(default_factory=list)
+    input_gate: FeatureGate | None = None  # the feature-space check fitted on its training cells, if any
 
     @property
     def name(self) -> str:
@@ -84,7 +89,24 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         seen = hparams.get("seen_subjects") or []
         if not (isinstance(seen, list) and all(isinstance(subject, str) for subject in seen)):
             raise TypeError("seen_subjects is not a list of subject ids")
+        gate = checkpoint.get(INPUT_GATE) or {}
+        feature_gate = FeatureGate.from_state(gate["features"]) if isinstance(gate, dict) and gate.get(
+            "features") else None
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
-    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen))
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), feature_gate)
+
+
+def add_to_checkpoint(path: Path | str, key: str, value: dict) -> None:
+    """Store `value` (plain containers and tensors) under a top-level `key` of a checkpoint, atomically: the
+    file is written beside it and renamed over it, so a reader never sees half a checkpoint."""
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint[key] = value
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""`alnet export`: a checkpoint → an ONNX model that outputs P(ALL), with its preprocessing in the metadata."""
+"""`alnet export`: a checkpoint → an ONNX model that outputs P(ALL) and the penultimate features, with its
+preprocessing and input gate in the metadata."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 from ..checkpoint import load_trained_model
 from ..labels import THRESHOLD
 from ..models import probability_all
+from ..trust.features import penultimate
 from .predict import ONNX_METADATA
 
 OPSET = 18  # the torch.export-based exporter's own opset; older ones would need a version conversion
@@ -17,25 +19,27 @@ BATCH_LIMIT = 2**20  # images per call; the graph's batch axis is symbolic up to
 
 
 class ProbabilityOfAll(nn.Module):
-    """A classifier whose single output is P(ALL) per image, as `alnet predict` reports it."""
+    """A classifier whose outputs are P(ALL) per image, as `alnet predict` reports it, and the penultimate
+    features the input gate measures."""
 
     def __init__(self, model: nn.Module, head: str):
         super().__init__()
         self.model, self.head = model, head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return probability_all(self.model(x), self.head)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = penultimate(self.model, x)
+        return probability_all(logits, self.head), features
 
 
 def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET) -> None:
-    """`model` (N×3×size×size in [0, 1] → N values) as an ONNX graph with input `image`, output
-    `probability_all` and a symbolic batch axis, through the torch.export-based exporter."""
+    """`model` (N×3×size×size in [0, 1] → N values and N×d features) as an ONNX graph with input `image`,
+    outputs `probability_all` and `features`, and a symbolic batch axis, through the torch.export-based exporter."""
     # torch.export specialises a dimension of size 1, so the example batch holds two images.
     example = (torch.zeros(2, 3, size, size),)
     batch = torch.export.Dim("batch", min=1, max=BATCH_LIMIT)
     torch.onnx.export(model, example, str(out), dynamo=True, opset_version=opset, input_names=["image"],
-                      output_names=["probability_all"], dynamic_shapes=({0: batch},), external_data=False,
-                      verbose=False)
+                      output_names=["probability_all", "features"], dynamic_shapes=({0: batch},),
+                      external_data=False, verbose=False)
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> Path:
@@ -53,7 +57,9 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> 
         ONNX_METADATA["model"]: trained.name,
         "alnet_checkpoint": str(Path(checkpoint).resolve()),
         ONNX_METADATA["preprocessing"]: trained.preprocessing.to_json(),
-        "alnet_output": f"probability_all: P(ALL) per image; ALL when > {THRESHOLD}",
+        "alnet_output": f"probability_all: P(ALL) per image; ALL when > {THRESHOLD}; features: penultimate, for "
+                        f"the input gate ({ONNX_METADATA['input_gate']})",
+        **({ONNX_METADATA["input_gate"]: trained.input_gate.to_json()} if trained.input_gate else {}),
     }.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value

@@ -1,7 +1,8 @@
 """`alnet serve`: an HTTP API and a one-page web app around a trained checkpoint (FastAPI + uvicorn).
 
     GET  /          a page: drop a cell image, see the label, P(ALL) and a Grad-CAM overlay
-    POST /predict   multipart field `file` → {"label", "probability_all", "model", "checkpoint"[, "gradcam_png"]}
+    POST /predict   multipart field `file` → {"status", "label", "probability_all", "model", "checkpoint"
+                    [, "gradcam_png"]}; a picture the input gate refuses → 422 {"error", "reason"}
     GET  /health    {"status": "ok", "model", "checkpoint"}
     GET  /docs      OpenAPI documentation
 
@@ -47,6 +48,8 @@ from starlette.requests import ClientDisconnect
 
 from ..data.transforms import load_image
 from ..labels import name_of
+from ..trust.gate import ImageCheck
+from ..trust.screen import OK, REJECTED
 from .batcher import BatcherClosed, MicroBatcher
 from .predict import load_predictor
 
@@ -97,7 +100,7 @@ async function send(file) {
     response = await fetch('predict?gradcam=true', {method: 'POST', body: form});
     body = await response.json();
   } catch (err) { fail(file.name + ': the upload failed (' + err.message + ')'); return; }
-  if (!response.ok) { fail(body.error); return; }
+  if (!response.ok) { fail(body.reason ? body.error + ' (' + body.reason + ')' : body.error); return; }
   document.getElementById('label').textContent = body.label;
   document.getElementById('probability').textContent =
     'P(ALL) = ' + body.probability_all.toFixed(3);
@@ -113,15 +116,20 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 
 
 def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS) -> FastAPI:
-    """`max_batch` 1 classifies each request on its own (the unbatched service)."""
+               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+               image_check: ImageCheck | None = ImageCheck(), features: bool = True) -> FastAPI:
+    """`max_batch` 1 classifies each request on its own (the unbatched service). `image_check`, `features`: the
+    input gate's image check (None: off), run while decoding, and the model's feature check, run per batch."""
     checkpoint = Path(checkpoint)
-    predictor = load_predictor(checkpoint)
+    predictor = load_predictor(checkpoint, image_check=image_check, features=features)
     model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
 
-    def forward(batch: np.ndarray) -> np.ndarray:
+    def forward(batch: np.ndarray) -> list[tuple[float, str | None]]:
+        """P(ALL) and the feature check's reason (None: accepted) per image of a batch."""
         with model_lock:
-            return predictor(batch)
+            probabilities, features = predictor.outputs(batch)
+        return list(zip(probabilities.tolist(), predictor.gate.feature_reasons(features)
+                        if features is not None else [None] * len(batch)))
 
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     decoding = ThreadPoolExecutor(DECODES_IN_FLIGHT, thread_name_prefix="alnet-decode")  # bounds decoded pictures
@@ -148,7 +156,10 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         elif err.status_code == 405:
             message = (f"{request.method} {request.url.path}: method not allowed; use "
                        f"{(err.headers or {}).get('Allow', 'another method')}")
-        return JSONResponse({"error": message}, status_code=err.status_code, headers=err.headers)
+        body = {"error": message}
+        if isinstance(err, NotACell):
+            body.update(reason=err.reason, status=REJECTED)
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -177,7 +188,8 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     @app.post("/predict", openapi_extra=_upload_schema(max_bytes), responses={
         400: {"description": "empty upload, or not a decodable image"},
         413: {"description": f"upload over {_size(max_bytes)}, or a picture over {max_pixels:,} pixels"},
-        415: {"description": f"not a {KINDS} image"}})
+        415: {"description": f"not a {KINDS} image"},
+        422: {"description": "not a cell image: refused by the input gate, {\"error\", \"reason\"}"}})
     async def predict(request: Request,
                       gradcam: bool = Query(False, description="add a Grad-CAM overlay as base64 PNG")) -> dict:
         declared = request.headers.get("content-length", "")
@@ -216,7 +228,7 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
                                      "overloaded, try again later")
         finally:
             waiting -= 1
-        result = {"label": name_of(probability), "probability_all": probability,
+        result = {"status": OK, "label": name_of(probability), "probability_all": probability,
                   "model": predictor.model_name, "checkpoint": checkpoint.name}
         if gradcam:
             result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
@@ -227,7 +239,10 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             with batcher.incoming() as submit:  # a forming batch may wait for this picture while it is decoded
                 pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
                 answer = submit(pixels)
-            return pixels, float(await asyncio.wrap_future(answer))
+            probability, reason = await asyncio.wrap_future(answer)
+            if reason:
+                raise NotACell(name, reason)
+            return pixels, float(probability)
         except BatcherClosed:
             raise HTTPException(503, "the service is shutting down; try again in a moment")
         except HTTPException:
@@ -261,9 +276,20 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         except Exception as err:
             raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a "
                                      f"{KINDS} cell image")
+        reason = predictor.gate.image_reasons(pixels[None])[0]  # before the model: never sent to a batch
+        if reason:
+            raise NotACell(name, reason)
         return pixels
 
     return app
+
+
+class NotACell(HTTPException):
+    """The input gate refused the picture: 422 with the reason in words, and no label."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(422, f"{name}: not answered, this does not look like one C-NMC cell")
+        self.reason = reason
 
 
 class _TooLarge(Exception):

@@ -9,19 +9,28 @@ from ..config import RunConfig
 from ..data.cnmc import Cell
 from ..data.protocols import Split
 from ..labels import is_all
+from ..trust.screen import OK, REJECTED, count_reasons
 
 
-def prediction_rows(split_name: str, cells: list[Cell], predictions: dict) -> list[dict]:
-    """One predictions.csv row per tested image, from a module's `test_predictions`."""
+def prediction_rows(split_name: str, cells: list[Cell], predictions: dict,
+                    reasons: list[str | None] | None = None) -> list[dict]:
+    """One predictions.csv row per tested image, from a module's `test_predictions`; `reasons`: the input
+    gate's per image (None: accepted). A refused image keeps its row: status `rejected` and the reason."""
+    reasons = reasons or [None] * len(predictions["index"])
     return [
         {"fold": split_name, "path": str(cells[i].path), "subject": cells[i].subject, "label": int(label),
-         "probability_all": f"{p:.6f}", "predicted": int(is_all(p))}
-        for i, p, label in zip(predictions["index"], predictions["prob_all"], predictions["label"])
+         "probability_all": f"{p:.6f}", "predicted": int(is_all(p)), "status": REJECTED if reason else OK,
+         "reason": reason or ""}
+        for i, p, label, reason in zip(predictions["index"], predictions["prob_all"], predictions["label"], reasons)
     ]
 
 
 def fold_metrics(rows: list[dict]) -> dict:
-    return M.evaluate(*M.columns(rows))
+    """The metrics over every tested image (refused ones included, so that nothing drops out unseen), and
+    what the input gate refused and why."""
+    refused = [r["reason"] for r in rows if r.get("status") == REJECTED]
+    return {**M.evaluate(*M.columns(rows)),
+            "input_gate": {"images": len(rows), "rejected": len(refused), "reasons": count_reasons(refused)}}
 
 
 def json_safe(value):

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted"]
+PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted", "status", "reason"]
 SUBJECT_FIELDS = ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"]
 FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
 
