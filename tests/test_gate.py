@@ -65,9 +65,12 @@ def test_the_image_check_names_what_is_wrong_in_words():
     corner = black.copy()
     corner[0:20, 0:20] = 150
     assert image_reason(corner).startswith("off centre")
-    centred = black.copy()
-    centred[20:44, 20:44] = 150
-    assert image_reason(centred) is None
+    flat = black.copy()
+    flat[20:44, 20:44] = 150
+    assert image_reason(flat).startswith("smooth")
+    textured = flat.copy()
+    textured[20:44, 20:44] = np.random.default_rng(0).integers(90, 210, (24, 24, 1))
+    assert image_reason(textured) is None
 
 
 def test_connected_components_are_eight_connected_and_sorted_by_size():
@@ -160,7 +163,7 @@ def test_at_least_95_percent_of_generated_non_cells_are_refused_each_with_a_reas
     assert len(refused) >= 0.95 * len(rows), [Path(r["path"]).name for r in rows if r["status"] == "ok"]
     assert all(r["reason"] and r["label"] == "" and r["probability_all"] == "" for r in refused)
     kind_of = {str(path): kind for kind, path in non_cells}
-    for kind in ("white", "one-pixel", "pasted", "chart", "text"):  # the image check alone refuses these
+    for kind in ("white", "one-pixel", "pasted", "chart", "text", "gradient", "noise"):  # by the image check
         assert all(r["status"] == "rejected" for r in rows if kind_of[r["path"]] == kind), kind
 
 

@@ -92,6 +92,8 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         gate = checkpoint.get(INPUT_GATE) or {}
         feature_gate = FeatureGate.from_state(gate["features"]) if isinstance(gate, dict) and gate.get(
             "features") else None
+        if feature_gate is not None and feature_gate.mean.numel() != model.num_features:
+            raise ValueError(f"input gate for {feature_gate.mean.numel()} features, model has {model.num_features}")
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None

@@ -10,8 +10,8 @@ import typer
 GateOption = Annotated[Optional[Path], typer.Option(
     "--gate", help="YAML file of image-check thresholds to use instead of the defaults, as `name: value` lines "
     "(dark_level, min_background, max_background, min_object_share, max_centre_offset, saturation_level, "
-    "max_saturated; see docs/design.md, \"The input gate\"). Images the gate refuses get status `rejected`, a "
-    "reason and no label.")]
+    "max_saturated, min_texture; see docs/design.md, \"The input gate\"). Images the gate refuses get status "
+    "`rejected`, a reason and no label.")]
 NoGateOption = Annotated[bool, typer.Option(
     "--no-gate", help="Answer every image: no image check (one cell on black?) and no feature check (like the "
     "training cells?).")]

@@ -53,6 +53,12 @@ def print_metrics(metrics: dict, title: str) -> None:
         rows.append(["prelim", *(c.cell(prelim) for c in METRIC_COLUMNS), str(prelim["images"])])
     print_table(title, ["test set", *(c.short for c in METRIC_COLUMNS), "images"], rows, bold)
     result(SHORT_NAMES_LEGEND)
+    for entry in [*metrics["folds"], *([metrics["prelim"]] if metrics.get("prelim") else [])]:
+        gate = entry.get("input_gate") or {}
+        if gate.get("rejected"):
+            reasons = ", ".join(f"{n} {kind}" for kind, n in gate["reasons"].items())
+            result(f"{entry['fold']}: the input gate refused {gate['rejected']} of {gate['images']} test cells "
+                   f"({reasons}); they stay in the metrics")
     if metrics.get("note"):
         result(f"protocol {metrics['protocol']}: {metrics['note']}")
 

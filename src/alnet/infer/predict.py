@@ -139,6 +139,11 @@ def _onnx_predictor(path: Path) -> Predictor:
             feature_gate = FeatureGate.from_json(meta[ONNX_METADATA["input_gate"]])
         except ValueError as err:
             raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
+        outputs_declared = session.get_outputs()
+        width = outputs_declared[1].shape[-1] if len(outputs_declared) > 1 else None
+        if width != feature_gate.mean.numel():
+            raise ValueError(f"{path}: its input gate does not fit its `features` output; export the model again "
+                             "with `alnet export`")
     input_name = session.get_inputs()[0].name
 
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
