@@ -206,8 +206,8 @@ def test_gate_settings_come_from_a_checked_yaml_file_and_no_gate_answers_everyth
     white = tmp_path / "white.png"
     Image.new("RGB", (450, 450), "white").save(white)
     loose = tmp_path / "loose.yaml"
-    loose.write_text("min_background: 0.0\nmax_saturated: 1.0\n")
-    assert read_image_check(loose) == ImageCheck(min_background=0.0, max_saturated=1.0)
+    loose.write_text("min_background: 0.0\nmax_saturated: 1.0\nmin_texture: 0.0\n")
+    assert read_image_check(loose) == ImageCheck(min_background=0.0, max_saturated=1.0, min_texture=0.0)
     statuses = {}
     for name, extra in (("default", []), ("loose", ["--gate", str(loose)]), ("off", ["--no-gate"])):
         out = tmp_path / f"{name}.csv"
