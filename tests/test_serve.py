@@ -363,14 +363,14 @@ def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_50
                                                                                 monkeypatch):
     real = serve.load_predictor
 
-    def broken_predictor(path):
-        predictor = real(path)
+    def broken_predictor(path, **gate):
+        predictor = real(path, **gate)
 
-        def fail(batch, tta=False):
+        def fail(batch):
             time.sleep(0.05)
             raise RuntimeError("simulated out of memory")
 
-        predictor.probabilities = fail
+        predictor.outputs = fail  # the forward pass the service batches
         return predictor
 
     monkeypatch.setattr(serve, "load_predictor", broken_predictor)
