@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .data.transforms import Preprocessing
-from .models import create_model_from, probability_all
+from .models import ClassifierError, create_model_from, probability_all
 from .trust.features import FeatureGate
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
@@ -94,6 +94,8 @@ def load_trained_model(path: Path | str) -> TrainedModel:
             "features") else None
         if feature_gate is not None and feature_gate.mean.numel() != model.num_features:
             raise ValueError(f"input gate for {feature_gate.mean.numel()} features, model has {model.num_features}")
+    except ClassifierError as err:  # a hybrid's classifier refused by the trusted-types check
+        raise CheckpointError(f"{path}: {err}") from None
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None

@@ -24,9 +24,10 @@ from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
-from ..models import WeightsError, create_model_from
+from ..models import WeightsError, create_model_from, model_spec
 from ..trust.screen import InputGate, fit_gate, screen_rows
 from .batches import CellData, tensors, world
+from .classical import check_config as check_hybrid
 from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
@@ -66,6 +67,10 @@ def _split_summary(split: Split, cells: list[Cell]) -> dict:
 def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
     """Train one split, test its chosen checkpoint; returns (prediction rows, history rows)."""
     config, run = job.config, job.run
+    if model_spec(config.model).hybrid:  # fitted on frozen features, not trained by Lightning
+        from .classical import fit_and_write
+
+        return fit_and_write(job, split)
     checkpoints = run.checkpoints(split.name)
     # `last.ckpt` after every epoch (for --resume); `best.ckpt` by validation loss (subject protocol only:
     # the paper protocol's validation set is its test set, so it keeps the last epoch, as the paper did).
@@ -161,6 +166,7 @@ def train_run(
     if not resume:
         try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
             create_model_from(config)  # anything is written: a failed start leaves no folder that blocks --out
+            check_hybrid(config)
         except (ValueError, WeightsError) as err:
             raise RunError(f"{err}; nothing was written to {run}") from None
     if config.devices > 1:
