@@ -69,7 +69,7 @@ def _fitted_checkpoint(path, classifier_state=None):
 
     config = RunConfig(model="resnet50+knn", pretrained=False, image_size=64).validate()
     model = create_model("resnet50+knn", pretrained=False, image_size=64)
-    pipeline, grid = make_search(model.parts, 12, 3, 0)
+    pipeline, _ = make_search(model.parts, 12, 3, 0)
     features = np.random.default_rng(0).normal(size=(12, model.num_features)).astype(np.float32)
     model.classifier = pipeline.set_params(classifier__n_neighbors=3).fit(features, np.arange(12) % 2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

@@ -22,6 +22,7 @@ types (`TRUSTED_TYPES`): a file naming any other type is refused, and nothing is
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
