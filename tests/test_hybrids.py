@@ -63,7 +63,7 @@ def test_the_hybrid_concatenates_the_penultimate_features_of_its_backbones():
 
 
 # safety ----------------------------------------------------------------------------------------------------------
-def _fitted_checkpoint(path, classifier_state=None):
+def _fitted_checkpoint(path, classifier_state=None, **settings):
     """A small hybrid (ResNet-50 at 64 px, k-NN on random features) saved the way training saves one."""
     from dataclasses import asdict
 
@@ -71,7 +71,7 @@ def _fitted_checkpoint(path, classifier_state=None):
     model = create_model("resnet50+knn", pretrained=False, image_size=64)
     pipeline, _ = make_search(model.parts, 12, 3, 0)
     features = np.random.default_rng(0).normal(size=(12, model.num_features)).astype(np.float32)
-    model.classifier = pipeline.set_params(classifier__n_neighbors=3).fit(features, np.arange(12) % 2)
+    model.classifier = pipeline.set_params(classifier__n_neighbors=3, **settings).fit(features, np.arange(12) % 2)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     if classifier_state is not None:
         state["model._extra_state"] = classifier_state
@@ -215,3 +215,44 @@ def test_alnet_svm_refuses_a_checkpoint_that_saw_the_test_subjects(mini_root, mi
     leaky = RunConfig(model="alnet+svm", image_size=136, features_from=str(mini_checkpoint)).validate()
     with pytest.raises(HybridError, match="test set"):
         train_run(leaky, prepared, tmp_path / "leaky", progress=False, log=lambda m: None)
+
+
+@pytest.mark.slow
+def test_a_hybrid_exports_to_one_onnx_graph_that_agrees_with_its_checkpoint(mini_prepared, tmp_path):
+    import onnx
+
+    from alnet.infer.export import export_onnx
+    from alnet.infer.predict import load_predictor
+    from alnet.train.run import train_run
+    from alnet.train.rundir import RunDir
+
+    config = RunConfig(model="resnet50+pca+knn", pretrained=False, image_size=64, precision="32").validate()
+    train_run(config, mini_prepared, tmp_path / "run", progress=False, log=lambda m: None)
+    checkpoint = RunDir(tmp_path / "run").chosen_checkpoint("fold_0")
+    exported = export_onnx(checkpoint, tmp_path / "hybrid.onnx")
+    graph = onnx.load(str(exported))
+    assert [i.name for i in graph.graph.input] == ["image"]
+    assert [o.name for o in graph.graph.output] == ["probability_all"]
+    images = np.asarray(mini_prepared.images[:8])
+    assert np.allclose(load_predictor(exported)(images), load_predictor(checkpoint, precision="32")(images),
+                       atol=1e-4)
+
+
+def test_tune_refuses_a_hybrid_before_writing_anything(tmp_path):
+    from alnet.train.tune import tune
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("search:\n  lr: [1.0e-4, 1.0e-3]\nfixed: {}\n")
+    with pytest.raises(ConfigError, match="hybrid"):
+        tune(grid, None, tmp_path / "study", RunConfig(model="resnet50+svm"))
+    assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.slow
+def test_export_refuses_a_classifier_its_onnx_converter_would_change(tmp_path):
+    from alnet.infer.export import export_onnx
+
+    # skl2onnx converts distance-weighted k-NN as uniform votes: the graph would answer differently.
+    path, _, _ = _fitted_checkpoint(tmp_path / "fitted.ckpt", classifier__weights="distance")
+    with pytest.raises(ValueError, match="disagrees with the checkpoint"):
+        export_onnx(path, tmp_path / "hybrid.onnx")

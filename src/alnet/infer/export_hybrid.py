@@ -61,4 +61,40 @@ def hybrid_graph(model, size: int, opset: int, workdir: Path):
         node.input[:] = ["image" if name == "backbone_image" else name for name in node.input]
     merged.graph.input[0].name = "image"
     onnx.checker.check_model(merged)
+    _check_agreement(merged, model, size)
     return merged
+
+
+def _check_agreement(graph, model, size: int, tolerance: float = 1e-3) -> None:
+    """The graph must give the checkpoint's P(ALL), so a converter that handles some setting differently is
+    refused here rather than shipped. Probes: random images (the whole graph), and feature vectors drawn around
+    the training features' mean and spread (the classifier where its decisions vary; random images fall far from
+    every training image)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.predict_proba(model.forward_features(images).numpy())
+    got = session.run(None, {"image": images.numpy()})[0]
+    scale = model.classifier.named_steps["scale"]
+    features = (scale.mean_ + scale.scale_ * np.random.default_rng(0).normal(size=(64, len(scale.mean_))))
+    features = features.astype(np.float32)
+    classifier = _classifier_session(graph)
+    got_features = classifier.run(None, {classifier.get_inputs()[0].name: features})[0]
+    for what, a, b in (("probe images", got, expected),
+                       ("probe features", got_features, model.predict_proba(features))):
+        if not np.allclose(a, b, atol=tolerance):
+            raise ValueError(f"{model.parts.name}: the ONNX graph disagrees with the checkpoint on {what} (largest "
+                             f"difference {np.abs(a - b).max():.3g}); use the checkpoint with `alnet predict` or "
+                             "`alnet serve` instead")
+
+
+def _classifier_session(graph):
+    """The classifier half of the merged graph alone: from the features to probability_all."""
+    import onnx
+    import onnxruntime as ort
+
+    part = onnx.utils.Extractor(graph).extract_model(["backbone_features"], ["probability_all"])
+    return ort.InferenceSession(part.SerializeToString(), providers=["CPUExecutionProvider"])

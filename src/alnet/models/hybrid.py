@@ -33,7 +33,7 @@ from .spec import CellModel, ModelSpec
 CLASSIFIERS = {
     "svm": "SVM with an RBF kernel, Platt-calibrated (sigmoid on cross-validated decision values)",
     "rf": "random forest",
-    "knn": "k nearest neighbours (distance-weighted)",
+    "knn": "k nearest neighbours (majority of k)",
 }
 PCA = "pca"
 ENSEMBLE_SEPARATOR = ","  # backbones whose features are concatenated
@@ -119,7 +119,8 @@ def make_search(name: HybridName, n_fit: int, calibration_folds: int, seed: int)
         grid["classifier__min_samples_leaf"] = [1, 3]
         grid["classifier__max_features"] = ["sqrt", 0.1]
     else:
-        steps.append(("classifier", KNeighborsClassifier(weights="distance")))
+        # Uniform votes: skl2onnx converts distance weighting as uniform, so an export would not agree.
+        steps.append(("classifier", KNeighborsClassifier()))
         grid["classifier__n_neighbors"] = [k for k in (3, 5, 9, 15) if k < n_fit] or [max(1, n_fit - 1)]
     return Pipeline(steps), grid
 
