@@ -19,9 +19,11 @@ bytes in the model's extra state), so evaluate, predict, serve and export read i
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -123,6 +125,9 @@ def fit_split(job, split, seen_subjects: list[str]):
     from .module import CellClassifier
 
     config = job.config
+    # Seeded per split as a CNN's split is: a --no-pretrained backbone gets the same random weights as the
+    # frozen baseline of that backbone on that split, and a resumed run builds the same model.
+    L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
     model = create_model_from(config)
     test_subjects = {job.cells[i].subject for i in split.test}
     used = load_trained_backbones(model, config, split, test_subjects, job.log)
