@@ -192,6 +192,11 @@ def test_compare_lists_hybrids_beside_the_cnns_and_alnets_features_feed_alnet_sv
     markdown = (out / "comparison.md").read_text()
     assert "| resnet50+svm |" in markdown and "| alexnet,resnet50+knn |" in markdown
     assert "alexnet,resnet50+knn" in (out / "report.html").read_text()
+    # Seeded per split as the CNNs are: without ImageNet weights, resnet50+svm's backbone is the resnet50 baseline's.
+    baseline = torch.load(out / "resnet50" / "checkpoints" / "fold_0" / "best.ckpt", weights_only=True)["state_dict"]
+    hybrid = torch.load(out / "resnet50+svm" / "checkpoints" / "fold_0" / "fitted.ckpt", weights_only=True)
+    assert torch.equal(baseline["model.backbone.conv1.weight"],
+                       hybrid["state_dict"]["model.backbones.resnet50.backbone.conv1.weight"])
     # alnet+svm used, per fold, the alnet trained on that fold's training subjects in this comparison.
     for fold in ("fold_0", "fold_1", "fold_2"):
         used = json.loads((out / "alnet+svm" / "folds" / fold / "classifier.json").read_text())["features_from"]
