@@ -237,7 +237,7 @@ def test_a_hybrid_exports_to_one_onnx_graph_that_agrees_with_its_checkpoint(mini
     exported = export_onnx(checkpoint, tmp_path / "hybrid.onnx")
     graph = onnx.load(str(exported))
     assert [i.name for i in graph.graph.input] == ["image"]
-    assert [o.name for o in graph.graph.output] == ["probability_all"]
+    assert [o.name for o in graph.graph.output] == ["probability_all", "features"]
     images = np.asarray(mini_prepared.images[:8])
     assert np.allclose(load_predictor(exported)(images), load_predictor(checkpoint, precision="32")(images),
                        atol=1e-4)

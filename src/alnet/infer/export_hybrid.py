@@ -1,5 +1,5 @@
 """A hybrid model as one ONNX graph: the backbone(s) exported by torch, the scikit-learn pipeline converted by
-skl2onnx, joined at the features, with P(ALL) as the single output (as `alnet export` gives for every model)."""
+skl2onnx, joined at the features; outputs P(ALL) and the features, as `alnet export` gives for every model."""
 
 from __future__ import annotations
 
@@ -55,8 +55,12 @@ def hybrid_graph(model, size: int, opset: int, workdir: Path):
     index = helper.make_tensor("all_column", onnx.TensorProto.INT64, [], [1])
     merged.graph.initializer.append(index)
     merged.graph.node.append(helper.make_node("Gather", [probabilities, "all_column"], ["probability_all"], axis=1))
+    # The features are the second output, as in every exported model (the input gate measures them).
+    merged.graph.node.append(helper.make_node("Identity", ["backbone_features"], ["features"]))
     del merged.graph.output[:]
     merged.graph.output.append(helper.make_tensor_value_info("probability_all", onnx.TensorProto.FLOAT, ["batch"]))
+    merged.graph.output.append(helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT,
+                                                             ["batch", model.num_features]))
     for node in merged.graph.node:  # the prefix renamed the image input; give it back its name
         node.input[:] = ["image" if name == "backbone_image" else name for name in node.input]
     merged.graph.input[0].name = "image"

@@ -121,7 +121,8 @@ def fit_classifier(parts, x_train, y_train, x_val, y_val, seed: int):
 
 
 def fit_split(job, split, seen_subjects: list[str]):
-    """Fit the hybrid of `job.config` on `split`: (the model, test predictions, history rows, details)."""
+    """Fit the hybrid of `job.config` on `split`: (the model, test predictions, history rows, details, the input
+    gate, its reason per test image)."""
     from .module import CellClassifier
 
     config = job.config
@@ -137,7 +138,8 @@ def fit_split(job, split, seen_subjects: list[str]):
     if config.augment or config.double_offline:
         job.log(f"{split.name}: a hybrid fits on un-augmented features; the augmentation settings are not used")
     job.log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
-    features = module.extract_features(job.images, needed).numpy()
+    cached = module.extract_features(job.images, needed)
+    features = cached.numpy()
     feature_seconds = time.perf_counter() - start
     labels = job.labels.numpy().astype(int)
     train, val, test = (np.sort(np.asarray(rows, dtype=np.int64)) for rows in (split.train, split.val, split.test))
@@ -154,10 +156,17 @@ def fit_split(job, split, seen_subjects: list[str]):
                    else {"val_loss": float("nan"), "val_accuracy": float("nan")})
     predictions = {"index": test, "prob_all": model.predict_proba(features[test]).astype(np.float64),
                    "label": labels[test]}
+    # The input gate, as for every model: fitted on the training cells' features, threshold from validation
+    # cells that are not test cells (else cross-fitted on the training cells); screens the test cells.
+    from ..trust.screen import InputGate, fit_gate, screen_rows
+
+    gate = InputGate(features=fit_gate(model, job.images, train, np.setdiff1d(val, test),
+                                       [job.cells[i].subject for i in train], seed=config.seed, cached=cached))
+    reasons = screen_rows(gate, model, job.images, test, cached=cached)
     details = {"fold": split.name, "parameters": {k: _plain(v) for k, v in point.items()}, "chosen_by": how,
                "feature_seconds": feature_seconds, "fit_seconds": fit_seconds, "features": int(features.shape[1]),
                "features_from": used}
-    return model, predictions, [history], details
+    return model, predictions, [history], details, gate, reasons
 
 
 def _scores(prefix: str, y: np.ndarray, p: np.ndarray) -> dict:
@@ -193,13 +202,17 @@ def fit_and_write(job, split) -> tuple[list[dict], list[dict]]:
     from .trainer import is_main_process
 
     seen = sorted({job.cells[i].subject for i in np.r_[split.train, split.val]})
-    model, predictions, history, details = fit_split(job, split, seen)
+    model, predictions, history, details, gate, reasons = fit_split(job, split, seen)
     history = [{"fold": split.name, **h} for h in history]
-    rows = prediction_rows(split.name, job.cells, predictions)
+    rows = prediction_rows(split.name, job.cells, predictions, reasons)
     if is_main_process():
         run = job.run
         checkpoint = run.fitted_checkpoint(split.name)
         save_fitted(checkpoint, model, job.config, seen, history, details)
+        if gate.features is not None:
+            from ..checkpoint import INPUT_GATE, add_to_checkpoint
+
+            add_to_checkpoint(checkpoint, INPUT_GATE, {"features": gate.features.to_state()})
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         run.write_json(run.fold_classifier(split.name), details)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
