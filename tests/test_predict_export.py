@@ -62,7 +62,8 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
-    assert set(rows[0]) == {"path", "label", "probability_all", "model", "checkpoint", "note"}
+    assert set(rows[0]) == {"path", "label", "probability_all", "probability_raw", "status", "reason", "model",
+                            "checkpoint", "note"}
     assert {r["label"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
     assert all(0 <= float(r["probability_all"]) <= 1 for r in rows)
 
@@ -236,5 +237,5 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
     images = torch.rand(3, 3, 136, 136, generator=torch.Generator().manual_seed(0))  # 3: not the example's 2
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = wrapper(images).numpy()
+        expected = wrapper(images)[0].numpy()  # (calibrated, raw); no temperature here, so they are equal
     np.testing.assert_allclose(session.run(None, {"image": images.numpy()})[0], expected, atol=1e-5)

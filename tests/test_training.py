@@ -146,7 +146,10 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
     assert set(metrics["folds"][0]["confusion"]) == {"tp", "tn", "fp", "fn"}
     assert RunConfig.from_yaml(run / "config.yaml") == config
     rows = (run / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "fold,path,subject,label,probability_all,predicted"
+    assert rows[0] == "fold,path,subject,label,probability_all,predicted,probability_raw,status,reason"
+    for fold in metrics["folds"]:  # the paper protocol has no data never used for testing: uncalibrated, said so
+        assert fold["calibration"]["method"] == "none" and "paper protocol" in fold["calibration"]["note"]
+        assert fold["calibration"]["after"] is None and fold["review"]["half_width"] is None
     assert len(rows) - 1 == sum(f["images"] for f in metrics["folds"])
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3 * 2

@@ -19,6 +19,7 @@ from torch import nn
 
 from .data.transforms import Preprocessing
 from .models import create_model_from, probability_all
+from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, checked_review
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
 
@@ -35,6 +36,8 @@ class TrainedModel:
     config: dict  # the run configuration it was trained with
     path: Path
     seen_subjects: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # {"temperature": T, …} fitted on validation subjects; None: uncalibrated
+    review: dict | None = None  # {"half_width": w, …}: calibrated P(ALL) within w of the threshold → review
 
     @property
     def name(self) -> str:
@@ -48,7 +51,12 @@ class TrainedModel:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(size=self.config["image_size"], crop=self.config.get("crop", 1.0))
 
+    @property
+    def temperature(self) -> float | None:
+        return self.calibration["temperature"] if self.calibration else None
+
     def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
+        """The network's own (uncalibrated) P(ALL)."""
         return probability_all(logits, self.head)
 
 
@@ -84,7 +92,9 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         seen = hparams.get("seen_subjects") or []
         if not (isinstance(seen, list) and all(isinstance(subject, str) for subject in seen)):
             raise TypeError("seen_subjects is not a list of subject ids")
+        calibration = checked_calibration(checkpoint.get(CALIBRATION_KEY))
+        review = checked_review(checkpoint.get(REVIEW_KEY))
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
-    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen))
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), calibration, review)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from ..checkpoint import load_trained_model
 from ..labels import THRESHOLD
 from ..models import probability_all
+from ..trust.calibration import apply_temperature_torch
 from .predict import ONNX_METADATA
 
 OPSET = 18  # the torch.export-based exporter's own opset; older ones would need a version conversion
@@ -17,24 +19,28 @@ BATCH_LIMIT = 2**20  # images per call; the graph's batch axis is symbolic up to
 
 
 class ProbabilityOfAll(nn.Module):
-    """A classifier whose single output is P(ALL) per image, as `alnet predict` reports it."""
+    """A classifier whose outputs are P(ALL) per image as `alnet predict` reports it (calibrated with the
+    checkpoint's temperature, when it has one) and the network's own P(ALL)."""
 
-    def __init__(self, model: nn.Module, head: str):
+    def __init__(self, model: nn.Module, head: str, temperature: float | None = None):
         super().__init__()
-        self.model, self.head = model, head
+        self.model, self.head, self.temperature = model, head, temperature
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return probability_all(self.model(x), self.head)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = probability_all(self.model(x), self.head)
+        calibrated = raw if self.temperature is None else apply_temperature_torch(raw, self.temperature)
+        return calibrated, raw
 
 
 def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET) -> None:
-    """`model` (N×3×size×size in [0, 1] → N values) as an ONNX graph with input `image`, output
-    `probability_all` and a symbolic batch axis, through the torch.export-based exporter."""
+    """`model` (N×3×size×size in [0, 1] → N calibrated and N raw values) as an ONNX graph with input `image`,
+    outputs `probability_all` and `probability_raw` and a symbolic batch axis, through the torch.export-based
+    exporter."""
     # torch.export specialises a dimension of size 1, so the example batch holds two images.
     example = (torch.zeros(2, 3, size, size),)
     batch = torch.export.Dim("batch", min=1, max=BATCH_LIMIT)
     torch.onnx.export(model, example, str(out), dynamo=True, opset_version=opset, input_names=["image"],
-                      output_names=["probability_all"], dynamic_shapes=({0: batch},), external_data=False,
+                      output_names=["probability_all", "probability_raw"], dynamic_shapes=({0: batch},), external_data=False,
                       verbose=False)
 
 
@@ -44,7 +50,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> 
     import onnx
 
     trained = load_trained_model(checkpoint)
-    wrapper = ProbabilityOfAll(trained.model, trained.head).eval()
+    wrapper = ProbabilityOfAll(trained.model, trained.head, trained.temperature).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     export_graph(wrapper, trained.preprocessing.size, out, opset)
@@ -53,7 +59,10 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> 
         ONNX_METADATA["model"]: trained.name,
         "alnet_checkpoint": str(Path(checkpoint).resolve()),
         ONNX_METADATA["preprocessing"]: trained.preprocessing.to_json(),
-        "alnet_output": f"probability_all: P(ALL) per image; ALL when > {THRESHOLD}",
+        "alnet_output": f"probability_all: P(ALL) per image, calibrated when alnet_calibration says so; ALL when > "
+                        f"{THRESHOLD}; probability_raw: the network's own P(ALL)",
+        ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
+        ONNX_METADATA["review"]: json.dumps(trained.review),
     }.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value

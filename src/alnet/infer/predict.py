@@ -7,6 +7,7 @@ few threads (Pillow releases the GIL while decoding), and classified in batches.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -23,28 +24,62 @@ from ..data.cnmc import IMAGE_SUFFIXES
 from ..data.transforms import Preprocessing, load_image, to_float
 from ..device import resolve_precision
 from ..labels import name_of
+from ..trust.calibration import apply_temperature_torch
+from ..trust.knowledge import checked_review
+from ..trust.review import statuses
 
-ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing"}  # keys `alnet export` writes
-PREDICTION_FIELDS = ["path", "label", "probability_all", "model", "checkpoint", "note"]  # one row per image
+# keys `alnet export` writes
+ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing", "calibration": "alnet_calibration",
+                 "review": "alnet_review"}
+# One row per image. probability_all is calibrated (when the model is), probability_raw the network's own;
+# status is ok or review (the label is still given), reason says why.
+PREDICTION_FIELDS = ["path", "label", "probability_all", "probability_raw", "status", "reason", "model", "checkpoint",
+                     "note"]
+EARLIER_PREDICTION_FIELDS = (["path", "label", "probability_all", "model", "checkpoint", "note"],)  # still ours
 SMALL_SIDE = 64  # pixels; a cell image this small carries too little detail for the answer to mean much
 
 
 @dataclass
+class Answers:
+    """What a predictor says about a batch: calibrated and raw P(ALL), and per image (status, reason)."""
+
+    probability_all: np.ndarray
+    probability_raw: np.ndarray
+    statuses: list[tuple[str, str]]
+
+
+@dataclass
 class Predictor:
-    """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime)."""
+    """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime).
+
+    `outputs(images)` gives (calibrated P(ALL), raw P(ALL)); without a calibration the two are equal."""
 
     source: Path
     model_name: str
     preprocessing: Preprocessing
-    probabilities: Callable[[np.ndarray], np.ndarray]
+    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     trained: TrainedModel | None = None  # the network, when loaded from a checkpoint (Grad-CAM needs it)
+    review: dict | None = None  # the review band ({"half_width": …}), when the model has one
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated P(ALL) of one batch, no test-time augmentation."""
+        return self.outputs(images)[0]
 
     def __call__(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
+        return self.answer(images, tta).probability_all
+
+    def answer(self, images: np.ndarray, tta: bool = False) -> Answers:
+        """Calibrated and raw P(ALL) and the review status of each image; with `tta`, the mean over the four
+        flips (identity, horizontal, vertical, both), and flips that disagree send the image to review."""
         if not tta:
-            return self.probabilities(images)
-        # Test-time augmentation: the mean over the four flips (identity, horizontal, vertical, both).
-        variants = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-        return np.mean([self.probabilities(np.ascontiguousarray(v)) for v in variants], axis=0)
+            calibrated, raw = self.outputs(images)
+            variants = None
+        else:
+            flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
+            each = [self.outputs(np.ascontiguousarray(v)) for v in flips]
+            variants = np.stack([c for c, _ in each])
+            calibrated, raw = variants.mean(axis=0), np.mean([r for _, r in each], axis=0)
+        return Answers(calibrated, raw, statuses(calibrated, (self.review or {}).get("half_width"), variants))
 
 
 def _floats(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -68,12 +103,14 @@ def load_predictor(path: Path | str, precision: str | None = None, accelerator: 
         model = model.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def probabilities(images: np.ndarray) -> np.ndarray:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = runs_as.input(_floats(images, device))
         with runs_as.autocast():
-            return trained.probability_all(model(x)).float().cpu().numpy()
+            raw = trained.probability_all(model(x)).float()
+        calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
+        return calibrated.cpu().numpy(), raw.cpu().numpy()
 
-    return Predictor(path, trained.name, trained.preprocessing, probabilities, trained)
+    return Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review)
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -93,13 +130,21 @@ def _onnx_predictor(path: Path) -> Predictor:
         preprocessing = Preprocessing.from_json(meta[ONNX_METADATA["preprocessing"]])
     except ValueError as err:
         raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
+    try:
+        review = checked_review(json.loads(meta[ONNX_METADATA["review"]])) if ONNX_METADATA["review"] in meta else None
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable review band in its metadata ({err}); export the model again with "
+                         "`alnet export`") from None
     input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
 
-    def probabilities(images: np.ndarray) -> np.ndarray:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = _floats(images).contiguous().numpy()
-        return session.run(None, {input_name: x})[0].astype(np.float32)
+        found = dict(zip(names, session.run(None, {input_name: x})))
+        calibrated = found[names[0]].astype(np.float32)  # the first output is P(ALL) as the model answers it
+        return calibrated, found.get("probability_raw", calibrated).astype(np.float32)
 
-    return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, probabilities)
+    return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs, review=review)
 
 
 def _images_below(folder: Path) -> list[Path]:
@@ -175,11 +220,12 @@ def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64,
             good = [(p, image) for p, image, error in decoded if error is None]
             failed += [(p, error) for p, _, error in decoded if error is not None]
             if good:
-                probabilities = predictor(np.stack([pixels for _, (pixels, _) in good]), tta=tta)
-                for (path, (_, note)), p in zip(good, probabilities):
-                    rows.append({"path": str(path), "label": name_of(p),
-                                 "probability_all": f"{float(p):.6f}", "model": predictor.model_name,
-                                 "checkpoint": str(predictor.source), "note": note})
+                answers = predictor.answer(np.stack([pixels for _, (pixels, _) in good]), tta=tta)
+                for (path, (_, note)), p, raw, (status, reason) in zip(
+                        good, answers.probability_all, answers.probability_raw, answers.statuses):
+                    rows.append({"path": str(path), "label": name_of(p), "probability_all": f"{float(p):.6f}",
+                                 "probability_raw": f"{float(raw):.6f}", "status": status, "reason": reason,
+                                 "model": predictor.model_name, "checkpoint": str(predictor.source), "note": note})
             done += len(decoded)
             if progress:
                 progress(done, len(files))

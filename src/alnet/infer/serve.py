@@ -1,7 +1,8 @@
 """`alnet serve`: an HTTP API and a one-page web app around a trained checkpoint (FastAPI + uvicorn).
 
     GET  /          a page: drop a cell image, see the label, P(ALL) and a Grad-CAM overlay
-    POST /predict   multipart field `file` → {"label", "probability_all", "model", "checkpoint"[, "gradcam_png"]}
+    POST /predict   multipart field `file` → {"label", "probability_all" (calibrated), "probability_raw", "status"
+                    (ok | review), "reason", "model", "checkpoint"[, "gradcam_png"]}
     GET  /health    {"status": "ok", "model", "checkpoint"}
     GET  /docs      OpenAPI documentation
 
@@ -47,6 +48,7 @@ from starlette.requests import ClientDisconnect
 
 from ..data.transforms import load_image
 from ..labels import name_of
+from ..trust.review import statuses
 from .batcher import BatcherClosed, MicroBatcher
 from .predict import load_predictor
 
@@ -100,7 +102,7 @@ async function send(file) {
   if (!response.ok) { fail(body.error); return; }
   document.getElementById('label').textContent = body.label;
   document.getElementById('probability').textContent =
-    'P(ALL) = ' + body.probability_all.toFixed(3);
+    'P(ALL) = ' + body.probability_all.toFixed(3) + (body.status === 'review' ? ' — needs review: ' + body.reason : '');
   const img = document.getElementById('gradcam');
   img.src = 'data:image/png;base64,' + body.gradcam_png; img.alt = 'Grad-CAM overlay';
 }
@@ -120,8 +122,10 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
 
     def forward(batch: np.ndarray) -> np.ndarray:
+        """One row per image: (calibrated P(ALL), the network's own)."""
         with model_lock:
-            return predictor(batch)
+            answers = predictor.answer(batch)
+        return np.stack([answers.probability_all, answers.probability_raw], axis=1)
 
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     decoding = ThreadPoolExecutor(DECODES_IN_FLIGHT, thread_name_prefix="alnet-decode")  # bounds decoded pictures
@@ -210,24 +214,26 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(503, "too many requests waiting for the model; try again in a moment")
         waiting += 1
         try:
-            pixels, probability = await asyncio.wait_for(classify(name, data), ANSWER_SECONDS)
+            pixels, (probability, raw) = await asyncio.wait_for(classify(name, data), ANSWER_SECONDS)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"{name}: not classified within {ANSWER_SECONDS} s; the service is "
                                      "overloaded, try again later")
         finally:
             waiting -= 1
-        result = {"label": name_of(probability), "probability_all": probability,
-                  "model": predictor.model_name, "checkpoint": checkpoint.name}
+        status, reason = statuses([probability], (predictor.review or {}).get("half_width"))[0]
+        result = {"label": name_of(probability), "probability_all": probability, "probability_raw": raw,
+                  "status": status, "reason": reason, "model": predictor.model_name, "checkpoint": checkpoint.name}
         if gradcam:
             result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
         return result
 
-    async def classify(name: str, data: bytes) -> tuple[np.ndarray, float]:
+    async def classify(name: str, data: bytes) -> tuple[np.ndarray, tuple[float, float]]:
         try:
             with batcher.incoming() as submit:  # a forming batch may wait for this picture while it is decoded
                 pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
                 answer = submit(pixels)
-            return pixels, float(await asyncio.wrap_future(answer))
+            calibrated, raw = await asyncio.wrap_future(answer)
+            return pixels, (float(calibrated), float(raw))
         except BatcherClosed:
             raise HTTPException(503, "the service is shutting down; try again in a moment")
         except HTTPException:

@@ -9,19 +9,30 @@ from ..config import RunConfig
 from ..data.cnmc import Cell
 from ..data.protocols import Split
 from ..labels import is_all
+from ..trust import entries as trust_report
+from ..trust.calibration import apply_temperature
+from ..trust.review import statuses
 
 
-def prediction_rows(split_name: str, cells: list[Cell], predictions: dict) -> list[dict]:
-    """One predictions.csv row per tested image, from a module's `test_predictions`."""
+def prediction_rows(split_name: str, cells: list[Cell], predictions: dict, trust: dict | None = None) -> list[dict]:
+    """One predictions.csv row per tested image, from a module's `test_predictions`: `probability_all`
+    calibrated with the split's temperature (when it has one), `probability_raw` the network's own, and the
+    review `status` from the split's band (`trust`: what `trust.fitting` fitted)."""
+    trust = trust or {}
+    temperature = (trust.get("calibration") or {}).get("temperature")
+    calibrated = apply_temperature(predictions["prob_all"], temperature)
+    flags = statuses(calibrated, (trust.get("review") or {}).get("half_width"))
     return [
         {"fold": split_name, "path": str(cells[i].path), "subject": cells[i].subject, "label": int(label),
-         "probability_all": f"{p:.6f}", "predicted": int(is_all(p))}
-        for i, p, label in zip(predictions["index"], predictions["prob_all"], predictions["label"])
+         "probability_all": f"{p:.6f}", "predicted": int(is_all(p)), "probability_raw": f"{raw:.6f}",
+         "status": status, "reason": reason}
+        for i, p, raw, label, (status, reason)
+        in zip(predictions["index"], calibrated, predictions["prob_all"], predictions["label"], flags)
     ]
 
 
-def fold_metrics(rows: list[dict]) -> dict:
-    return M.evaluate(*M.columns(rows))
+def fold_metrics(rows: list[dict], trust: dict | None = None, seed: int = 0) -> dict:
+    return {**M.evaluate(*M.columns(rows)), **trust_report.test_set_entry(rows, trust, seed)}
 
 
 def json_safe(value):
@@ -35,18 +46,21 @@ def json_safe(value):
     return value
 
 
-def summarize_run(config: RunConfig, splits: list[Split], predictions: dict[str, list[dict]], world_size: int):
-    """metrics.json: per test fold, their mean ± std, and the preliminary test set apart."""
+def summarize_run(config: RunConfig, splits: list[Split], predictions: dict[str, list[dict]], world_size: int,
+                  trust: dict[str, dict] | None = None):
+    """metrics.json: per test fold, their mean ± std, and the preliminary test set apart. `trust`: per split,
+    its calibration and review band (calibration, subject-level view and review entries come with them)."""
     folds = []
     prelim = None
     for split in splits:
-        entry = {"fold": split.name, "note": split.note, **fold_metrics(predictions[split.name])}
+        entry = {"fold": split.name, "note": split.note,
+                 **fold_metrics(predictions[split.name], (trust or {}).get(split.name), config.seed)}
         if split.name == "prelim":
             prelim = entry
         else:
             folds.append(entry)
     result = {"protocol": config.protocol, "model": config.model, "note": splits[0].note, "folds": folds,
-              "summary": M.summarize(folds), "world_size": world_size}
+              "summary": {**M.summarize(folds), **trust_report.summarize(folds)}, "world_size": world_size}
     if prelim is not None:
         result["prelim"] = prelim
     return json_safe(result)

@@ -25,6 +25,8 @@ from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..models import WeightsError, create_model_from
+from ..trust.fitting import fit_on_validation, not_fitted
+from ..trust.knowledge import add_to_checkpoint
 from .batches import CellData, tensors, world
 from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
@@ -62,8 +64,9 @@ def _split_summary(split: Split, cells: list[Cell]) -> dict:
             "train": side(split.train), "val": side(split.val), "test": side(split.test)}
 
 
-def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
-    """Train one split, test its chosen checkpoint; returns (prediction rows, history rows)."""
+def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
+    """Train one split, calibrate and test its chosen checkpoint; returns (prediction rows, history rows, what
+    was fitted on the validation subjects)."""
     config, run = job.config, job.run
     checkpoints = run.checkpoints(split.name)
     # `last.ckpt` after every epoch (for --resume); `best.ckpt` by validation loss (subject protocol only:
@@ -109,14 +112,23 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
         read_checkpoint(chosen)
     except CheckpointError as err:
         raise RunError(f"{err}; to retrain fold {split.name}, delete {checkpoints}") from None
+    trust = not_fitted()
+    if config.protocol == "subject" and len(split.val) > 0:
+        # Calibration and the review band learn from the validation subjects only, with the chosen weights.
+        trainer.test(module, dataloaders=data.val_dataloader(), ckpt_path=str(chosen), verbose=False,
+                     weights_only=True)
+        val = module.test_predictions
+        trust = fit_on_validation(val["label"], val["prob_all"], [job.cells[i].subject for i in val["index"]])
     trainer.test(module, datamodule=data, ckpt_path=str(chosen), verbose=False, weights_only=True)
-    rows = prediction_rows(split.name, job.cells, module.test_predictions)
+    rows = prediction_rows(split.name, job.cells, module.test_predictions, trust)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
+        add_to_checkpoint(chosen, trust["calibration"], trust["review"])  # predict, serve and export use it
+        run.write_json(run.fold_trust(split.name), trust)
         run.record_chosen(split.name, chosen)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
-    return rows, history
+    return rows, history, trust
 
 
 def train_run(
@@ -176,6 +188,7 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
                                   "root": str(Path(data_root).resolve()) if data_root else None})
         run.write_json(run.splits, [_split_summary(s, cells) for s in splits])
     predictions: dict[str, list[dict]] = {}
+    trust: dict[str, dict] = {}
     history: list[dict] = []
     world_size = 1
     for split in splits:
@@ -183,13 +196,15 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
             job.log(f"{split.name}: already finished, kept")
             predictions[split.name] = read_csv(run.fold_predictions(split.name))
             history += read_csv(run.fold_history(split.name))
+            if run.fold_trust(split.name).is_file():
+                trust[split.name] = run.read_json(run.fold_trust(split.name))
             continue
         job.log(f"{split.name}: training on {len(split.train)} images, validating on {len(split.val)}, "
                 f"testing on {len(split.test)} ({split.note})")
-        predictions[split.name], fold_history = _train_split(job, split)
+        predictions[split.name], fold_history, trust[split.name] = _train_split(job, split)
         history += fold_history
         world_size = max(world_size, world()[1])
-    result = summarize_run(config, splits, predictions, world_size)
+    result = summarize_run(config, splits, predictions, world_size, trust)
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result
