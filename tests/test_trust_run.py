@@ -35,7 +35,7 @@ def subject_run(mini_root, tmp_path_factory):
     prepared = prepare(scan(mini_root).cells, base / "cache", Preprocessing(size=136))
     config = RunConfig(protocol="subject", epochs=1, image_size=136, batch_size=16, bn_momentum=0.5, seed=3)
     result = train_run(config, prepared, base / "run", progress=False, log=lambda m: None)
-    return base / "run", result
+    return base / "run", result, prepared
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def calibrated_checkpoint(subject_run, tmp_path_factory):
 
 @pytest.mark.slow
 def test_a_subject_run_reports_calibration_patients_and_review_per_test_set(subject_run):
-    run, result = subject_run
+    run, result, _ = subject_run
     assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(result))
     for fold in result["folds"]:
         calibration = fold["calibration"]
@@ -80,7 +80,7 @@ def test_a_subject_run_reports_calibration_patients_and_review_per_test_set(subj
 
 @pytest.mark.slow
 def test_the_chosen_checkpoint_carries_its_calibration_and_still_loads_without_unpickling(subject_run, mini_root):
-    run, result = subject_run
+    run, result, _ = subject_run
     chosen = run / "checkpoints" / "fold_0" / (run / "folds" / "fold_0" / "checkpoint.txt").read_text().strip()
     stored = torch.load(chosen, map_location="cpu", weights_only=True)
     assert stored["calibration"]["temperature"] == result["folds"][0]["calibration"]["temperature"]
@@ -90,6 +90,20 @@ def test_the_chosen_checkpoint_carries_its_calibration_and_still_loads_without_u
     # The stored temperature really lowers (or keeps) the NLL of the validation cells it was fitted on.
     fitted = stored["calibration"]
     assert fitted["validation_nll_after"] <= fitted["validation_nll_before"] + 1e-9
+
+
+@pytest.mark.slow
+def test_evaluate_applies_the_calibration_stored_with_each_checkpoint(subject_run):
+    from alnet.train.evaluate import evaluate_run
+
+    run, result, prepared = subject_run
+    again = evaluate_run(run, prepared)
+    for retested, original in zip(again["folds"], result["folds"]):
+        assert retested["calibration"]["temperature"] == original["calibration"]["temperature"]
+        assert retested["calibration"]["after"]["nll"] == pytest.approx(original["calibration"]["after"]["nll"],
+                                                                         abs=1e-3)
+        assert retested["review"]["half_width"] == original["review"]["half_width"]
+        assert retested["subject_level"]["subjects"] == original["subject_level"]["subjects"]
 
 
 @pytest.mark.slow

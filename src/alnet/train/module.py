@@ -190,4 +190,6 @@ def module_from_checkpoint(path) -> CellClassifier:
     from ..checkpoint import load_trained_model
 
     trained = load_trained_model(path)
-    return CellClassifier(trained.config, trained.seen_subjects, model=trained.model).eval()
+    module = CellClassifier(trained.config, trained.seen_subjects, model=trained.model).eval()
+    module.trust = {"calibration": trained.calibration, "review": trained.review}  # applied to its predictions
+    return module

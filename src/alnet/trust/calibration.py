@@ -112,7 +112,7 @@ def calibration_entry(labels, prob_raw, calibration: dict | None) -> dict:
     or, without a calibration, the raw scores and why there is none."""
     before = calibration_scores(labels, prob_raw)
     if not calibration or calibration.get("temperature") is None:
-        note = (calibration or {}).get("note", "not calibrated")
+        note = (calibration or {}).get("note", "not calibrated: no calibration recorded for this model")
         return {"method": "none", "note": note, "before": before, "after": None}
     temperature = float(calibration["temperature"])
     return {**calibration, "before": before,
