@@ -13,6 +13,7 @@ from alnet.trust.subjects import (
     bootstrap_interval,
     image_intervals,
     read_subject_map,
+    resampled_auc,
     subject_from_name,
     subject_level,
     subject_rows,
@@ -125,6 +126,17 @@ def test_bootstrap_resamples_subjects_not_cells_and_is_seeded():
     a = bootstrap_interval(clusters, lambda i: values[i].mean(), seed=1)
     b = bootstrap_interval(clusters, lambda i: values[i].mean(), seed=2)
     assert a != b and a["low"] < 0.5 < a["high"]
+
+
+def test_the_bootstrap_auc_of_a_draw_equals_the_auc_of_the_drawn_cells():
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 200)
+    prob = np.round(rng.random(200), 2)  # rounded: many ties, counted one half
+    auc = resampled_auc(labels, prob)
+    for _ in range(20):
+        drawn = rng.integers(0, 200, 200)
+        assert auc(drawn) == pytest.approx(M.roc_auc(labels[drawn], prob[drawn]), abs=1e-12)
+    assert np.isnan(auc(np.flatnonzero(labels == 1)))
 
 
 def test_subject_level_scores_each_patient_by_the_mean_calibrated_probability_of_its_cells():

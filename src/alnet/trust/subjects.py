@@ -84,6 +84,25 @@ def bootstrap_interval(clusters: list[np.ndarray], statistic: Callable[[np.ndarr
             "undefined_resamples": int(len(values) - len(defined)), "unit": "subject"}
 
 
+def resampled_auc(labels, prob) -> Callable[[np.ndarray], float]:
+    """A function of drawn indices (repeats allowed) giving `metrics.roc_auc(labels[idx], prob[idx])`, computed
+    from the draw's multiplicities in O(n) numpy: the Mann–Whitney sum over the distinct scores, ties half."""
+    labels, prob = np.asarray(labels).astype(int), np.asarray(prob, dtype=float)
+    distinct, group = np.unique(prob, return_inverse=True)
+    positive = (labels == 1).astype(float)
+
+    def auc(idx: np.ndarray) -> float:
+        weight = np.bincount(idx, minlength=len(labels)).astype(float)
+        pos = np.bincount(group, weights=weight * positive, minlength=len(distinct))
+        neg = np.bincount(group, weights=weight * (1 - positive), minlength=len(distinct))
+        if pos.sum() == 0 or neg.sum() == 0:
+            return float("nan")
+        below = np.cumsum(neg) - neg  # negatives with a lower score than each distinct score
+        return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+
+    return auc
+
+
 def image_intervals(subjects, labels, prob, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
     """Bootstrap intervals of image-level accuracy and AUC, resampling subjects."""
     labels, prob = np.asarray(labels).astype(int), np.asarray(prob, dtype=float)
@@ -91,7 +110,7 @@ def image_intervals(subjects, labels, prob, seed: int = 0, resamples: int = BOOT
     clusters = list(groups(subjects).values())
     return {"accuracy": bootstrap_interval(clusters, lambda i: correct[i].mean() if len(i) else np.nan,
                                            resamples, seed),
-            "auc": bootstrap_interval(clusters, lambda i: M.roc_auc(labels[i], prob[i]), resamples, seed)}
+            "auc": bootstrap_interval(clusters, resampled_auc(labels, prob), resamples, seed)}
 
 
 # the subject-level view of a labelled test set -----------------------------------------------------------
@@ -113,7 +132,7 @@ def subject_level(subjects, labels, prob_calibrated, seed: int = 0, resamples: i
         "subjects": len(per_subject),
         "auc": M.roc_auc(truth, score),
         "accuracy": float(correct.mean()) if len(correct) else float("nan"),
-        "auc_interval": bootstrap_interval(singles, lambda i: M.roc_auc(truth[i], score[i]), resamples, seed),
+        "auc_interval": bootstrap_interval(singles, resampled_auc(truth, score), resamples, seed),
         "accuracy_interval": bootstrap_interval(singles, lambda i: correct[i].mean() if len(i) else np.nan,
                                                 resamples, seed),
         "rule": f"a subject is called ALL when the mean calibrated P(ALL) of its cells is above {THRESHOLD}",
