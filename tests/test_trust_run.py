@@ -178,6 +178,26 @@ def test_predict_by_subject_on_the_real_cells_gives_one_row_per_subject(calibrat
 
 
 @pytest.mark.slow
+def test_a_hostile_review_band_in_an_onnx_file_is_a_one_line_error(calibrated_checkpoint, mini_root, tmp_path):
+    import onnx
+
+    path = export_onnx(calibrated_checkpoint, tmp_path / "model.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["alnet_calibration"])["temperature"] == 0.25
+    assert json.loads(meta["alnet_review"])["half_width"] == 0.2
+    for value in ('{"half_width": 3}', "[" * 100_000 + "]" * 100_000, "not json"):
+        graph = onnx.load(str(path))
+        for entry in graph.metadata_props:
+            if entry.key == "alnet_review":
+                entry.value = value
+        hostile = tmp_path / "hostile.onnx"
+        onnx.save(graph, str(hostile))
+        result = runner.invoke(app, ["predict", str(hostile), str(next(mini_root.rglob("*.bmp"))), "--out",
+                                     str(tmp_path / "p.csv")])
+        assert result.exit_code == 2 and "unreadable review band" in result.output, result.output
+
+
+@pytest.mark.slow
 def test_by_subject_never_replaces_a_subjects_csv_alnet_did_not_write(calibrated_checkpoint, mini_root, tmp_path):
     (tmp_path / "subjects.csv").write_text("my own notes\n")
     result = runner.invoke(app, ["predict", str(calibrated_checkpoint), str(mini_root), "--out",

@@ -132,9 +132,9 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
     try:
         review = checked_review(json.loads(meta[ONNX_METADATA["review"]])) if ONNX_METADATA["review"] in meta else None
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: unreadable review band in its metadata ({err}); export the model again with "
-                         "`alnet export`") from None
+    except (TypeError, ValueError, RecursionError) as err:  # JSON nested thousands deep is a RecursionError
+        raise ValueError(f"{path}: unreadable review band in its metadata ({type(err).__name__}); export the "
+                         "model again with `alnet export`") from None
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
