@@ -370,7 +370,7 @@ def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_50
             time.sleep(0.05)
             raise RuntimeError("simulated out of memory")
 
-        predictor.probabilities = fail
+        predictor.outputs = fail  # the forward pass behind every answer
         return predictor
 
     monkeypatch.setattr(serve, "load_predictor", broken_predictor)

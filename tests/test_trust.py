@@ -135,7 +135,7 @@ def test_the_bootstrap_auc_of_a_draw_equals_the_auc_of_the_drawn_cells():
     auc = resampled_auc(labels, prob)
     for _ in range(20):
         drawn = rng.integers(0, 200, 200)
-        assert auc(drawn) == pytest.approx(M.roc_auc(labels[drawn], prob[drawn]), abs=1e-12)
+        assert auc(drawn) == pytest.approx(M.roc_auc(labels[drawn], prob[drawn]), abs=1e-6)  # torchmetrics: float32
     assert np.isnan(auc(np.flatnonzero(labels == 1)))
 
 

@@ -40,8 +40,8 @@ def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET) -> 
     example = (torch.zeros(2, 3, size, size),)
     batch = torch.export.Dim("batch", min=1, max=BATCH_LIMIT)
     torch.onnx.export(model, example, str(out), dynamo=True, opset_version=opset, input_names=["image"],
-                      output_names=["probability_all", "probability_raw"], dynamic_shapes=({0: batch},), external_data=False,
-                      verbose=False)
+                      output_names=["probability_all", "probability_raw"], dynamic_shapes=({0: batch},),
+                      external_data=False, verbose=False)
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> Path:
