@@ -208,3 +208,11 @@ def test_by_subject_never_replaces_a_subjects_csv_alnet_did_not_write(calibrated
 
 def test_nll_helper_clips_saturated_probabilities():
     assert np.isfinite(negative_log_likelihood([1, 0], [0.0, 1.0]))
+
+
+@pytest.mark.slow
+def test_a_paper_protocol_checkpoint_carries_no_calibration(mini_checkpoint):
+    stored = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)
+    assert stored["calibration"] is None and stored["review"] is None
+    trained = load_trained_model(mini_checkpoint)
+    assert trained.temperature is None and trained.review is None

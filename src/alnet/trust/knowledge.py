@@ -16,10 +16,11 @@ CALIBRATION_KEY, REVIEW_KEY = "calibration", "review"
 
 def add_to_checkpoint(path: Path | str, calibration: dict | None, review: dict | None) -> None:
     """Write `calibration` and `review` into a checkpoint, atomically (a new file renamed over the old one, so
-    a reader never sees half a file and a crash leaves the old one whole)."""
+    a reader never sees half a file and a crash leaves the old one whole). A calibration without a temperature
+    (the paper protocol's "none", whose note stays in metrics.json) is stored as None: no calibration."""
     path = Path(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint[CALIBRATION_KEY] = calibration
+    checkpoint[CALIBRATION_KEY] = calibration if calibration and calibration.get("temperature") is not None else None
     checkpoint[REVIEW_KEY] = review
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
