@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import alnet.infer.predict as predict_module
 from alnet.cli import app
 from alnet.infer import isbi
 
@@ -84,17 +83,11 @@ def test_predict_writes_one_line_per_image_in_the_order_of_the_numbers(mini_chec
 
 
 def test_images_the_gate_refuses_are_written_and_listed_beside_the_submission(mini_checkpoint, final_test_set,
-                                                                              tmp_path, monkeypatch):
-    real = predict_module.predict_files
+                                                                              tmp_path):
+    from PIL import Image
 
-    def gated(*args, **kwargs):
-        rows, failed = real(*args, **kwargs)
-        for row in rows:
-            if Path(row["path"]).stem == "3":
-                row.update(status="rejected", reason="not a cell image")
-        return rows, failed
-
-    monkeypatch.setattr(predict_module, "predict_files", gated)
+    third = next(final_test_set.glob("3.*"))
+    Image.new("RGB", (450, 450), "white").save(third)  # not a cell: the input gate refuses it
     out = tmp_path / "isbi_valid.predict"
     result = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
                                  "--out", str(out)])
@@ -102,7 +95,9 @@ def test_images_the_gate_refuses_are_written_and_listed_beside_the_submission(mi
     assert "1 refused by the input gate" in result.output
     refused = list(csv.DictReader((tmp_path / "isbi_valid.refused.csv").open()))
     assert len(refused) == 1
-    assert (refused[0]["line"], Path(refused[0]["path"]).stem, refused[0]["reason"]) == ("3", "3", "not a cell image")
+    assert (refused[0]["line"], Path(refused[0]["path"]).stem) == ("3", "3")
+    assert refused[0]["status"] == "rejected" and refused[0]["reason"].startswith("saturated")
+    assert refused[0]["label"] in ("ALL", "HEM")  # the line still needs the model's answer
     assert out.read_text().splitlines()[2] == ("1" if refused[0]["label"] == "ALL" else "0")
 
 

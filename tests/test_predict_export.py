@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.infer.export import export_onnx
-from alnet.infer.predict import expand_paths, load_predictor, predict_files
+from alnet.infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
 
 runner = CliRunner()
 
@@ -65,6 +65,7 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
     assert set(rows[0]) == {"path", "label", "probability_all", "probability_raw", "status", "reason", "model",
                             "checkpoint", "note"}
     assert {r["label"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
+    assert {(r["status"], r["reason"]) for r in rows} == {("ok", "")}  # real cells pass the input gate
     assert all(0 <= float(r["probability_all"]) <= 1 for r in rows)
 
 
@@ -129,7 +130,7 @@ def test_nothing_classified_writes_no_csv_and_exits_non_zero(tmp_path, mini_chec
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG garbage")
     out = tmp_path / "predictions.csv"
-    out.write_text(",".join(["path", "label", "probability_all", "model", "checkpoint", "note"]) + "\nkept\n")
+    out.write_text(",".join(PREDICTION_FIELDS) + "\nkept\n")
     result = runner.invoke(app, ["predict", str(mini_checkpoint), str(broken), "--out", str(out)])
     assert result.exit_code == 1 and "none of the 1 image(s) could be classified" in result.output
     assert out.read_text().endswith("kept\n"), "an earlier result is not replaced by an empty one"
@@ -150,7 +151,7 @@ def test_globs_and_folders_take_image_files_only_and_never_follow_directory_link
     assert expand_paths([str(folder / "model.ckpt")]) == ([], [str(folder / "model.ckpt")])
 
 
-def test_a_tiny_or_odd_image_is_classified_with_a_note(tmp_path, mini_checkpoint):
+def test_a_tiny_or_odd_image_is_noted_and_refused_as_not_a_cell(tmp_path, mini_checkpoint):
     from PIL import Image
 
     Image.new("RGB", (1, 1), (120, 60, 200)).save(tmp_path / "dot.png")
@@ -159,6 +160,8 @@ def test_a_tiny_or_odd_image_is_classified_with_a_note(tmp_path, mini_checkpoint
     assert not failed
     assert "resized from 1x1" in rows[0]["note"] and "very small image" in rows[0]["note"]
     assert "resized from 5000x20" in rows[1]["note"]
+    assert [(r["status"], r["label"], r["probability_all"]) for r in rows] == [("rejected", "", "")] * 2
+    assert all("near-black" in r["reason"] for r in rows)
 
 
 def test_inference_loads_a_checkpoint_as_a_plain_module_without_the_training_code(mini_checkpoint):
@@ -237,5 +240,9 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
     images = torch.rand(3, 3, 136, 136, generator=torch.Generator().manual_seed(0))  # 3: not the example's 2
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected = wrapper(images)[0].numpy()  # (calibrated, raw); no temperature here, so they are equal
-    np.testing.assert_allclose(session.run(None, {"image": images.numpy()})[0], expected, atol=1e-5)
+        expected, raw, features = (t.numpy() for t in wrapper(images))
+    probabilities, onnx_raw, onnx_features = session.run(None, {"image": images.numpy()})
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(onnx_raw, raw, atol=1e-5)  # no temperature here: equal to the calibrated ones
+    np.testing.assert_allclose(probabilities, onnx_raw, atol=1e-7)
+    np.testing.assert_allclose(onnx_features, features, rtol=1e-4, atol=1e-4)  # what the input gate measures

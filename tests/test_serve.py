@@ -206,9 +206,9 @@ def test_a_declared_content_length_over_the_cap_is_refused_before_the_body_is_se
     assert "larger than 10 MiB" in json.loads(payload)["error"]
 
 
-def test_a_file_at_the_cap_passes_and_one_byte_more_is_refused(mini_checkpoint):
+def test_a_file_at_the_cap_passes_and_one_byte_more_is_refused(mini_checkpoint, cell):
     buffer = io.BytesIO()
-    Image.new("RGB", (450, 450), (90, 40, 120)).save(buffer, format="PNG")
+    Image.open(cell).save(buffer, format="PNG")  # a real cell, so that the input gate lets it through
     png = buffer.getvalue()
     exact = TestClient(create_app(mini_checkpoint, max_bytes=len(png)))
     # the multipart body is larger than the file: boundaries and part headers must not count against it
@@ -363,14 +363,14 @@ def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_50
                                                                                 monkeypatch):
     real = serve.load_predictor
 
-    def broken_predictor(path):
-        predictor = real(path)
+    def broken_predictor(path, **gate):
+        predictor = real(path, **gate)
 
-        def fail(batch, tta=False):
+        def fail(batch):
             time.sleep(0.05)
             raise RuntimeError("simulated out of memory")
 
-        predictor.outputs = fail  # the forward pass behind every answer
+        predictor.outputs = fail  # the forward pass the service batches
         return predictor
 
     monkeypatch.setattr(serve, "load_predictor", broken_predictor)

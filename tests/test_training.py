@@ -151,6 +151,8 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
         assert fold["calibration"]["method"] == "none" and "paper protocol" in fold["calibration"]["note"]
         assert fold["calibration"]["after"] is None and fold["review"]["half_width"] is None
     assert len(rows) - 1 == sum(f["images"] for f in metrics["folds"])
+    assert all(f["input_gate"]["images"] == f["images"] for f in metrics["folds"])  # every test cell screened
+    assert "input_gate" in torch.load(run / "checkpoints" / "fold_0" / "last.ckpt", weights_only=True)
     history = (run / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3 * 2
     card = (run / "model_card.md").read_text()

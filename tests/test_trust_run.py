@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from alnet.checkpoint import load_trained_model
+from alnet.checkpoint import add_to_checkpoint, load_trained_model
 from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.infer.export import export_onnx
 from alnet.infer.predict import load_predictor, predict_files
 from alnet.trust.calibration import negative_log_likelihood
-from alnet.trust.knowledge import add_to_checkpoint
+from alnet.trust.knowledge import checkpoint_entries
 
 runner = CliRunner()
 
@@ -45,7 +45,7 @@ def calibrated_checkpoint(subject_run, tmp_path_factory):
     source = next((subject_run[0] / "checkpoints" / "fold_0").glob("best.ckpt"))
     path = tmp_path_factory.mktemp("calibrated") / "model.ckpt"
     shutil.copy(source, path)
-    add_to_checkpoint(path, {"method": "temperature", "temperature": 0.25}, {"half_width": 0.2})
+    add_to_checkpoint(path, checkpoint_entries({"method": "temperature", "temperature": 0.25}, {"half_width": 0.2}))
     return path
 
 
@@ -85,8 +85,10 @@ def test_the_chosen_checkpoint_carries_its_calibration_and_still_loads_without_u
     stored = torch.load(chosen, map_location="cpu", weights_only=True)
     assert stored["calibration"]["temperature"] == result["folds"][0]["calibration"]["temperature"]
     assert stored["review"]["half_width"] == result["folds"][0]["review"]["half_width"]
+    assert stored["input_gate"]["features"]["threshold"] > 0  # the input gate, written in the same rewrite
     trained = load_trained_model(chosen)
     assert trained.temperature == stored["calibration"]["temperature"] and trained.review is not None
+    assert trained.input_gate is not None
     # The stored temperature really lowers (or keeps) the NLL of the validation cells it was fitted on.
     fitted = stored["calibration"]
     assert fitted["validation_nll_after"] <= fitted["validation_nll_before"] + 1e-9
@@ -131,7 +133,10 @@ def test_predict_serve_and_onnx_agree_on_the_calibrated_probability(calibrated_c
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    assert [o.name for o in session.get_outputs()] == ["probability_all", "probability_raw"]
+    assert [o.name for o in session.get_outputs()] == ["probability_all", "probability_raw", "features"]
+    metadata = session.get_modelmeta().custom_metadata_map  # calibration, review band and input gate together
+    assert json.loads(metadata["alnet_calibration"])["temperature"] == 0.25
+    assert json.loads(metadata["alnet_review"])["half_width"] == 0.2 and "alnet_input_gate" in metadata
     client = TestClient(create_app(calibrated_checkpoint))
     for path, row in list(zip(files, torch_rows))[:4]:
         buffer = io.BytesIO()

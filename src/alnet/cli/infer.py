@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result
+from .gate import GateOption, NoGateOption, image_check_from
 
 
 def _checkpoint_of(target: Path) -> Path:
@@ -115,11 +116,15 @@ def predict(
     subjects_map: Annotated[Optional[Path], typer.Option(
         "--subjects", help="A CSV with columns path,subject (relative paths from the CSV's folder) naming each "
         "image's subject; implies --by-subject.")] = None,
+    gate: GateOption = None,
+    no_gate: NoGateOption = False,
 ):
     """Classify new cell images: per row the path, label (ALL/HEM), calibrated P(ALL) and the network's own,
-    the status (ok, or review when the answer is too close to call or --tta flips disagree) with its reason,
-    model, checkpoint and a note.
+    the status (ok; review when the answer is too close to call or --tta flips disagree, the label still given;
+    rejected by the input gate, no label) with its reason, model, checkpoint and a note.
 
+    An input gate runs first: a picture that is not one cell on a black background, or whose features lie far
+    from the cells the model was trained on, gets status `rejected`, the reason in words and no label.
     Exits with status 1 when an input could not be classified (the last line says how many)."""
     from ..infer import isbi
     from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
@@ -152,11 +157,13 @@ def predict(
             fail(f"{out_file}: --by-subject writes {SUBJECTS_CSV} beside --out; give --out another name")
         check_output(subjects_out, force, _is_predictions_csv(subjects_out, SUBJECT_FIELDS), tuple(files))
     mapping = read_subject_map(subjects_map) if subjects_map is not None else None
-    predictor = load_predictor(model)
+    predictor = load_predictor(model, image_check=image_check_from(gate, no_gate), features=not no_gate)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
+        # A submission needs an answer on every line: refused images keep the model's label there.
         rows, failed = predict_files(predictor, files, batch_size, tta,
-                                     progress=lambda done, total: bar.update(task, completed=done))
+                                     progress=lambda done, total: bar.update(task, completed=done),
+                                     answer_refused=submission)
     print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
     if not rows:
         fail(f"none of the {len(files)} image(s) could be classified; {out_file} was not written", code=1)
@@ -173,9 +180,12 @@ def predict(
     n_all = sum(r["label"] == NAMES[ALL] for r in rows)
     noted = sum(bool(r["note"]) for r in rows)
     review = sum(r.get("status") == "review" for r in rows)
-    result(f"{len(rows)} image(s) classified ({n_all} ALL, {len(rows) - n_all} HEM"
+    refused = sum(r["status"] == "rejected" for r in rows)
+    answered = len(rows) - refused
+    result(f"{answered} image(s) classified ({n_all} ALL, {answered - n_all} HEM"
            + (f"; {review} flagged for review" if review else "")
-           + (f"; {noted} with a note" if noted else "") + f") → {out_file}"
+           + (f"; {noted} with a note" if noted else "") + ")"
+           + (f", {refused} refused as not a cell (see `reason`)" if refused else "") + f" → {out_file}"
            + (f"; {len(failed)} could not be read" if failed else ""))
     if by_subject:
         subject_of, unknown = subject_namer(mapping)
@@ -196,12 +206,13 @@ def export(
     onnx: Annotated[Path, typer.Option(help="Where to write the ONNX model.")],
     force: Annotated[bool, typer.Option(help="Replace an existing file at --onnx.")] = False,
 ):
-    """Write an ONNX model (dynamic batch axis; outputs P(ALL)) with its preprocessing in the metadata."""
+    """Write an ONNX model (dynamic batch axis; outputs P(ALL) and the penultimate features) with its preprocessing
+    and input gate in the metadata."""
     from ..infer.export import export_onnx
 
     check_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
     path = export_onnx(checkpoint, onnx)
-    result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], output `probability_all`; run it with "
+    result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], outputs `probability_all`, `features`; run it with "
            f"`alnet predict {path} IMAGES…`")
 
 
@@ -272,14 +283,20 @@ def serve(
     = 16,
     max_wait_ms: Annotated[float, typer.Option(
         min=0, max=1000, help="Most milliseconds a forming batch waits for requests still being decoded.")] = 5.0,
+    gate: GateOption = None,
+    no_gate: NoGateOption = False,
 ):
-    """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs."""
+    """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs.
+
+    A picture the input gate refuses (not one cell on black, or unlike the training cells) is answered with
+    422 and {"error", "reason"}, never with a label."""
     import uvicorn
 
     from ..infer.serve import create_app, port_in_use
 
     if port_in_use(host, port):
         fail(f"{host}:{port} is already in use (another server?); stop it or pick another --port")
-    application = create_app(checkpoint, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    application = create_app(checkpoint, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             image_check=image_check_from(gate, no_gate), features=not no_gate)
     result(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -33,6 +33,7 @@ from .common import (
     result,
     say,
 )
+from .gate import GateOption, NoGateOption, image_check_from
 
 
 def print_metrics(metrics: dict, title: str) -> None:
@@ -53,6 +54,12 @@ def print_metrics(metrics: dict, title: str) -> None:
     print_table(title, ["test set", *(c.short for c in METRIC_COLUMNS), "images"], rows, bold)
     result(SHORT_NAMES_LEGEND)
     _print_trust(metrics)
+    for entry in [*metrics["folds"], *([metrics["prelim"]] if metrics.get("prelim") else [])]:
+        gate = entry.get("input_gate") or {}
+        if gate.get("rejected"):
+            reasons = ", ".join(f"{n} {kind}" for kind, n in gate["reasons"].items())
+            result(f"{entry['fold']}: the input gate refused {gate['rejected']} of {gate['images']} test cells "
+                   f"({reasons}); they stay in the metrics")
     if metrics.get("note"):
         result(f"protocol {metrics['protocol']}: {metrics['note']}")
 
@@ -172,13 +179,19 @@ def evaluate(
         "--out", help="Write the metrics as JSON here (default for a run: RUN/evaluation.json).")] = None,
     force: Annotated[bool, typer.Option(help="Replace --out even if it is not an alnet metrics file.")] = False,
     progress: ProgressOption = True,
+    gate: GateOption = None,
+    no_gate: NoGateOption = False,
 ):
-    """Re-test a finished run's checkpoints, or test one checkpoint on a dataset."""
+    """Re-test a finished run's checkpoints, or test one checkpoint on a dataset.
+
+    The input gate screens every test cell as `predict` would; the metrics still cover every cell, and each test
+    set's `input_gate` says how many the gate refused and why."""
     from ..config import RunConfig
     from ..train.evaluate import evaluate_checkpoint, evaluate_run
     from ..train.module import module_from_checkpoint
     from ..train.rundir import RunDir
 
+    image_check = image_check_from(gate, no_gate)
     if out_file is not None:  # checked before the work, not after
         check_output(out_file, force, _is_metrics_json(out_file), inputs=(target,))
     if target.is_dir():
@@ -186,12 +199,14 @@ def evaluate(
         if not run.exists():
             fail(f"{target}: not a run directory (no config.yaml); pass a run directory or a .ckpt file")
         config = RunConfig.from_yaml(run.config)
-        metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing, progress=progress))
+        metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing, progress=progress),
+                               image_check, gate=not no_gate)
         out_file = out_file or run.evaluation
     else:
         module = module_from_checkpoint(target)
         prepared = prepare_data(data, cache, workers, module.config.preprocessing, progress=progress)
-        metrics = evaluate_checkpoint(module, prepared, split, include_seen, log=say)
+        metrics = evaluate_checkpoint(module, prepared, split, include_seen, log=say, image_check=image_check,
+                                      gate=not no_gate)
     print_metrics(metrics, f"evaluation of {target}")
     if out_file is not None:
         import json

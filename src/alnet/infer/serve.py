@@ -2,7 +2,8 @@
 
     GET  /          a page: drop a cell image, see the label, P(ALL) and a Grad-CAM overlay
     POST /predict   multipart field `file` → {"label", "probability_all" (calibrated), "probability_raw", "status"
-                    (ok | review), "reason", "model", "checkpoint"[, "gradcam_png"]}
+                    (ok | review), "reason", "model", "checkpoint"[, "gradcam_png"]}; a picture the input gate
+                    refuses → 422 {"error", "reason", "status": "rejected"}
     GET  /health    {"status": "ok", "model", "checkpoint"}
     GET  /docs      OpenAPI documentation
 
@@ -48,7 +49,8 @@ from starlette.requests import ClientDisconnect
 
 from ..data.transforms import load_image
 from ..labels import name_of
-from ..trust.review import statuses
+from ..trust.gate import ImageCheck
+from ..trust.screen import REJECTED
 from .batcher import BatcherClosed, MicroBatcher
 from .predict import load_predictor
 
@@ -99,7 +101,7 @@ async function send(file) {
     response = await fetch('predict?gradcam=true', {method: 'POST', body: form});
     body = await response.json();
   } catch (err) { fail(file.name + ': the upload failed (' + err.message + ')'); return; }
-  if (!response.ok) { fail(body.error); return; }
+  if (!response.ok) { fail(body.reason ? body.error + ' (' + body.reason + ')' : body.error); return; }
   document.getElementById('label').textContent = body.label;
   document.getElementById('probability').textContent =
     'P(ALL) = ' + body.probability_all.toFixed(3) + (body.status === 'review' ? ' — needs review: ' + body.reason : '');
@@ -115,17 +117,21 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 
 
 def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
-               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS) -> FastAPI:
-    """`max_batch` 1 classifies each request on its own (the unbatched service)."""
+               max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
+               image_check: ImageCheck | None = ImageCheck(), features: bool = True) -> FastAPI:
+    """`max_batch` 1 classifies each request on its own (the unbatched service). `image_check`, `features`: the
+    input gate's image check (None: off), run while decoding, and the model's feature check, run per batch."""
     checkpoint = Path(checkpoint)
-    predictor = load_predictor(checkpoint)
+    predictor = load_predictor(checkpoint, image_check=image_check, features=features)
     model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
 
-    def forward(batch: np.ndarray) -> np.ndarray:
-        """One row per image: (calibrated P(ALL), the network's own)."""
+    def forward(batch: np.ndarray) -> list[tuple[float, float, str, str]]:
+        """Per image of a batch: (calibrated P(ALL), the network's own, status, reason); the image check already
+        ran while decoding, the feature check and the review band run here."""
         with model_lock:
-            answers = predictor.answer(batch)
-        return np.stack([answers.probability_all, answers.probability_raw], axis=1)
+            answers = predictor.answer(batch, images_checked=True)
+        return list(zip(answers.probability_all.tolist(), answers.probability_raw.tolist(),
+                        *zip(*answers.statuses)))
 
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     decoding = ThreadPoolExecutor(DECODES_IN_FLIGHT, thread_name_prefix="alnet-decode")  # bounds decoded pictures
@@ -152,7 +158,10 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         elif err.status_code == 405:
             message = (f"{request.method} {request.url.path}: method not allowed; use "
                        f"{(err.headers or {}).get('Allow', 'another method')}")
-        return JSONResponse({"error": message}, status_code=err.status_code, headers=err.headers)
+        body = {"error": message}
+        if isinstance(err, NotACell):
+            body.update(reason=err.reason, status=REJECTED)
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, err: RequestValidationError):
@@ -181,7 +190,8 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     @app.post("/predict", openapi_extra=_upload_schema(max_bytes), responses={
         400: {"description": "empty upload, or not a decodable image"},
         413: {"description": f"upload over {_size(max_bytes)}, or a picture over {max_pixels:,} pixels"},
-        415: {"description": f"not a {KINDS} image"}})
+        415: {"description": f"not a {KINDS} image"},
+        422: {"description": "not a cell image: refused by the input gate, {\"error\", \"reason\"}"}})
     async def predict(request: Request,
                       gradcam: bool = Query(False, description="add a Grad-CAM overlay as base64 PNG")) -> dict:
         declared = request.headers.get("content-length", "")
@@ -214,26 +224,28 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(503, "too many requests waiting for the model; try again in a moment")
         waiting += 1
         try:
-            pixels, (probability, raw) = await asyncio.wait_for(classify(name, data), ANSWER_SECONDS)
+            pixels, (probability, raw, status, reason) = await asyncio.wait_for(classify(name, data),
+                                                                             ANSWER_SECONDS)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"{name}: not classified within {ANSWER_SECONDS} s; the service is "
                                      "overloaded, try again later")
         finally:
             waiting -= 1
-        status, reason = statuses([probability], (predictor.review or {}).get("half_width"))[0]
         result = {"label": name_of(probability), "probability_all": probability, "probability_raw": raw,
                   "status": status, "reason": reason, "model": predictor.model_name, "checkpoint": checkpoint.name}
         if gradcam:
             result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
         return result
 
-    async def classify(name: str, data: bytes) -> tuple[np.ndarray, tuple[float, float]]:
+    async def classify(name: str, data: bytes) -> tuple[np.ndarray, tuple[float, float, str, str]]:
         try:
             with batcher.incoming() as submit:  # a forming batch may wait for this picture while it is decoded
                 pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
                 answer = submit(pixels)
-            calibrated, raw = await asyncio.wrap_future(answer)
-            return pixels, (float(calibrated), float(raw))
+            calibrated, raw, status, reason = await asyncio.wrap_future(answer)
+            if status == REJECTED:
+                raise NotACell(name, reason)
+            return pixels, (float(calibrated), float(raw), status, reason)
         except BatcherClosed:
             raise HTTPException(503, "the service is shutting down; try again in a moment")
         except HTTPException:
@@ -267,9 +279,20 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         except Exception as err:
             raise HTTPException(400, f"{name}: cannot decode this image ({type(err).__name__}); send a "
                                      f"{KINDS} cell image")
+        reason = predictor.gate.image_reasons(pixels[None])[0]  # before the model: never sent to a batch
+        if reason:
+            raise NotACell(name, reason)
         return pixels
 
     return app
+
+
+class NotACell(HTTPException):
+    """The input gate refused the picture: 422 with the reason in words, and no label."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(422, f"{name}: not answered, this does not look like one C-NMC cell")
+        self.reason = reason
 
 
 class _TooLarge(Exception):

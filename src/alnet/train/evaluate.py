@@ -14,6 +14,8 @@ from .. import metrics as M
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.protocols import make_splits
+from ..trust.gate import ImageCheck
+from ..trust.screen import InputGate, screen_rows
 from .batches import CellData, tensors
 from .module import CellClassifier, module_from_checkpoint
 from .results import fold_metrics, json_safe, prediction_rows, summarize_run
@@ -37,7 +39,17 @@ def test_rows(module: CellClassifier, images: torch.Tensor, labels: torch.Tensor
     return module.test_predictions
 
 
-def evaluate_run(run_dir: Path | str, prepared: Prepared) -> dict:
+def screen(module: CellClassifier, images: torch.Tensor, rows: np.ndarray, image_check: ImageCheck | None,
+           gate: bool = True) -> list[str | None] | None:
+    """The input gate's reason per row (None: accepted), as `predict` would refuse them; None without a gate."""
+    if not gate:
+        return None
+    features = getattr(module, "input_gate", None)
+    return screen_rows(InputGate(image_check, features), module.model, images, rows)
+
+
+def evaluate_run(run_dir: Path | str, prepared: Prepared, image_check: ImageCheck | None = ImageCheck(),
+                 gate: bool = True) -> dict:
     """Re-test each fold's chosen checkpoint of a finished run on the same splits."""
     run = RunDir(run_dir)
     config = RunConfig.from_yaml(run.config)
@@ -54,13 +66,15 @@ def evaluate_run(run_dir: Path | str, prepared: Prepared) -> dict:
             raise RunError(f"{run}: fold {split.name} has not finished; finish it with `alnet train --resume {run}`")
         module = module_from_checkpoint(chosen)
         trust[split.name] = module.trust  # the calibration and review band stored in the checkpoint
-        predictions[split.name] = prediction_rows(split.name, prepared.cells,
-                                                  test_rows(module, images, labels, split.test), module.trust)
+        tested = test_rows(module, images, labels, split.test)
+        predictions[split.name] = prediction_rows(split.name, prepared.cells, tested, module.trust,
+                                                  screen(module, images, tested["index"], image_check, gate))
     return summarize_run(config, splits, predictions, world_size=1, trust=trust)
 
 
 def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str = "auto", include_seen: bool = False,
-                        log: Callable[[str], None] = print) -> dict:
+                        log: Callable[[str], None] = print, image_check: ImageCheck | None = ImageCheck(),
+                        gate: bool = True) -> dict:
     """Test one checkpoint on the labelled images of a dataset, leaving out the subjects it was trained on."""
     cells = prepared.cells
     labelled = [i for i, c in enumerate(cells) if c.label is not None]
@@ -80,7 +94,9 @@ def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str =
         raise RunError(f"no labelled {split} images to evaluate on (after leaving out subjects seen in training)")
     images, labels = tensors(prepared)
     trust = getattr(module, "trust", None)  # the checkpoint's calibration and review band
-    predictions = prediction_rows(split, cells, test_rows(module, images, labels, np.array(rows)), trust)
+    tested = test_rows(module, images, labels, np.array(rows))
+    predictions = prediction_rows(split, cells, tested, trust,
+                                  screen(module, images, tested["index"], image_check, gate))
     entry = {"fold": split, "note": "subjects seen in training included" if include_seen else
              "subjects seen in training left out", **fold_metrics(predictions, trust, module.config.seed)}
     return json_safe({"protocol": "evaluation", "model": module.config.model, "note": entry["note"],

@@ -12,16 +12,21 @@ from ..labels import is_all
 from ..trust import entries as trust_report
 from ..trust.calibration import apply_temperature
 from ..trust.review import statuses
+from ..trust.screen import REJECTED, count_reasons
 
 
-def prediction_rows(split_name: str, cells: list[Cell], predictions: dict, trust: dict | None = None) -> list[dict]:
+def prediction_rows(split_name: str, cells: list[Cell], predictions: dict, trust: dict | None = None,
+                    reasons: list[str | None] | None = None) -> list[dict]:
     """One predictions.csv row per tested image, from a module's `test_predictions`: `probability_all`
     calibrated with the split's temperature (when it has one), `probability_raw` the network's own, and the
-    review `status` from the split's band (`trust`: what `trust.fitting` fitted)."""
+    `status`: `rejected` with the input gate's reason (`reasons`, None: accepted) before `review` from the
+    split's band (`trust`: what `trust.fitting` fitted). A refused image keeps its row, so nothing drops out."""
     trust = trust or {}
+    reasons = reasons or [None] * len(predictions["index"])
     temperature = (trust.get("calibration") or {}).get("temperature")
     calibrated = apply_temperature(predictions["prob_all"], temperature)
     flags = statuses(calibrated, (trust.get("review") or {}).get("half_width"))
+    flags = [(REJECTED, gate) if gate else flag for gate, flag in zip(reasons, flags)]
     return [
         {"fold": split_name, "path": str(cells[i].path), "subject": cells[i].subject, "label": int(label),
          "probability_all": f"{p:.6f}", "predicted": int(is_all(p)), "probability_raw": f"{raw:.6f}",
@@ -32,7 +37,11 @@ def prediction_rows(split_name: str, cells: list[Cell], predictions: dict, trust
 
 
 def fold_metrics(rows: list[dict], trust: dict | None = None, seed: int = 0) -> dict:
-    return {**M.evaluate(*M.columns(rows)), **trust_report.test_set_entry(rows, trust, seed)}
+    """The metrics over every tested image (refused ones included, so that nothing drops out unseen), the
+    trust entries (calibration, intervals, subject level, review) and what the input gate refused and why."""
+    refused = [r["reason"] for r in rows if r.get("status") == REJECTED]
+    return {**M.evaluate(*M.columns(rows)), **trust_report.test_set_entry(rows, trust, seed),
+            "input_gate": {"images": len(rows), "rejected": len(refused), "reasons": count_reasons(refused)}}
 
 
 def json_safe(value):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..checkpoint import INPUT_GATE, CheckpointError, add_to_checkpoint, read_checkpoint
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
@@ -26,7 +26,8 @@ from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..models import WeightsError, create_model_from
 from ..trust.fitting import fit_on_validation, not_fitted
-from ..trust.knowledge import add_to_checkpoint
+from ..trust.knowledge import checkpoint_entries
+from ..trust.screen import InputGate, fit_gate, screen_rows
 from .batches import CellData, tensors, world
 from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
@@ -120,11 +121,25 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
         val = module.test_predictions
         trust = fit_on_validation(val["label"], val["prob_all"], [job.cells[i].subject for i in val["index"]])
     trainer.test(module, datamodule=data, ckpt_path=str(chosen), verbose=False, weights_only=True)
-    rows = prediction_rows(split.name, job.cells, module.test_predictions, trust)
+    # The input gate learns the chosen model's training cells, then screens the test cells as `predict` would.
+    # Its threshold comes from validation cells only where they are not the test cells (the paper protocol
+    # validates on its test part): otherwise from the training cells, cross-fitted.
+    held_out = np.setdiff1d(split.val, split.test)
+    gate = InputGate(features=fit_gate(module.model, job.images, split.train, held_out,
+                                       [job.cells[i].subject for i in split.train], seed=config.seed,
+                                       cached=inputs if module.on_features else None,
+                                       autocast=module.precision_path.autocast))
+    reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"],
+                          cached=inputs if module.on_features else None, autocast=module.precision_path.autocast)
+    rows = prediction_rows(split.name, job.cells, module.test_predictions, trust, reasons)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
-        add_to_checkpoint(chosen, trust["calibration"], trust["review"])  # predict, serve and export use it
+        # What predict, serve and export use beside the weights, written into the chosen file in one rewrite.
+        extra = checkpoint_entries(trust["calibration"], trust["review"])
+        if gate.features is not None:
+            extra[INPUT_GATE] = {"features": gate.features.to_state()}
+        add_to_checkpoint(chosen, extra)
         run.write_json(run.fold_trust(split.name), trust)
         run.record_chosen(split.name, chosen)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done

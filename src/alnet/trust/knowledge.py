@@ -6,28 +6,16 @@ band (`review`), as plain containers under top-level keys, so the file stays loa
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
-
-import torch
 
 CALIBRATION_KEY, REVIEW_KEY = "calibration", "review"
 
 
-def add_to_checkpoint(path: Path | str, calibration: dict | None, review: dict | None) -> None:
-    """Write `calibration` and `review` into a checkpoint, atomically (a new file renamed over the old one, so
-    a reader never sees half a file and a crash leaves the old one whole). A calibration without a temperature
-    (the paper protocol's "none", whose note stays in metrics.json) is stored as None: no calibration."""
-    path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint[CALIBRATION_KEY] = calibration if calibration and calibration.get("temperature") is not None else None
-    checkpoint[REVIEW_KEY] = review
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(checkpoint, temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+def checkpoint_entries(calibration: dict | None, review: dict | None) -> dict:
+    """The top-level checkpoint entries for `calibration` and `review`, for `checkpoint.add_to_checkpoint` to
+    write (in the same rewrite as the input gate). A calibration without a temperature (the paper protocol's
+    "none", whose note stays in metrics.json) is stored as None: no calibration."""
+    stored = calibration if calibration and calibration.get("temperature") is not None else None
+    return {CALIBRATION_KEY: stored, REVIEW_KEY: review}
 
 
 def _number(value, low: float, high: float) -> float:
