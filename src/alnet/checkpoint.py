@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from .data.transforms import Preprocessing
-from .models import create_model_from, probability_all
+from .models import ClassifierError, create_model_from, probability_all
 from .trust.features import FeatureGate
-from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, checked_review
+from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, checked_review, checkpoint_entries
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
 INPUT_GATE = "input_gate"  # top-level key: {"features": FeatureGate state}, written after training
@@ -106,6 +106,8 @@ def load_trained_model(path: Path | str) -> TrainedModel:
             "features") else None
         if feature_gate is not None and feature_gate.mean.numel() != model.num_features:
             raise ValueError(f"input gate for {feature_gate.mean.numel()} features, model has {model.num_features}")
+    except ClassifierError as err:  # a hybrid's classifier refused by the trusted-types check
+        raise CheckpointError(f"{path}: {err}") from None
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
@@ -125,3 +127,12 @@ def add_to_checkpoint(path: Path | str, entries: dict) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def add_fitted_knowledge(path: Path | str, trust: dict, feature_gate: FeatureGate | None) -> None:
+    """What a split fits after training — its calibration and review band (`trust`, from `trust.fitting`) and
+    its feature gate — into its chosen checkpoint, in one atomic rewrite."""
+    entries = checkpoint_entries(trust.get("calibration"), trust.get("review"))
+    if feature_gate is not None:
+        entries[INPUT_GATE] = {"features": feature_gate.to_state()}
+    add_to_checkpoint(path, entries)

@@ -93,6 +93,7 @@ class RunConfig:
     pretrained: bool = True  # baselines: ImageNet weights (False: train from scratch)
     weights: str | None = None  # baselines: an explicit weights file instead of $TORCH_HOME/hub/checkpoints/
     finetune: bool = False  # baselines: also train the backbone (default: frozen, as in the paper)
+    features_from: str | None = None  # hybrids: a run directory or checkpoint whose weights a backbone takes
     protocol: str = "subject"  # "subject" (honest default) or "paper" (image-level split, reproduction)
     epochs: int = 140
     batch_size: int = 32
@@ -120,12 +121,13 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check every value (types first, then ranges); returns self, or raises a one-line ConfigError."""
-        from .models import available_models
+        from .models import available_models, is_model
 
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
         checks = [
-            (self.model in available_models(), f"model must be one of {', '.join(available_models())}"),
+            (is_model(self.model), f"model must be one of {', '.join(available_models())}, or a hybrid such as "
+                                   "resnet50+svm (BACKBONE[,BACKBONE…]+[pca+]svm|rf|knn)"),
             (self.protocol in ("subject", "paper"), "protocol must be 'subject' or 'paper'"),
             (self.optimizer in ("rmsprop", "adam"), "optimizer must be 'rmsprop' or 'adam'"),
             (self.head in ("sigmoid", "softmax"), "head must be 'sigmoid' or 'softmax'"),

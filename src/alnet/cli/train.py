@@ -109,7 +109,12 @@ def train(
     data: Annotated[Optional[Path], typer.Option(help="C-NMC data root (Kaggle or TCIA layout).")] = None,
     config: ConfigOption = None,
     model: Annotated[Optional[str], typer.Option(
-        help="alnet (default), or a baseline: alexnet, vgg16, googlenet, resnet50.")] = None,
+        help="alnet (default), a baseline: alexnet, vgg16, googlenet, resnet50, or a hybrid of frozen features and "
+             "a scikit-learn classifier: BACKBONE[,BACKBONE…]+[pca+]svm|rf|knn, e.g. resnet50+svm, vgg16+pca+rf, "
+             "alexnet,resnet50+svm (features concatenated).")] = None,
+    features_from: Annotated[Optional[Path], typer.Option(
+        help="Hybrids with an alnet backbone: the trained alnet run directory (same protocol and seed: each fold "
+             "uses its own checkpoint) or one checkpoint, whose penultimate features are used.")] = None,
     pretrained: PretrainedOption = None,
     weights: Annotated[Optional[Path], typer.Option(help="Baselines: the ImageNet weights file to load.")] = None,
     finetune: FinetuneOption = None,
@@ -151,6 +156,7 @@ def train(
     else:
         run_config = RunConfig.load(config, model=model, pretrained=pretrained,
                                     weights=str(weights) if weights else None, finetune=finetune,
+                                    features_from=str(features_from) if features_from else None,
                                     protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
                                     dropout=dropout, image_size=image_size, augment=augment, precision=precision,
                                     devices=devices, strategy=strategy, seed=seed, deterministic=deterministic)
@@ -218,7 +224,14 @@ def evaluate(
 @handles_errors
 def compare(
     data: DataOption,
-    models: Annotated[str, typer.Option(help="Comma-separated models.")] = "alnet,alexnet,vgg16,googlenet,resnet50",
+    models: Annotated[str, typer.Option(help=(
+        "Models separated by commas, or by semicolons or spaces when one is an ensemble of concatenated features "
+        "(\"alnet; resnet50+svm; alexnet,resnet50+svm\"). Hybrids: BACKBONE[,BACKBONE…]+[pca+]svm|rf|knn; an "
+        "alnet backbone takes the features of the alnet trained earlier in the same comparison."))]
+    = "alnet,alexnet,vgg16,googlenet,resnet50",
+    features_from: Annotated[Optional[Path], typer.Option(
+        help="Hybrids with an alnet backbone: a trained alnet run directory (default: this comparison's alnet).")]
+    = None,
     config: ConfigOption = None,
     protocol: ProtocolOption = None,
     epochs: EpochsOption = None,
@@ -238,18 +251,20 @@ def compare(
 ):
     """Train and test several models under one protocol and seed; tables shaped like the paper's 8 and 9."""
     from ..config import RunConfig
-    from ..models import available_models
+    from ..models import available_models, is_model, split_model_list
     from ..report.html import comparison_rows
     from ..report.tables import COMPARISON
     from ..train.compare import compare as run_comparison
     from ..train.rundir import ComparisonDir
 
-    names = [m.strip().lower() for m in models.split(",") if m.strip()]
-    unknown = [m for m in names if m not in available_models()]
+    names = split_model_list(models)
+    unknown = [m for m in names if not is_model(m)]
     if unknown or not names:
-        fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())}")
+        fail(f"unknown model(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(available_models())} or "
+             "hybrids such as resnet50+svm")
     base = RunConfig.load(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
-                          augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed)
+                          augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed,
+                          features_from=str(features_from) if features_from else None)
     tracking = _tracking(logger, mlflow_uri)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say,

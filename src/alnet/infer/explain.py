@@ -68,6 +68,9 @@ def gradcam_overlay(model: nn.Module, model_name: str, pixels: np.ndarray, layer
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     layer = layer or model_spec(model_name).gradcam_layer
+    if not layer:
+        raise ValueError(f"{model_name}: no Grad-CAM for this model (its scikit-learn classifier has no gradients to "
+                         "follow); use --feature-maps")
     modules = dict(model.named_modules())
     if layer not in modules:
         raise ValueError(f"unknown layer {layer!r} for Grad-CAM; for example {', '.join(list(modules)[1:8])}")

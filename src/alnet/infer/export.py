@@ -11,7 +11,7 @@ from torch import nn
 
 from ..checkpoint import load_trained_model
 from ..labels import THRESHOLD
-from ..models import probability_all
+from ..models import model_spec, probability_all
 from ..trust.calibration import apply_temperature_torch
 from ..trust.features import penultimate
 from .predict import ONNX_METADATA
@@ -60,8 +60,17 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> 
     wrapper = ProbabilityOfAll(trained.model, trained.head, trained.temperature).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    export_graph(wrapper, trained.preprocessing.size, out, opset)
-    graph = onnx.load(str(out))
+    size = trained.preprocessing.size
+    if model_spec(trained.name).hybrid:  # backbone by torch + classifier by skl2onnx, one graph
+        import tempfile
+
+        from .export_hybrid import hybrid_graph
+
+        with tempfile.TemporaryDirectory() as workdir:
+            graph = hybrid_graph(trained.model, size, opset, Path(workdir))
+    else:
+        export_graph(wrapper, size, out, opset)
+        graph = onnx.load(str(out))
     for key, value in {
         ONNX_METADATA["model"]: trained.name,
         "alnet_checkpoint": str(Path(checkpoint).resolve()),

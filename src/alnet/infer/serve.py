@@ -365,7 +365,10 @@ def port_in_use(host: str, port: int) -> bool:
 
 
 def _gradcam_png(predictor, pixels: np.ndarray) -> str | None:
-    if predictor.trained is None:  # an ONNX model has no gradients to follow
+    from ..models import model_spec
+
+    # An ONNX model has no gradients to follow, nor has a hybrid's scikit-learn classifier (no Grad-CAM layer).
+    if predictor.trained is None or not model_spec(predictor.model_name).gradcam_layer:
         return None
     from .explain import gradcam_overlay
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import alnet, transfer
+from . import alnet, hybrid, transfer
 from .alnet import ALNet
 from .head import HEADS, probability_all
+from .hybrid import ClassifierError, HybridNet, split_model_list
 from .spec import CellModel, ModelSpec
 from .transfer import TransferNet, WeightsError
 
@@ -18,14 +19,27 @@ _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (*alnet.SPECS, *t
 
 
 def available_models() -> list[str]:
+    """The registered models; hybrids (`resnet50+svm`, `alexnet,vgg16+pca+rf`, …) are built from these."""
     return sorted(_REGISTRY)
 
 
 def model_spec(name: str) -> ModelSpec:
+    name = name.lower().strip()
+    if hybrid.is_hybrid_name(name):
+        return hybrid.spec_for(name, _REGISTRY)
     try:
-        return _REGISTRY[name.lower()]
+        return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available_models())}") from None
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available_models())}, or a hybrid "
+                         "such as resnet50+svm") from None
+
+
+def is_model(name: str) -> bool:
+    try:
+        model_spec(name)
+        return True
+    except ValueError:
+        return False
 
 
 def create_model(name: str, **kwargs) -> CellModel:
@@ -46,5 +60,6 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["ALNet", "CellModel", "HEADS", "ModelSpec", "TransferNet", "WeightsError", "available_models",
-           "create_model", "create_model_from", "model_spec", "probability_all", "trainable_parameters"]
+__all__ = ["ALNet", "CellModel", "ClassifierError", "HEADS", "HybridNet", "ModelSpec", "TransferNet", "WeightsError",
+           "available_models", "create_model", "create_model_from", "is_model", "model_spec", "probability_all",
+           "split_model_list", "trainable_parameters"]

@@ -35,6 +35,8 @@ class ModelSpec:
     frozen: bool = False  # a fixed feature extractor unless fine-tuned (the paper's baselines)
     pretrained: bool = False  # starts from ImageNet weights unless told otherwise
     description: str = ""
+    hybrid: bool = False  # frozen features + a scikit-learn classifier, fitted rather than trained (hybrid.py)
+    trained_backbones: tuple[str, ...] = ()  # hybrid backbones whose weights come from a trained checkpoint
 
 
 class CellModel(nn.Module):

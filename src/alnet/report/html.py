@@ -106,6 +106,7 @@ def write_run_report(run, result: dict, config: dict) -> Path:
     body += ["<h2>Metrics</h2>", metrics_table(result),
              '<p class="small">ALL is the positive class. Mean ± sample standard deviation over test folds.</p>']
     body += trust_section(result, figures)
+    body += _classifier_section(run, [f["fold"] for f in result["folds"]] + (["prelim"] if result.get("prelim") else []))
     pooled = [p for p in (figures / "roc.png", figures / "confusion_pooled.png") if p.is_file()]
     if pooled:
         body += ["<h2>ROC and pooled confusion matrix</h2>",
@@ -120,6 +121,16 @@ def write_run_report(run, result: dict, config: dict) -> Path:
                                               [("", [_esc(k), _esc(v)]) for k, v in config.items()])]
     run.report.write_text(_page(f"alnet run {run.path.name}", "".join(body)))
     return run.report
+
+
+def _classifier_section(run, folds: list[str]) -> list[str]:
+    """A hybrid's chosen hyper-parameters per fold, how they were chosen and the seconds it took."""
+    chosen = [run.read_json(run.fold_classifier(f)) for f in folds if run.fold_classifier(f).is_file()]
+    if not chosen:
+        return []
+    rows = [("", [_esc(c["fold"]), _esc(", ".join(f"{k.split('__')[-1]}={v}" for k, v in c["parameters"].items())),
+                  _esc(c["chosen_by"]), f"{c['feature_seconds']:.1f}", f"{c['fit_seconds']:.1f}"]) for c in chosen]
+    return ["<h2>Classifier</h2>", _table(["fold", "chosen", "chosen by", "features (s)", "fit (s)"], rows)]
 
 
 def paper_row(model: str) -> dict | None:

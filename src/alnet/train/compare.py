@@ -19,9 +19,19 @@ CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in 
                "training_seconds", "images_per_s", "pretrained", "run_dir"]
 
 
-def count_trainable(config: RunConfig) -> int:
-    # The count does not depend on the weights' values: build without reading any.
+def count_trainable(config: RunConfig) -> int | None:
+    # The count does not depend on the weights' values: build without reading any. A hybrid trains no weights.
+    if model_spec(config.model).hybrid:
+        return None
     return trainable_parameters(create_model_from(config, pretrained=False))
+
+
+def _features_source(name: str, base: RunConfig, comparison: ComparisonDir, done: list[str]) -> str | None:
+    """A hybrid's trained backbone: --features-from, else that backbone's run earlier in this comparison."""
+    if base.features_from:
+        return base.features_from
+    earlier = [b for b in model_spec(name).trained_backbones if b in done]
+    return str(comparison.run(earlier[0]).path) if earlier else None
 
 
 def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | str, data_root: Path | None = None,
@@ -32,8 +42,9 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
     comparison = ComparisonDir(out)
     comparison.path.mkdir(parents=True, exist_ok=True)
     rows, table9, note = [], [], ""
-    for name in models:
-        config = replace(base, model=name).validate()
+    for done, name in enumerate(models):
+        config = replace(base, model=name, features_from=_features_source(name, base, comparison, models[:done]))
+        config.validate()
         run = comparison.run(name)
         start = time.perf_counter()
         if run.finished() and run.timing.is_file():
@@ -46,7 +57,8 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
                                progress=progress, tracking=tracking)
             seconds = time.perf_counter() - start
             run.write_json(run.timing, {"training_seconds": seconds})
-        trained_images = sum(s["train"]["images"] for s in run.read_json(run.splits)) * config.epochs
+        passes = 1 if model_spec(name).hybrid else config.epochs  # a hybrid sees each training image once
+        trained_images = sum(s["train"]["images"] for s in run.read_json(run.splits)) * passes
         rows.append({"model": name, "trainable_parameters": count_trainable(config),
                      **{m: result["summary"][m]["mean"] for m in METRICS},
                      **{f"{m}_std": result["summary"][m]["std"] for m in METRICS},

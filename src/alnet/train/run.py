@@ -18,17 +18,17 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ..checkpoint import INPUT_GATE, CheckpointError, add_to_checkpoint, read_checkpoint
+from ..checkpoint import CheckpointError, add_fitted_knowledge, read_checkpoint
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
-from ..models import WeightsError, create_model_from
+from ..models import WeightsError, create_model_from, model_spec
 from ..trust.fitting import fit_on_validation, not_fitted
-from ..trust.knowledge import checkpoint_entries
 from ..trust.screen import InputGate, fit_gate, screen_rows
 from .batches import CellData, tensors, world
+from .classical import check_config as check_hybrid
 from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
 from .results import prediction_rows, subject_rows, summarize_run
@@ -69,6 +69,10 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     """Train one split, calibrate and test its chosen checkpoint; returns (prediction rows, history rows, what
     was fitted on the validation subjects)."""
     config, run = job.config, job.run
+    if model_spec(config.model).hybrid:  # fitted on frozen features, not trained by Lightning
+        from .classical import fit_and_write
+
+        return fit_and_write(job, split)
     checkpoints = run.checkpoints(split.name)
     # `last.ckpt` after every epoch (for --resume); `best.ckpt` by validation loss (subject protocol only:
     # the paper protocol's validation set is its test set, so it keeps the last epoch, as the paper did).
@@ -135,11 +139,7 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
-        # What predict, serve and export use beside the weights, written into the chosen file in one rewrite.
-        extra = checkpoint_entries(trust["calibration"], trust["review"])
-        if gate.features is not None:
-            extra[INPUT_GATE] = {"features": gate.features.to_state()}
-        add_to_checkpoint(chosen, extra)
+        add_fitted_knowledge(chosen, trust, gate.features)  # what predict, serve and export use beside the weights
         run.write_json(run.fold_trust(split.name), trust)
         run.record_chosen(split.name, chosen)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
@@ -175,6 +175,7 @@ def train_run(
     if not resume:
         try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
             create_model_from(config)  # anything is written: a failed start leaves no folder that blocks --out
+            check_hybrid(config)
         except (ValueError, WeightsError) as err:
             raise RunError(f"{err}; nothing was written to {run}") from None
     if config.devices > 1:

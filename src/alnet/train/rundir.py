@@ -15,6 +15,7 @@
     RUN/logs/<fold>/version_<n>/metrics.csv   the CSV log (one version per start); history.csv comes from it
     RUN/tensorboard/<fold>/version_<n>/       with --logger tensorboard (MLflow: ../mlruns/ beside the runs)
     RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt, trust.json}   a fold's results as it finishes
+    RUN/checkpoints/<fold>/fitted.ckpt, RUN/folds/<fold>/classifier.json   hybrids: the fitted model, its choice
 
     COMPARISON/<model>/      one run directory per model (+ timing.json)
     COMPARISON/comparison.{csv,md}, COMPARISON/report.html
@@ -108,6 +109,14 @@ class RunDir:
 
     def last_checkpoint(self, name: str) -> Path:
         return self.checkpoints(name) / "last.ckpt"
+
+    def fitted_checkpoint(self, name: str) -> Path:
+        """A hybrid's fitted model (backbone weights + classifier)."""
+        return self.checkpoints(name) / "fitted.ckpt"
+
+    def fold_classifier(self, name: str) -> Path:
+        """A hybrid fold's chosen hyper-parameters, how they were chosen and the seconds it took."""
+        return self.fold(name) / "classifier.json"
 
     def record_chosen(self, name: str, checkpoint: Path | str) -> None:
         """Remember which checkpoint a fold was tested with (folds/<fold>/checkpoint.txt)."""

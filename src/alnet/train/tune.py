@@ -22,6 +22,7 @@ import numpy as np
 from ..config import GRID_PRESETS, ConfigError, RunConfig, read_yaml, resolve_preset
 from ..data.cache import Prepared
 from ..data.protocols import Split, check_no_leakage, subject_holdout
+from ..models import model_spec
 from .batches import CellData, tensors
 from .loggers import Tracking, flat_params, make_loggers
 from .module import build_module
@@ -135,9 +136,12 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracking = (tracking or Tracking()).check()
     search, fixed = read_grid(grid)
+    base = RunConfig(**{**asdict(base), **fixed}).validate()
+    if model_spec(base.model).hybrid:
+        raise ConfigError(f"{base.model}: a hybrid chooses its own small grid on the validation subjects during "
+                          "`alnet train`; tune searches the CNNs' training settings")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = RunConfig(**{**asdict(base), **fixed}).validate()
     split = validation_split(prepared, base.val_fraction, base.seed)
     if sampler == "grid":
         # Every combination is queued explicitly (the sampler never has to choose), so that a point whose
