@@ -172,7 +172,7 @@ def test_onnx_export_carries_the_feature_gate_and_refuses_what_the_checkpoint_re
                                                                                       mini_root, tmp_path):
     path = export_onnx(mini_checkpoint, tmp_path / "alnet.onnx")
     graph = onnx.load(str(path))
-    assert [o.name for o in graph.graph.output] == ["probability_all", "features"]
+    assert [o.name for o in graph.graph.output] == ["probability_all", "probability_raw", "features"]
     assert "alnet_input_gate" in {p.key for p in graph.metadata_props}
     files = _real_cells(mini_root)[:10] + [p for _, p in non_cells]
     torch_rows, _ = predict_files(load_predictor(mini_checkpoint, precision="32"), files)
@@ -247,3 +247,24 @@ def test_evaluate_reports_how_many_test_cells_the_gate_refused_and_why(mini_chec
     assert gate["images"] == fold["images"]  # nothing dropped: every test cell is counted
     assert gate["rejected"] >= 1 and gate["reasons"].get("saturated", 0) >= 1
     assert sum(gate["reasons"].values()) == gate["rejected"]
+
+
+def test_a_refused_image_is_rejected_before_review_and_an_accepted_one_close_to_the_threshold_is_flagged(mini_root):
+    from alnet.infer.predict import Predictor
+    from alnet.trust.screen import InputGate
+
+    cell = load_image(_real_cells(mini_root)[0], Preprocessing(size=136))[0]
+    images = np.stack([cell, np.zeros_like(cell)])  # a real cell and a blank picture
+
+    def outputs(batch):  # calibrated, raw P(ALL), no features: both inside a review band of half-width 0.2
+        return np.full(len(batch), 0.55, np.float32), np.full(len(batch), 0.7, np.float32), None
+
+    predictor = Predictor(Path("model.ckpt"), "fake", Preprocessing(size=136), outputs, review={"half_width": 0.2},
+                          gate=InputGate())
+    answers = predictor.answer(images)
+    assert answers.statuses[0][0] == "review" and "within 0.200 of the threshold" in answers.statuses[0][1]
+    assert answers.statuses[1][0] == "rejected" and answers.statuses[1][1].startswith("blank")
+    assert (answers.probability_all[0], answers.probability_raw[0]) == (np.float32(0.55), np.float32(0.7))
+    assert np.isnan(answers.probability_all[1]) and np.isnan(answers.probability_raw[1])
+    kept = predictor.answer(images, answer_refused=True)  # a challenge file: the answer stays, the verdict too
+    assert kept.statuses[1][0] == "rejected" and kept.probability_all[1] == np.float32(0.55)

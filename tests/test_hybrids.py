@@ -165,7 +165,10 @@ def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions
     assert all(expected in c["chosen_by"] for c in chosen)
     # The fitted checkpoint is what predict uses: the same probabilities for the same test images.
     checkpoint = run.chosen_checkpoint("fold_0")
-    torch.load(checkpoint, map_location="cpu", weights_only=True)
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    # Input gate and (no) calibration written in one rewrite; metrics.json says why there is no temperature.
+    assert stored["input_gate"]["features"]["threshold"] > 0 and stored["calibration"] is None
+    assert all("hybrid" in f["calibration"]["note"] for f in metrics["folds"])
     predictor = load_predictor(checkpoint, precision="32")
     fold0 = [r for r in rows if r["fold"] == "fold_0"]
     by_path = {str(c.path): i for i, c in enumerate(mini_prepared.cells)}

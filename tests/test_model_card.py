@@ -1,6 +1,6 @@
 from dataclasses import asdict
 
-import pytest
+import numpy as np
 
 from alnet.config import RunConfig
 from alnet.report.model_card import CardFacts, render_model_card
@@ -49,20 +49,59 @@ def test_model_card_flags_the_paper_protocols_shared_subjects():
     assert "This model was evaluated under that protocol" in card
 
 
-@pytest.mark.parametrize("spelling", [
-    {"accuracy_ci": [0.85, 0.95]},
-    {"ci": {"accuracy": {"low": 0.85, "high": 0.95}}},
-    {"intervals": {"accuracy": {"lower": 0.85, "upper": 0.95}}},
-])
-def test_model_card_renders_confidence_intervals_calibration_and_subject_results_when_present(spelling):
-    fold = {**FOLD, **spelling, "calibration": {"method": "temperature", "ece": 0.031},
-            "subject_level": {"accuracy": 0.75, "subjects": 4}}
+def _recorded_fold() -> dict:
+    """A test set's metrics entry as a run records it: the metrics and the trust entries computed from
+    prediction rows of 8 subjects (a temperature of 2 fitted on validation subjects)."""
+    from alnet import metrics as M
+    from alnet.trust.entries import test_set_entry
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for subject in range(8):
+        label = subject % 2
+        for _ in range(6):
+            raw = float(np.clip(rng.normal(0.6 if label else 0.4, 0.3), 0.01, 0.99))
+            rows.append({"subject": f"s{subject}", "label": label, "probability_raw": f"{raw:.6f}",
+                         "probability_all": f"{1 / (1 + np.exp(-np.log(raw / (1 - raw)) / 2)):.6f}"})
+    trust = {"calibration": {"method": "temperature", "temperature": 2.0, "fitted_on": "validation subjects"},
+             "review": {"half_width": 0.05, "target_coverage": 0.9}}
+    return {"fold": "fold_0", **M.evaluate(*M.columns(rows)), **test_set_entry(rows, trust, seed=0)}
+
+
+def test_model_card_shows_the_subject_bootstrap_intervals_calibration_and_subject_results_a_run_records():
+    fold = _recorded_fold()
     metrics = {"protocol": "subject", "note": "n", "folds": [fold], "summary": {}}
-    card = render_model_card(facts(metrics=metrics))
-    assert "0.900 (0.850–0.950)" in card
-    assert "### Calibration" in card and "ece: 0.031" in card and "temperature" in card
-    assert "### Subject-level results" in card and "subjects: 4" in card
-    assert "No confidence intervals" not in card
+    card = render_model_card(facts(metrics=metrics, calibration=fold["calibration"]))
+    accuracy, interval = fold["accuracy"], fold["intervals"]["accuracy"]
+    assert f"{accuracy:.3f} ({interval['low']:.3f}–{interval['high']:.3f})" in card
+    auc = fold["intervals"]["auc"]
+    assert f"{fold['auc']:.3f} ({auc['low']:.3f}–{auc['high']:.3f})" in card
+    assert "95% percentile bootstrap intervals (1000 resamples of whole subjects" in card
+    assert interval["low"] < interval["high"] and "No confidence intervals" not in card
+    level = fold["subject_level"]
+    assert "### Subject-level results" in card
+    assert (f"| fold_0 | 8 | {level['auc']:.3f} ({level['auc_interval']['low']:.3f}–"
+            f"{level['auc_interval']['high']:.3f}) |") in card
+    before, after = fold["calibration"]["before"], fold["calibration"]["after"]
+    assert "### Calibration" in card and "temperature, T = 2" in card
+    assert f"{before['ece']:.3f} → {after['ece']:.3f}" in card
+    assert "## Calibration of the output" in card and "T = 2, fitted on validation subjects" in card
+
+
+def test_model_card_ignores_interval_spellings_it_does_not_record():
+    fold = {**FOLD, "accuracy_ci": [0.85, 0.95], "ci": {"accuracy": {"low": 0.85, "high": 0.95}}}
+    card = render_model_card(facts(metrics={"protocol": "subject", "note": "n", "folds": [fold], "summary": {}}))
+    assert "(0.850–0.950)" not in card and "No confidence intervals are recorded" in card
+
+
+def test_model_card_of_an_uncalibrated_run_says_so_and_has_no_calibration_section():
+    from alnet.trust.fitting import not_fitted
+
+    fold = {**FOLD, "calibration": {"method": "none", "note": not_fitted()["calibration"]["note"],
+                                    "before": {"ece": 0.1, "brier": 0.2, "nll": 0.5}, "after": None}}
+    card = render_model_card(facts(metrics={"protocol": "paper", "note": "n", "folds": [fold], "summary": {}},
+                                   calibration=None))
+    assert "not calibrated: the paper protocol" in card and "## Calibration of the output" not in card
 
 
 def test_model_card_without_metrics_or_weights_still_renders():

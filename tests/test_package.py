@@ -19,22 +19,32 @@ class Logits(torch.nn.Module):
         return torch.stack([torch.zeros(len(x)), x.flatten(1).mean(1) * 8 - 4], 1)
 
 
-def test_calibration_forms_become_a_slope_and_intercept_on_the_logit_and_unknown_forms_are_refused():
+def test_calibration_is_read_in_the_form_training_stores_and_unknown_forms_are_refused():
+    from alnet.trust.fitting import fit_on_validation, not_fitted
+
     assert calibration_of(None) is None
-    assert calibration_of({"temperature": 2.0}).slope == pytest.approx(0.5)
-    platt = calibration_of({"method": "platt", "slope": 1.5, "intercept": -0.2})
-    assert (platt.slope, platt.intercept) == (1.5, -0.2)
-    with pytest.raises(PackageError, match="bins, edges"):
-        calibration_of({"bins": [0.1], "edges": [0, 1]})
+    assert calibration_of(not_fitted()["calibration"]) is None  # the paper protocol: no temperature, a note
+    labels = np.array([0, 0, 1, 1, 0, 1, 1, 0] * 4)
+    raw = np.where(labels == 1, 0.97, 0.08)
+    raw[::5] = 1 - raw[::5]  # overconfident and sometimes wrong: a temperature above 1
+    stored = fit_on_validation(labels, raw, [f"s{i % 4}" for i in range(len(labels))])["calibration"]
+    calibration = calibration_of(stored)
+    assert calibration.temperature == pytest.approx(stored["temperature"]) and calibration.temperature > 1
+    assert "temperature scaling" in calibration.description
+    with pytest.raises(PackageError, match="'platt'"):
+        calibration_of({"method": "platt", "slope": 1.5, "intercept": -0.2})
+    with pytest.raises(PackageError, match="unreadable"):
+        calibration_of({"method": "temperature", "temperature": -1.0})
 
 
-def test_packaged_network_outputs_one_probability_column_calibrated_when_asked():
+def test_packaged_network_outputs_one_probability_column_calibrated_as_predict_calibrates():
+    from alnet.trust.calibration import apply_temperature_torch
+
     x = torch.rand(4, 3, 8, 8)
     plain = PackagedNetwork(Logits(), "softmax", None)(x)
     assert plain.shape == (4, 1) and bool(((plain >= 0) & (plain <= 1)).all())
-    tempered = PackagedNetwork(Logits(), "softmax", Calibration(slope=0.5))(x)
-    expected = torch.sigmoid(0.5 * torch.logit(plain, eps=1e-7))
-    assert torch.allclose(tempered, expected, atol=1e-6)
+    tempered = PackagedNetwork(Logits(), "softmax", Calibration(2.0, "temperature scaling, T = 2"))(x)
+    assert torch.allclose(tempered, apply_temperature_torch(plain, 2.0), atol=1e-6)
     assert not torch.allclose(tempered, plain)
 
 

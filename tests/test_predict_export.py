@@ -62,7 +62,8 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
-    assert set(rows[0]) == {"path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"}
+    assert set(rows[0]) == {"path", "label", "probability_all", "probability_raw", "status", "reason", "model",
+                            "checkpoint", "note"}
     assert {r["label"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
     assert {(r["status"], r["reason"]) for r in rows} == {("ok", "")}  # real cells pass the input gate
     assert all(0 <= float(r["probability_all"]) <= 1 for r in rows)
@@ -239,7 +240,9 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
     images = torch.rand(3, 3, 136, 136, generator=torch.Generator().manual_seed(0))  # 3: not the example's 2
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        expected, features = (t.numpy() for t in wrapper(images))
-    probabilities, onnx_features = session.run(None, {"image": images.numpy()})
+        expected, raw, features = (t.numpy() for t in wrapper(images))
+    probabilities, onnx_raw, onnx_features = session.run(None, {"image": images.numpy()})
     np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+    np.testing.assert_allclose(onnx_raw, raw, atol=1e-5)  # no temperature here: equal to the calibrated ones
+    np.testing.assert_allclose(probabilities, onnx_raw, atol=1e-7)
     np.testing.assert_allclose(onnx_features, features, rtol=1e-4, atol=1e-4)  # what the input gate measures

@@ -146,7 +146,10 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
     assert set(metrics["folds"][0]["confusion"]) == {"tp", "tn", "fp", "fn"}
     assert RunConfig.from_yaml(run / "config.yaml") == config
     rows = (run / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "fold,path,subject,label,probability_all,predicted,status,reason"
+    assert rows[0] == "fold,path,subject,label,probability_all,predicted,probability_raw,status,reason"
+    for fold in metrics["folds"]:  # the paper protocol has no data never used for testing: uncalibrated, said so
+        assert fold["calibration"]["method"] == "none" and "paper protocol" in fold["calibration"]["note"]
+        assert fold["calibration"]["after"] is None and fold["review"]["half_width"] is None
     assert len(rows) - 1 == sum(f["images"] for f in metrics["folds"])
     assert all(f["input_gate"]["images"] == f["images"] for f in metrics["folds"])  # every test cell screened
     assert "input_gate" in torch.load(run / "checkpoints" / "fold_0" / "last.ckpt", weights_only=True)

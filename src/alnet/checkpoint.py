@@ -2,9 +2,11 @@
 
 A checkpoint is Lightning's file: the module's `state_dict` (the model's weights under `model.`), and
 `hyper_parameters` with the run's configuration (`config`) and the subjects the model was trained or validated
-on (`seen_subjects`); `input_gate` (added after training) holds what the input gate knows of the training cells.
-Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used: its preprocessing, the
-meaning of its outputs and its feature gate. Nothing from the training code is needed.
+on (`seen_subjects`). Added after training, in one rewrite: `input_gate` (what the input gate knows of the
+training cells), `calibration` (the temperature fitted on validation subjects) and `review` (the "needs review"
+band). Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used: its
+preprocessing, the meaning of its outputs, its calibration, review band and feature gate. Nothing from the
+training code is needed.
 
 Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a file cannot run
 code when it is opened.
@@ -22,6 +24,7 @@ from torch import nn
 from .data.transforms import Preprocessing
 from .models import ClassifierError, create_model_from, probability_all
 from .trust.features import FeatureGate
+from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, checked_review, checkpoint_entries
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
 INPUT_GATE = "input_gate"  # top-level key: {"features": FeatureGate state}, written after training
@@ -39,6 +42,8 @@ class TrainedModel:
     config: dict  # the run configuration it was trained with
     path: Path
     seen_subjects: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # {"temperature": T, …} fitted on validation subjects; None: uncalibrated
+    review: dict | None = None  # {"half_width": w, …}: calibrated P(ALL) within w of the threshold → review
     input_gate: FeatureGate | None = None  # the feature-space check fitted on its training cells, if any
 
     @property
@@ -53,7 +58,12 @@ class TrainedModel:
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(size=self.config["image_size"], crop=self.config.get("crop", 1.0))
 
+    @property
+    def temperature(self) -> float | None:
+        return self.calibration["temperature"] if self.calibration else None
+
     def probability_all(self, logits: torch.Tensor) -> torch.Tensor:
+        """The network's own (uncalibrated) P(ALL)."""
         return probability_all(logits, self.head)
 
 
@@ -89,6 +99,8 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         seen = hparams.get("seen_subjects") or []
         if not (isinstance(seen, list) and all(isinstance(subject, str) for subject in seen)):
             raise TypeError("seen_subjects is not a list of subject ids")
+        calibration = checked_calibration(checkpoint.get(CALIBRATION_KEY))
+        review = checked_review(checkpoint.get(REVIEW_KEY))
         gate = checkpoint.get(INPUT_GATE) or {}
         feature_gate = FeatureGate.from_state(gate["features"]) if isinstance(gate, dict) and gate.get(
             "features") else None
@@ -99,18 +111,28 @@ def load_trained_model(path: Path | str) -> TrainedModel:
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
-    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), feature_gate)
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), calibration, review, feature_gate)
 
 
-def add_to_checkpoint(path: Path | str, key: str, value: dict) -> None:
-    """Store `value` (plain containers and tensors) under a top-level `key` of a checkpoint, atomically: the
-    file is written beside it and renamed over it, so a reader never sees half a checkpoint."""
+def add_to_checkpoint(path: Path | str, entries: dict) -> None:
+    """Store each of `entries` (top-level key → plain containers and tensors, e.g. `input_gate`, `calibration`,
+    `review`) in a checkpoint in one rewrite, atomically: the file is written beside it and renamed over it, so
+    a reader never sees half a checkpoint and a crash leaves the old one whole."""
     path = Path(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoint[key] = value
+    checkpoint.update(entries)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(checkpoint, temporary)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def add_fitted_knowledge(path: Path | str, trust: dict, feature_gate: FeatureGate | None) -> None:
+    """What a split fits after training — its calibration and review band (`trust`, from `trust.fitting`) and
+    its feature gate — into its chosen checkpoint, in one atomic rewrite."""
+    entries = checkpoint_entries(trust.get("calibration"), trust.get("review"))
+    if feature_gate is not None:
+        entries[INPUT_GATE] = {"features": feature_gate.to_state()}
+    add_to_checkpoint(path, entries)

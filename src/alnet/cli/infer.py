@@ -68,14 +68,26 @@ def explain(
         result(f"wrote {path}")
 
 
-def _is_predictions_csv(path: Path) -> bool:
-    from ..infer.predict import PREDICTION_FIELDS
+def _is_predictions_csv(path: Path, fields: list[str] | None = None) -> bool:
+    """Whether `path` starts with a header alnet writes (`fields`; default: the predictions CSV's, this version's
+    or an earlier one's)."""
+    from ..infer.predict import EARLIER_PREDICTION_FIELDS, PREDICTION_FIELDS
 
+    headers = [fields] if fields else [PREDICTION_FIELDS, *EARLIER_PREDICTION_FIELDS]
     try:
         with open(path, newline="") as handle:
-            return handle.readline().strip() == ",".join(PREDICTION_FIELDS)
+            return handle.readline().strip() in {",".join(h) for h in headers}
     except (OSError, UnicodeDecodeError):
         return False
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    import csv
+
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 @handles_errors
@@ -90,24 +102,34 @@ def predict(
         "isbi_valid.predict.")] = None,
     tta: Annotated[bool, typer.Option(help="Average over flips (test-time augmentation).")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 64,
-    force: Annotated[bool, typer.Option(help="Replace --out even if it is not a predictions CSV.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Replace --out (and subjects.csv) even if it is not a CSV this command wrote.")] = False,
     output_format: Annotated[str, typer.Option(
         "--format", help="csv (one row per image) or isbi: the C-NMC challenge's submission file, one 0/1 line per "
         "image of the final test set in the order 1.bmp … N.bmp, refused images listed in <out>.refused.csv.")]
     = "csv",
+    by_subject: Annotated[bool, typer.Option(
+        "--by-subject", help="Also write subjects.csv next to --out: per subject the cells, those called ALL, "
+        "the share called ALL with its 95% Wilson interval, the mean P(ALL), the subject's call and the cells "
+        "rejected or flagged for review. Subjects come from C-NMC file names (UID_<subject>_…) or --subjects."
+    )] = False,
+    subjects_map: Annotated[Optional[Path], typer.Option(
+        "--subjects", help="A CSV with columns path,subject (relative paths from the CSV's folder) naming each "
+        "image's subject; implies --by-subject.")] = None,
     gate: GateOption = None,
     no_gate: NoGateOption = False,
 ):
-    """Classify new cell images: path, label (ALL/HEM), P(ALL), model, checkpoint, note, status, reason per row.
+    """Classify new cell images: per row the path, label (ALL/HEM), calibrated P(ALL) and the network's own,
+    the status (ok; review when the answer is too close to call or --tta flips disagree, the label still given;
+    rejected by the input gate, no label) with its reason, model, checkpoint and a note.
 
     An input gate runs first: a picture that is not one cell on a black background, or whose features lie far
     from the cells the model was trained on, gets status `rejected`, the reason in words and no label.
     Exits with status 1 when an input could not be classified (the last line says how many)."""
-    import csv
-
     from ..infer import isbi
     from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
     from ..labels import ALL, NAMES
+    from ..trust.subjects import SUBJECT_FIELDS, SUBJECTS_CSV, read_subject_map, subject_namer, subject_rows
 
     if output_format not in ("csv", "isbi"):
         fail(f"--format {output_format}: unknown; pass csv or isbi")
@@ -119,13 +141,22 @@ def predict(
         console.print(f"[yellow]{item}: {reason}; skipped[/]", highlight=False, soft_wrap=True)
     if not files:
         fail("no images to classify; pass image files, folders or globs")
+    by_subject = by_subject or subjects_map is not None
     if submission:
+        if by_subject:
+            fail("--by-subject writes subjects.csv beside a predictions CSV; use it with --format csv")
         files = isbi.submission_order(files)  # names checked before the model runs
         check_output(out_file, force, isbi.is_submission_file(out_file), tuple(files))
         side = isbi.refused_csv_of(out_file)
         check_output(side, force, isbi.is_refused_csv(side), tuple(files))
     else:
         check_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
+    subjects_out = out_file.parent / SUBJECTS_CSV
+    if by_subject:
+        if out_file.name == SUBJECTS_CSV:
+            fail(f"{out_file}: --by-subject writes {SUBJECTS_CSV} beside --out; give --out another name")
+        check_output(subjects_out, force, _is_predictions_csv(subjects_out, SUBJECT_FIELDS), tuple(files))
+    mapping = read_subject_map(subjects_map) if subjects_map is not None else None
     predictor = load_predictor(model, image_check=image_check_from(gate, no_gate), features=not no_gate)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
@@ -145,18 +176,26 @@ def predict(
         result(f"{len(lines)} image(s) 1 … {len(lines)} → {out_file} ({lines.count('1')} ALL, {lines.count('0')} "
                f"HEM); {len(refused)} refused by the input gate, written with the model's label and listed in {side}")
         return
-    with open(out_file, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PREDICTION_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out_file, rows, PREDICTION_FIELDS)
     n_all = sum(r["label"] == NAMES[ALL] for r in rows)
     noted = sum(bool(r["note"]) for r in rows)
+    review = sum(r.get("status") == "review" for r in rows)
     refused = sum(r["status"] == "rejected" for r in rows)
     answered = len(rows) - refused
     result(f"{answered} image(s) classified ({n_all} ALL, {answered - n_all} HEM"
+           + (f"; {review} flagged for review" if review else "")
            + (f"; {noted} with a note" if noted else "") + ")"
            + (f", {refused} refused as not a cell (see `reason`)" if refused else "") + f" → {out_file}"
            + (f"; {len(failed)} could not be read" if failed else ""))
+    if by_subject:
+        subject_of, unknown = subject_namer(mapping)
+        per_subject = subject_rows(rows, subject_of)
+        _write_csv(subjects_out, per_subject, SUBJECT_FIELDS)
+        if unknown:
+            console.print(f"[yellow]{len(unknown)} image(s) with no subject (not named UID_<subject>_… "
+                          f"{'and not in ' + str(subjects_map) if mapping is not None else 'and no --subjects'}"
+                          "): counted under (unknown)[/]", highlight=False, soft_wrap=True)
+        result(f"{len(per_subject)} subject(s) → {subjects_out}")
     if failed:
         raise typer.Exit(code=1)
 

@@ -53,6 +53,7 @@ def print_metrics(metrics: dict, title: str) -> None:
         rows.append(["prelim", *(c.cell(prelim) for c in METRIC_COLUMNS), str(prelim["images"])])
     print_table(title, ["test set", *(c.short for c in METRIC_COLUMNS), "images"], rows, bold)
     result(SHORT_NAMES_LEGEND)
+    _print_trust(metrics)
     for entry in [*metrics["folds"], *([metrics["prelim"]] if metrics.get("prelim") else [])]:
         gate = entry.get("input_gate") or {}
         if gate.get("rejected"):
@@ -61,6 +62,20 @@ def print_metrics(metrics: dict, title: str) -> None:
                    f"({reasons}); they stay in the metrics")
     if metrics.get("note"):
         result(f"protocol {metrics['protocol']}: {metrics['note']}")
+
+
+def _print_trust(metrics: dict) -> None:
+    """Calibration before → after, subject-level figures with their subject-bootstrap intervals, review."""
+    from rich.markup import escape
+
+    from ..report.trust import trust_table, uncalibrated_note
+
+    header, rows = trust_table(metrics)
+    if rows:
+        print_table("calibration, subjects and review", header, [[escape(c) for c in row] for row in rows])
+    note = uncalibrated_note(metrics)
+    if note:
+        result(note)
 
 
 def _is_metrics_json(path: Path) -> bool:

@@ -86,9 +86,13 @@ def parse_name(name: str) -> tuple[str, int]:
     label = ALL if kind.lower() == "all" else HEM
     if bool(hem_prefix) != (label == HEM):
         raise ValueError(f"{name!r} mixes an {'HEM' if hem_prefix else 'ALL'} subject id with a {kind} suffix")
-    # HEM subjects carry the H prefix, so an ALL and a HEM subject can never share an id.
-    subject = f"H{int(number)}" if label == HEM else str(int(number))
-    return subject, label
+    return subject_id(label == HEM, number), label
+
+
+def subject_id(hem: bool, number: str) -> str:
+    """The normalised subject id of a file name's number: HEM subjects carry the H prefix (so an ALL and a HEM
+    subject can never share an id), leading zeros go (`UID_h03_…` → H3, `UID_057_…` → 57)."""
+    return f"H{int(number)}" if hem else str(int(number))
 
 
 def _first_dir(*candidates: Path) -> Path | None:

@@ -13,9 +13,9 @@ bio-image analysis tools (bioimage.io, bioimageio.core, deepImageJ, ilastik, QuP
 The description is written as plain YAML, so packaging needs no bioimage.io library; `bioimageio.spec` validates
 the result and `bioimageio.core` runs its test tensors (the `bioimage` extra). Centre crop and resize cannot be
 written as spec operations: the description says how to do them, and the test input is already resized. The
-uint8 → [0, 1] scaling is the spec's `scale_linear`. A checkpoint that carries a `calibration` of a form this
-version knows (temperature, or Platt slope and intercept, on the logit of P(ALL)) is packaged with the calibration
-inside the graph.
+uint8 → [0, 1] scaling is the spec's `scale_linear`. A checkpoint that carries a `calibration` (temperature
+scaling on the logit of P(ALL), as `alnet train` stores it: {"method": "temperature", "temperature": T, …}) is
+packaged with the calibration inside the graph, computed as `alnet predict` and `alnet export` compute it.
 """
 
 from __future__ import annotations
@@ -39,12 +39,15 @@ from ..checkpoint import TrainedModel, load_trained_model, read_checkpoint
 from ..data.transforms import as_batch, load_image
 from ..labels import THRESHOLD
 from ..models import probability_all
+from ..trust.calibration import apply_temperature_torch
+from ..trust.knowledge import checked_calibration
+from .export import OPSET as ONNX_OPSET
+from .export import export_graph
 
 FORMAT_VERSION = "0.5.4"
 FILES = {"rdf": "rdf.yaml", "onnx": "weights.onnx", "torchscript": "weights.pt", "test_input": "test_input.npy",
          "test_output": "test_output.npy", "sample_input": "sample_input.png", "sample_output": "sample_output.tif",
          "cover": "cover.png", "documentation": "model_card.md"}
-OPSET = 17
 PAPER_DOI, DATASET_DOI = "10.1016/j.combiomed.2022.105894", "10.7937/tcia.2019.dc64i46r"
 
 
@@ -54,46 +57,48 @@ class PackageError(ValueError):
 
 @dataclass
 class Calibration:
-    """P(ALL) → σ(slope · logit(P(ALL)) + intercept); temperature T is slope 1/T."""
+    """The checkpoint's temperature scaling: P(ALL) → σ(logit(P(ALL)) / T)."""
 
-    slope: float = 1.0
-    intercept: float = 0.0
-    description: str = "uncalibrated"
+    temperature: float
+    description: str
 
 
 def calibration_of(stored) -> Calibration | None:
-    """The calibration a checkpoint carries, when it is a form this version can put into the graph; None when the
-    checkpoint has none. An unknown form is a PackageError (never silently packaged uncalibrated)."""
+    """The calibration a checkpoint stores under `calibration` (`trust.knowledge`), or None when it has none
+    (nothing stored, or the paper protocol's {"method": "none", "temperature": None}). Any other form is a
+    PackageError: never silently packaged uncalibrated."""
     if stored is None:
         return None
-    if isinstance(stored, dict):
-        numbers = {k: v for k, v in stored.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if "temperature" in numbers and numbers["temperature"] > 0:
-            t = float(numbers["temperature"])
-            return Calibration(1.0 / t, 0.0, f"temperature scaling, T = {t:.4g}")
-        for slope, intercept in (("slope", "intercept"), ("a", "b")):
-            if slope in numbers and intercept in numbers:
-                a, b = float(numbers[slope]), float(numbers[intercept])
-                return Calibration(a, b, f"Platt scaling, slope {a:.4g}, intercept {b:.4g}")
-    keys = ", ".join(sorted(stored)) if isinstance(stored, dict) else type(stored).__name__
-    raise PackageError(f"the checkpoint's calibration ({keys}) has a form this version cannot put into a package; "
+    method = stored.get("method", "temperature") if isinstance(stored, dict) else None
+    if method == "none" and stored.get("temperature") is None:
+        return None
+    if method == "temperature":
+        try:
+            checked = checked_calibration(stored)
+        except TypeError as err:
+            raise PackageError(f"the checkpoint's calibration is unreadable ({err}); retrain the model or package "
+                               "a checkpoint without it") from None
+        if checked is not None:
+            t = checked["temperature"]
+            return Calibration(t, f"temperature scaling, T = {t:.4g}")
+    what = f"method {method!r}" if method else type(stored).__name__
+    raise PackageError(f"the checkpoint's calibration ({what}) has a form this version cannot put into a package; "
                        "package a checkpoint without it or update alnet")
 
 
 class PackagedNetwork(nn.Module):
-    """The packaged graph: [0, 1] images N×3×S×S → P(ALL) N×1 (calibrated when a calibration is given)."""
+    """The packaged graph: [0, 1] images N×3×S×S → P(ALL) N×1 (calibrated when a calibration is given, by the
+    function `alnet predict` and `alnet export` use), with the channel axis bioimage.io needs."""
 
     def __init__(self, model: nn.Module, head: str, calibration: Calibration | None):
         super().__init__()
         self.model, self.head = model, head
-        self.slope = calibration.slope if calibration else 1.0
-        self.intercept = calibration.intercept if calibration else 0.0
-        self.calibrated = calibration is not None
+        self.temperature = calibration.temperature if calibration else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = probability_all(self.model(x), self.head)
-        if self.calibrated:
-            p = torch.sigmoid(self.slope * torch.logit(p, eps=1e-7) + self.intercept)
+        if self.temperature is not None:
+            p = apply_temperature_torch(p, self.temperature)
         return p.unsqueeze(1)
 
 
@@ -102,9 +107,9 @@ def sha256_of(path: Path) -> str:
 
 
 def _write_onnx(network: nn.Module, size: int, path: Path) -> None:
-    torch.onnx.export(network, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=OPSET,
-                      input_names=["image"], output_names=["probability_all"],
-                      dynamic_axes={"image": {0: "batch"}, "probability_all": {0: "batch"}})
+    # The same torch.export-based exporter as `alnet export` (opset 18): bioimage.io's ONNX weights take any
+    # opset, and onnxruntime runs the package's test tensors to the same output as the TorchScript weights.
+    export_graph(network, size, path, output_names=("probability_all",))
 
 
 def _write_torchscript(network: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -198,7 +203,7 @@ def describe(trained: TrainedModel, calibration: Calibration | None, shas: dict[
             "torchscript": {"source": FILES["torchscript"], "sha256": shas["torchscript"],
                             "pytorch_version": torch.__version__.split("+")[0],
                             "comment": "traced from the alnet checkpoint"},
-            "onnx": {"source": FILES["onnx"], "sha256": shas["onnx"], "opset_version": OPSET,
+            "onnx": {"source": FILES["onnx"], "sha256": shas["onnx"], "opset_version": ONNX_OPSET,
                      "parent": "torchscript"},
         },
         "config": {"alnet": {"model": trained.name, "head": trained.head, "image_size": p.size, "crop": p.crop,

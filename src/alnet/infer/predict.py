@@ -3,12 +3,14 @@
 Images are preprocessed exactly as for training (`alnet.data.transforms`: centre crop, resize), decoded in a
 few threads (Pillow releases the GIL while decoding), and classified in batches. The input gate runs first
 (`alnet.trust`): an image that is not one cell on black, or whose features lie far from the training cells', is
-refused with a reason and gets no label.
+refused with a reason and gets no label. P(ALL) is calibrated with the model's temperature (when it has one),
+the network's own kept beside it, and an answer too close to call is flagged for review (`alnet.trust.review`).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -25,55 +27,93 @@ from ..data.cnmc import IMAGE_SUFFIXES
 from ..data.transforms import Preprocessing, load_image, to_float
 from ..device import resolve_precision
 from ..labels import name_of
+from ..trust.calibration import apply_temperature_torch
 from ..trust.features import FeatureGate, penultimate
 from ..trust.gate import ImageCheck
+from ..trust.knowledge import checked_review
+from ..trust.review import statuses
 from ..trust.screen import OK, REJECTED, InputGate
 
 ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing",  # keys `alnet export` writes
-                 "input_gate": "alnet_input_gate"}
-# One row per image; a refused one has no label or probability, status `rejected` and a reason.
-PREDICTION_FIELDS = ["path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"]
+                 "calibration": "alnet_calibration", "review": "alnet_review", "input_gate": "alnet_input_gate"}
+# One row per image. probability_all is calibrated (when the model is), probability_raw the network's own;
+# status is ok, review (the label is still given) or rejected (the input gate refused the image: no label or
+# probabilities); reason says why.
+PREDICTION_FIELDS = ["path", "label", "probability_all", "probability_raw", "status", "reason", "model", "checkpoint",
+                     "note"]
+EARLIER_PREDICTION_FIELDS = (["path", "label", "probability_all", "model", "checkpoint", "note"],  # still ours
+                             ["path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"])
 SMALL_SIDE = 64  # pixels; a cell image this small carries too little detail for the answer to mean much
 
 
 @dataclass
+class Answers:
+    """What a predictor says about a batch: calibrated and raw P(ALL), and per image (status, reason)."""
+
+    probability_all: np.ndarray
+    probability_raw: np.ndarray
+    statuses: list[tuple[str, str]]
+
+
+@dataclass
 class Predictor:
-    """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime)."""
+    """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime).
+
+    `outputs(images)` gives (calibrated P(ALL), raw P(ALL), penultimate features or None); without a
+    calibration the two probabilities are equal."""
 
     source: Path
     model_name: str
     preprocessing: Preprocessing
-    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]  # P(ALL), penultimate features
+    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
     trained: TrainedModel | None = None  # the network, when loaded from a checkpoint (Grad-CAM needs it)
+    review: dict | None = None  # the review band ({"half_width": …}), when the model has one
     gate: InputGate = InputGate()  # what refuses images that are not cells
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated P(ALL) of one batch, no test-time augmentation, no input gate."""
         return self.outputs(images)[0]
 
     def __call__(self, images: np.ndarray, tta: bool = False) -> np.ndarray:
-        return self.screen(images, tta, gate=False)[0]
+        return self.answer(images, tta, gate=False).probability_all
 
-    def screen(self, images: np.ndarray, tta: bool = False, gate: bool = True, answer_refused: bool = False
-               ) -> tuple[np.ndarray, list[str | None]]:
-        """(P(ALL), the gate's reason or None) per image; a refused image's P(ALL) is NaN unless `answer_refused`
-        (a file that needs an answer for every image, e.g. a challenge submission). The image check runs before
-        the model, which sees only the images it let through (all of them with `answer_refused`)."""
-        reasons = self.gate.image_reasons(images) if gate else [None] * len(images)
+    def answer(self, images: np.ndarray, tta: bool = False, gate: bool = True, answer_refused: bool = False,
+               images_checked: bool = False) -> Answers:
+        """Calibrated and raw P(ALL) and (status, reason) of each image. The input gate comes first: the image
+        check runs before the model, which sees only the images it let through (all of them with
+        `answer_refused`, for a file that needs an answer for every image, e.g. a challenge submission), then
+        the feature check. A refused image is `rejected` and its probabilities are NaN unless `answer_refused`;
+        an accepted one is `review` when its calibrated P(ALL) lies in the review band or, with `tta` (the mean
+        over the four flips: identity, horizontal, vertical, both), when the flips disagree; else `ok`.
+        `images_checked`: the image check already passed these (the service runs it while decoding)."""
+        reasons = self.gate.image_reasons(images) if gate and not images_checked else [None] * len(images)
         keep = np.array([answer_refused or reason is None for reason in reasons], dtype=bool)
-        probabilities = np.full(len(images), np.nan, dtype=np.float32)
+        calibrated = np.full(len(images), np.nan, dtype=np.float32)
+        raw = np.full(len(images), np.nan, dtype=np.float32)
+        flags = [(OK, "")] * len(images)
         if keep.any():
-            kept = images[keep]
-            p, features = self.outputs(np.ascontiguousarray(kept))
-            if tta:  # the mean over the four flips (identity, horizontal, vertical, both)
-                variants = [kept[:, :, ::-1], kept[:, ::-1], kept[:, ::-1, ::-1]]
-                p = np.mean([p] + [self.probabilities(np.ascontiguousarray(v)) for v in variants], axis=0)
-            probabilities[keep] = p
+            kept = np.ascontiguousarray(images[keep])
+            kept_calibrated, kept_raw, features = self.outputs(kept)
+            variants = None
+            if tta:
+                flips = [kept[:, :, ::-1], kept[:, ::-1], kept[:, ::-1, ::-1]]
+                each = [self.outputs(np.ascontiguousarray(v))[:2] for v in flips]
+                variants = np.stack([kept_calibrated, *(c for c, _ in each)])
+                kept_calibrated = variants.mean(axis=0)
+                kept_raw = np.mean([kept_raw, *(r for _, r in each)], axis=0)
+            calibrated[keep], raw[keep] = kept_calibrated, kept_raw
+            for i, flag in zip(np.flatnonzero(keep),
+                               statuses(kept_calibrated, (self.review or {}).get("half_width"), variants)):
+                flags[i] = flag
             if gate:
                 for i, reason in zip(np.flatnonzero(keep), self.gate.feature_reasons(features)):
                     reasons[i] = reasons[i] or reason
+        # The gate's verdict comes before review: a refused image is not a cell to look at more closely.
+        flags = [(REJECTED, reason) if reason else flag for reason, flag in zip(reasons, flags)]
         if not answer_refused:
-            probabilities[[reason is not None for reason in reasons]] = np.nan
-        return probabilities, reasons
+            refused = [reason is not None for reason in reasons]
+            calibrated[refused], raw[refused] = np.nan, np.nan
+        return Answers(calibrated, raw, flags)
 
 
 def _floats(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -107,13 +147,16 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str) -> Pre
         model = model.to(memory_format=torch.channels_last)
 
     @torch.no_grad()
-    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = runs_as.input(_floats(images, device))
         with runs_as.autocast():
             logits, features = penultimate(model, x)
-            return trained.probability_all(logits).float().cpu().numpy(), features.float().cpu().numpy()
+            raw = trained.probability_all(logits).float()
+        calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
+        return calibrated.cpu().numpy(), raw.cpu().numpy(), features.float().cpu().numpy()
 
-    return Predictor(path, trained.name, trained.preprocessing, outputs, trained, InputGate(None, trained.input_gate))
+    return Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,
+                     InputGate(None, trained.input_gate))
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -133,25 +176,32 @@ def _onnx_predictor(path: Path) -> Predictor:
         preprocessing = Preprocessing.from_json(meta[ONNX_METADATA["preprocessing"]])
     except ValueError as err:
         raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
+    try:
+        review = checked_review(json.loads(meta[ONNX_METADATA["review"]])) if ONNX_METADATA["review"] in meta else None
+    except (TypeError, ValueError, RecursionError) as err:  # JSON nested thousands deep is a RecursionError
+        raise ValueError(f"{path}: unreadable review band in its metadata ({type(err).__name__}); export the "
+                         "model again with `alnet export`") from None
     feature_gate = None
     if ONNX_METADATA["input_gate"] in meta:
         try:
             feature_gate = FeatureGate.from_json(meta[ONNX_METADATA["input_gate"]])
         except ValueError as err:
             raise ValueError(f"{path}: {err} in its metadata; export the model again with `alnet export`") from None
-        outputs_declared = session.get_outputs()
-        width = outputs_declared[1].shape[-1] if len(outputs_declared) > 1 else None
+        declared = {o.name: o for o in session.get_outputs()}
+        width = declared["features"].shape[-1] if "features" in declared else None
         if width != feature_gate.mean.numel():
             raise ValueError(f"{path}: its input gate does not fit its `features` output; export the model again "
                              "with `alnet export`")
     input_name = session.get_inputs()[0].name
+    names = [o.name for o in session.get_outputs()]
 
-    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         x = _floats(images).contiguous().numpy()
-        results = session.run(None, {input_name: x})
-        return results[0].astype(np.float32), (results[1] if len(results) > 1 else None)
+        found = dict(zip(names, session.run(None, {input_name: x})))
+        calibrated = found[names[0]].astype(np.float32)  # the first output is P(ALL) as the model answers it
+        return calibrated, found.get("probability_raw", calibrated).astype(np.float32), found.get("features")
 
-    return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs,
+    return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs, review=review,
                      gate=InputGate(None, feature_gate))
 
 
@@ -230,14 +280,16 @@ def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64,
             good = [(p, image) for p, image, error in decoded if error is None]
             failed += [(p, error) for p, _, error in decoded if error is not None]
             if good:
-                probabilities, reasons = predictor.screen(np.stack([pixels for _, (pixels, _) in good]), tta=tta,
-                                                          answer_refused=answer_refused)
-                for (path, (_, note)), p, reason in zip(good, probabilities, reasons):
-                    answered = answer_refused or not reason
+                answers = predictor.answer(np.stack([pixels for _, (pixels, _) in good]), tta=tta,
+                                           answer_refused=answer_refused)
+                for (path, (_, note)), p, raw, (status, reason) in zip(
+                        good, answers.probability_all, answers.probability_raw, answers.statuses):
+                    answered = answer_refused or status != REJECTED
                     rows.append({"path": str(path), "label": name_of(p) if answered else "",
                                  "probability_all": f"{float(p):.6f}" if answered else "",
-                                 "model": predictor.model_name, "checkpoint": str(predictor.source), "note": note,
-                                 "status": REJECTED if reason else OK, "reason": reason or ""})
+                                 "probability_raw": f"{float(raw):.6f}" if answered else "", "status": status,
+                                 "reason": reason, "model": predictor.model_name, "checkpoint": str(predictor.source),
+                                 "note": note})
             done += len(decoded)
             if progress:
                 progress(done, len(files))

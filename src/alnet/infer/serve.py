@@ -1,8 +1,9 @@
 """`alnet serve`: an HTTP API and a one-page web app around a trained checkpoint (FastAPI + uvicorn).
 
     GET  /          a page: drop a cell image, see the label, P(ALL) and a Grad-CAM overlay
-    POST /predict   multipart field `file` → {"status", "label", "probability_all", "model", "checkpoint"
-                    [, "gradcam_png"]}; a picture the input gate refuses → 422 {"error", "reason"}
+    POST /predict   multipart field `file` → {"label", "probability_all" (calibrated), "probability_raw", "status"
+                    (ok | review), "reason", "model", "checkpoint"[, "gradcam_png"]}; a picture the input gate
+                    refuses → 422 {"error", "reason", "status": "rejected"}
     GET  /health    {"status": "ok", "model", "checkpoint"}
     GET  /docs      OpenAPI documentation
 
@@ -49,7 +50,7 @@ from starlette.requests import ClientDisconnect
 from ..data.transforms import load_image
 from ..labels import name_of
 from ..trust.gate import ImageCheck
-from ..trust.screen import OK, REJECTED
+from ..trust.screen import REJECTED
 from .batcher import BatcherClosed, MicroBatcher
 from .predict import load_predictor
 
@@ -103,7 +104,7 @@ async function send(file) {
   if (!response.ok) { fail(body.reason ? body.error + ' (' + body.reason + ')' : body.error); return; }
   document.getElementById('label').textContent = body.label;
   document.getElementById('probability').textContent =
-    'P(ALL) = ' + body.probability_all.toFixed(3);
+    'P(ALL) = ' + body.probability_all.toFixed(3) + (body.status === 'review' ? ' — needs review: ' + body.reason : '');
   const img = document.getElementById('gradcam');
   img.src = 'data:image/png;base64,' + body.gradcam_png; img.alt = 'Grad-CAM overlay';
 }
@@ -124,12 +125,13 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     predictor = load_predictor(checkpoint, image_check=image_check, features=features)
     model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
 
-    def forward(batch: np.ndarray) -> list[tuple[float, str | None]]:
-        """P(ALL) and the feature check's reason (None: accepted) per image of a batch."""
+    def forward(batch: np.ndarray) -> list[tuple[float, float, str, str]]:
+        """Per image of a batch: (calibrated P(ALL), the network's own, status, reason); the image check already
+        ran while decoding, the feature check and the review band run here."""
         with model_lock:
-            probabilities, features = predictor.outputs(batch)
-        return list(zip(probabilities.tolist(), predictor.gate.feature_reasons(features)
-                        if features is not None else [None] * len(batch)))
+            answers = predictor.answer(batch, images_checked=True)
+        return list(zip(answers.probability_all.tolist(), answers.probability_raw.tolist(),
+                        *zip(*answers.statuses)))
 
     batcher = MicroBatcher(forward, max_batch=max_batch, max_wait=max_wait_ms / 1000)
     decoding = ThreadPoolExecutor(DECODES_IN_FLIGHT, thread_name_prefix="alnet-decode")  # bounds decoded pictures
@@ -222,27 +224,28 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
             raise HTTPException(503, "too many requests waiting for the model; try again in a moment")
         waiting += 1
         try:
-            pixels, probability = await asyncio.wait_for(classify(name, data), ANSWER_SECONDS)
+            pixels, (probability, raw, status, reason) = await asyncio.wait_for(classify(name, data),
+                                                                             ANSWER_SECONDS)
         except asyncio.TimeoutError:
             raise HTTPException(503, f"{name}: not classified within {ANSWER_SECONDS} s; the service is "
                                      "overloaded, try again later")
         finally:
             waiting -= 1
-        result = {"status": OK, "label": name_of(probability), "probability_all": probability,
-                  "model": predictor.model_name, "checkpoint": checkpoint.name}
+        result = {"label": name_of(probability), "probability_all": probability, "probability_raw": raw,
+                  "status": status, "reason": reason, "model": predictor.model_name, "checkpoint": checkpoint.name}
         if gradcam:
             result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
         return result
 
-    async def classify(name: str, data: bytes) -> tuple[np.ndarray, float]:
+    async def classify(name: str, data: bytes) -> tuple[np.ndarray, tuple[float, float, str, str]]:
         try:
             with batcher.incoming() as submit:  # a forming batch may wait for this picture while it is decoded
                 pixels = await asyncio.get_running_loop().run_in_executor(decoding, decode, name, data)
                 answer = submit(pixels)
-            probability, reason = await asyncio.wrap_future(answer)
-            if reason:
+            calibrated, raw, status, reason = await asyncio.wrap_future(answer)
+            if status == REJECTED:
                 raise NotACell(name, reason)
-            return pixels, float(probability)
+            return pixels, (float(calibrated), float(raw), status, reason)
         except BatcherClosed:
             raise HTTPException(503, "the service is shutting down; try again in a moment")
         except HTTPException:

@@ -90,4 +90,7 @@ def write_run_figures(out: Path, predictions: dict[str, list[dict]], history: li
         curves_with_pooled = curves
     plot_roc(curves_with_pooled, out / "roc.png", "ROC per test set")
     written.append(out / "roc.png")
+    from .trust import write_trust_figures
+
+    written += write_trust_figures(out, predictions)  # reliability, subjects, risk–coverage
     return written

@@ -68,6 +68,30 @@ def _protocol_note(result: dict) -> str:
     return f'<p class="note{" warn" if warn else ""}">protocol <b>{_esc(result.get("protocol"))}</b>: {text}</p>'
 
 
+def trust_section(result: dict, figures: Path) -> list[str]:
+    """Calibration, the subject-level view and review: a table per test set and the three figures."""
+    from .trust import FIGURES, trust_table, uncalibrated_note
+
+    header, rows = trust_table(result)
+    if not rows:
+        return []
+    body = ["<h2>Calibration, subject-level view and review</h2>", _table(header, [("", r) for r in rows]),
+            '<p class="small">Temperature fitted on each split\'s validation subjects (never its test subjects); '
+            "ECE with 15 equal-width bins. Subject-level: a subject's score is the mean calibrated P(ALL) of its "
+            "cells. Intervals: 1,000 bootstrap resamples of subjects, not cells. Review: cells within the band "
+            "around the threshold are flagged (chosen on validation cells to answer 90% of them).</p>"]
+    note = uncalibrated_note(result)
+    if note:
+        body.append(f'<p class="note warn">{_esc(note)}.</p>')
+    titles = {"reliability.png": "Reliability diagram before and after calibration",
+              "subjects.png": "One row per subject: its cells' calibrated P(ALL), coloured by true label",
+              "risk_coverage.png": "Risk–coverage curve"}
+    for name in FIGURES:
+        if (figures / name).is_file():
+            body += [f"<h3>{titles[name]}</h3>", _image(figures / name, titles[name], 640)]
+    return body
+
+
 def write_run_report(run, result: dict, config: dict) -> Path:
     """report.html of a run directory (`train.rundir.RunDir`), from its metrics and figures."""
     figures = run.figures
@@ -81,6 +105,7 @@ def write_run_report(run, result: dict, config: dict) -> Path:
                     "from ImageNet weights as in the paper.</p>")
     body += ["<h2>Metrics</h2>", metrics_table(result),
              '<p class="small">ALL is the positive class. Mean ± sample standard deviation over test folds.</p>']
+    body += trust_section(result, figures)
     body += _classifier_section(run, [f["fold"] for f in result["folds"]] + (["prelim"] if result.get("prelim") else []))
     pooled = [p for p in (figures / "roc.png", figures / "confusion_pooled.png") if p.is_file()]
     if pooled:

@@ -6,8 +6,8 @@ Radiology: Artificial Intelligence 2020, doi:10.1148/ryai.2020200029); each sect
 answers. `render_model_card` is pure (facts in, Markdown out); `card_facts` and `write_model_card` are the edges
 that read a run directory and write the file.
 
-Keys that other parts of the project may add to metrics.json (`calibration`, `subject_level`, confidence
-intervals as `<metric>_ci`, `ci` or `intervals`) are rendered when present and skipped when not.
+The trust entries of metrics.json (`intervals`: subject-bootstrap intervals of accuracy and AUC, `calibration`,
+`subject_level`; `alnet.trust.entries`) are rendered when present and skipped when not (older runs).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SETTINGS = ("model", "protocol", "epochs", "batch_size", "optimizer", "lr", "dro
             "augment", "double_offline", "rotation", "zoom", "contrast", "bn_momentum", "val_fraction", "precision",
             "pretrained", "finetune", "seed", "deterministic")
 METRIC_ORDER = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
-INTERVAL_KEYS = ("ci", "intervals", "confidence_intervals")
+CALIBRATION_SCORES = (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"))
 
 
 @dataclass
@@ -62,20 +62,26 @@ def _value(value) -> str:
 
 
 def _interval(entry: dict, metric: str) -> tuple[float, float] | None:
-    """A confidence interval of `metric` in a metrics entry, whichever of the spellings it uses; None if absent."""
-    candidates = [entry.get(f"{metric}_ci")]
-    candidates += [entry[key].get(metric) for key in INTERVAL_KEYS if isinstance(entry.get(key), dict)]
-    for found in candidates:
-        if isinstance(found, (list, tuple)) and len(found) == 2:
-            low, high = found
-        elif isinstance(found, dict):
-            low = next((found[k] for k in ("low", "lower", "lo") if k in found), None)
-            high = next((found[k] for k in ("high", "upper", "hi") if k in found), None)
-        else:
-            continue
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-            return float(low), float(high)
+    """The bootstrap interval of `metric` in a metrics entry (`intervals[metric]`: low, high, confidence,
+    resamples, unit); None if absent or undefined."""
+    found = (entry.get("intervals") or {}).get(metric) if isinstance(entry.get("intervals"), dict) else None
+    if not isinstance(found, dict):
+        return None
+    low, high = found.get("low"), found.get("high")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        return float(low), float(high)
     return None
+
+
+def _interval_note(entries: list[tuple[str, dict]]) -> str:
+    """How the intervals of these entries were obtained, from the first one that has any."""
+    for _, entry in entries:
+        for found in (entry.get("intervals") or {}).values():
+            if isinstance(found, dict) and found.get("confidence"):
+                return (f"Values in brackets are {found['confidence']:.0%} percentile bootstrap intervals "
+                        f"({found.get('resamples', '?')} resamples of whole {found.get('unit', 'subject')}s, so "
+                        "that cells of one patient stay together), as recorded in metrics.json.")
+    return "Values in brackets are confidence intervals as recorded in metrics.json."
 
 
 def _with_interval(entry: dict, metric: str) -> str:
@@ -88,25 +94,6 @@ def _with_interval(entry: dict, metric: str) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
-
-
-def _nested(value, depth: int = 0, limit: int = 3) -> list[str]:
-    """A plain container (calibration, subject-level results) as a Markdown list, whatever its exact keys."""
-    indent = "  " * depth
-    if isinstance(value, dict):
-        lines = []
-        for key, item in value.items():
-            if isinstance(item, (dict, list)) and depth < limit:
-                lines += [f"{indent}- {key}:", *_nested(item, depth + 1, limit)]
-            else:
-                lines.append(f"{indent}- {key}: {_short(item)}")
-        return lines
-    if isinstance(value, list):
-        if all(not isinstance(v, (dict, list)) for v in value):
-            return [f"{indent}- {_short(value)}"]
-        return [line for item in value[:20] for line in _nested(item, depth, limit)] + (
-            [f"{indent}- … {len(value) - 20} more"] if len(value) > 20 else [])
-    return [f"{indent}- {_short(value)}"]
 
 
 def _short(value) -> str:
@@ -247,7 +234,7 @@ def _results(facts: CardFacts) -> list[str]:
             f"{METRIC_NAMES[k][0]} {number(summary[k]['mean'])} ± {number(summary[k]['std'])}"
             for k in METRIC_ORDER if isinstance(summary.get(k), dict))]
     has_interval = any(_interval(e, k) for _, e in entries for k in METRIC_ORDER)
-    lines += ["", "Values in brackets are confidence intervals as recorded in metrics.json." if has_interval else
+    lines += ["", _interval_note(entries) if has_interval else
               "No confidence intervals are recorded for these metrics (CLAIM item 29 not met by this run); the "
               "spread over folds above is the only measure of uncertainty."]
     paper_row = paper.table8_row(facts.config["model"])
@@ -255,23 +242,72 @@ def _results(facts: CardFacts) -> list[str]:
         lines += ["", f"The paper reports accuracy {paper_row['accuracy']:.2f}, recall {paper_row['recall']:.2f}, "
                       f"precision {paper_row['precision']:.2f}, F1 {paper_row['f1']:.2f} for this model (Table 8, "
                       "image-level split), shown for reference only."]
-    for key, title in (("subject_level", "Subject-level results"), ("calibration", "Calibration")):
-        found = [(name, e[key]) for name, e in [("all test sets", m), *entries] if isinstance(e.get(key), (dict, list))]
-        if found:
-            lines += ["", f"### {title}", ""]
-            for name, value in found:
-                lines += [f"{name}:", "", *_nested(value), ""]
+    lines += _subject_level(entries, summary) + _test_calibration(entries)
     lines += ["", "Per-image predictions are in `predictions.csv` and per-subject results in `subjects.csv` "
                   "(failure analysis: the misclassified rows); explanations: `alnet explain` (Grad-CAM). No "
                   "robustness analysis and no external test set (data from another source) were run."]
     return lines
 
 
-def _calibration(facts: CardFacts) -> list[str]:
-    if not facts.calibration:
+def _between(entry: dict, value: str, interval: str) -> str:
+    found = entry.get(interval) or {}
+    text = number(entry[value]) if isinstance(entry.get(value), (int, float)) else "–"
+    if isinstance(found.get("low"), (int, float)) and isinstance(found.get("high"), (int, float)):
+        text += f" ({number(found['low'])}–{number(found['high'])})"
+    return text
+
+
+def _subject_level(entries: list[tuple[str, dict]], summary: dict) -> list[str]:
+    """Per test set: the subjects, AUC of their mean P(ALL) and accuracy of their call, with intervals."""
+    found = [(name, e["subject_level"]) for name, e in entries if isinstance(e.get("subject_level"), dict)]
+    if not found:
         return []
-    return [*_section("Calibration of the output", "28, 36"),
-            "The model carries a calibration of P(ALL), applied to its output:", "", *_nested(facts.calibration)]
+    rows = [[name, str(level.get("subjects", "–")), _between(level, "auc", "auc_interval"),
+             _between(level, "accuracy", "accuracy_interval")] for name, level in found]
+    rule = found[0][1].get("rule")
+    lines = ["", "### Subject-level results", "", (f"{rule[0].upper()}{rule[1:]}; " if rule else "")
+             + "values in brackets bootstrap the subjects.", "", *_table(["test set", "subjects", "AUC", "accuracy"],
+                                                                          rows)]
+    overall = summary.get("subject_level") or {}
+    if len(found) > 1 and all(isinstance(overall.get(k), dict) for k in ("auc", "accuracy")):
+        lines += ["", f"Mean ± sample standard deviation over test folds: AUC {number(overall['auc']['mean'])} ± "
+                      f"{number(overall['auc']['std'])}, accuracy {number(overall['accuracy']['mean'])} ± "
+                      f"{number(overall['accuracy']['std'])}."]
+    return lines
+
+
+def _test_calibration(entries: list[tuple[str, dict]]) -> list[str]:
+    """Per test set: the calibration applied and its scores on the test cells before → after."""
+    found = [(name, e["calibration"]) for name, e in entries if isinstance(e.get("calibration"), dict)]
+    if not found:
+        return []
+    rows = []
+    for name, c in found:
+        before, after = c.get("before") or {}, c.get("after") or {}
+        scores = [f"{number(before[k])} → {number(after[k])}" if after else number(before.get(k))
+                  for k, _ in CALIBRATION_SCORES]
+        method = (f"temperature, T = {_value(c.get('temperature'))}" if c.get("method") == "temperature"
+                  else c.get("note") or str(c.get("method")))
+        rows.append([name, method, *scores])
+    return ["", "### Calibration", "",
+            "Scores of P(ALL) on the test cells, the network's own → calibrated (lower is better); the temperature "
+            "was fitted on validation subjects only.", "",
+            *_table(["test set", "calibration", *(title for _, title in CALIBRATION_SCORES)], rows)]
+
+
+def _calibration(facts: CardFacts) -> list[str]:
+    """The checkpoint's own calibration (its `calibration` key), applied to every P(ALL) it gives."""
+    c = facts.calibration
+    if not c or c.get("temperature") is None:
+        return []
+    lines = [*_section("Calibration of the output", "28, 36"),
+             f"The model's P(ALL) is temperature-scaled, σ(logit(P(ALL)) / T) with T = {_value(c['temperature'])}"
+             + (f", fitted on {c['fitted_on']}" if c.get("fitted_on") else "") + "."]
+    if isinstance(c.get("validation_nll_before"), (int, float)) and isinstance(c.get("validation_nll_after"),
+                                                                               (int, float)):
+        lines[-1] += (f" Validation negative log-likelihood {number(c['validation_nll_before'])} → "
+                      f"{number(c['validation_nll_after'])}.")
+    return lines
 
 
 def _limitations(facts: CardFacts) -> list[str]:

@@ -31,6 +31,8 @@ from ..models import create_model_from, model_spec
 from ..models.hybrid import make_search
 
 CV_FOLDS = 3
+HYBRID_NOTE = ("not calibrated: a hybrid's exported graph has no calibration step, so its probabilities are the "
+               "classifier's own")
 
 
 class HybridError(ValueError):
@@ -195,8 +197,9 @@ def check_config(config) -> None:
         raise HybridError(f"{config.features_from}: no such run directory or checkpoint for --features-from")
 
 
-def fit_and_write(job, split) -> tuple[list[dict], list[dict]]:
+def fit_and_write(job, split) -> tuple[list[dict], list[dict], dict]:
     """`run._train_split` for a hybrid: fit, save the fitted checkpoint, write the fold's files, as a CNN's."""
+    from ..trust.fitting import not_fitted
     from .results import prediction_rows
     from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, write_csv
     from .trainer import is_main_process
@@ -204,18 +207,21 @@ def fit_and_write(job, split) -> tuple[list[dict], list[dict]]:
     seen = sorted({job.cells[i].subject for i in np.r_[split.train, split.val]})
     model, predictions, history, details, gate, reasons = fit_split(job, split, seen)
     history = [{"fold": split.name, **h} for h in history]
-    rows = prediction_rows(split.name, job.cells, predictions, reasons)
+    # Not calibrated (yet): the merged ONNX graph of a hybrid has no temperature step, so a temperature here
+    # would make `predict` on the checkpoint and on the export disagree.
+    trust = not_fitted(HYBRID_NOTE)
+    rows = prediction_rows(split.name, job.cells, predictions, trust, reasons)
     if is_main_process():
+        from ..checkpoint import add_fitted_knowledge
+
         run = job.run
         checkpoint = run.fitted_checkpoint(split.name)
         save_fitted(checkpoint, model, job.config, seen, history, details)
-        if gate.features is not None:
-            from ..checkpoint import INPUT_GATE, add_to_checkpoint
-
-            add_to_checkpoint(checkpoint, INPUT_GATE, {"features": gate.features.to_state()})
+        add_fitted_knowledge(checkpoint, trust, gate.features)
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         run.write_json(run.fold_classifier(split.name), details)
+        run.write_json(run.fold_trust(split.name), trust)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
         run.record_chosen(split.name, checkpoint)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
-    return rows, history
+    return rows, history, trust

@@ -59,16 +59,17 @@ def evaluate_run(run_dir: Path | str, prepared: Prepared, image_check: ImageChec
                        "evaluate on the dataset the run was trained on")
     splits = make_splits(config.protocol, prepared.cells, config.seed, config.val_fraction)
     images, labels = tensors(prepared)
-    predictions = {}
+    predictions, trust = {}, {}
     for split in splits:
         chosen = run.chosen_checkpoint(split.name)
         if chosen is None:
             raise RunError(f"{run}: fold {split.name} has not finished; finish it with `alnet train --resume {run}`")
         module = module_from_checkpoint(chosen)
+        trust[split.name] = module.trust  # the calibration and review band stored in the checkpoint
         tested = test_rows(module, images, labels, split.test)
-        predictions[split.name] = prediction_rows(split.name, prepared.cells, tested,
+        predictions[split.name] = prediction_rows(split.name, prepared.cells, tested, module.trust,
                                                   screen(module, images, tested["index"], image_check, gate))
-    return summarize_run(config, splits, predictions, world_size=1)
+    return summarize_run(config, splits, predictions, world_size=1, trust=trust)
 
 
 def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str = "auto", include_seen: bool = False,
@@ -92,9 +93,11 @@ def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str =
     if not rows:
         raise RunError(f"no labelled {split} images to evaluate on (after leaving out subjects seen in training)")
     images, labels = tensors(prepared)
+    trust = getattr(module, "trust", None)  # the checkpoint's calibration and review band
     tested = test_rows(module, images, labels, np.array(rows))
-    predictions = prediction_rows(split, cells, tested, screen(module, images, tested["index"], image_check, gate))
+    predictions = prediction_rows(split, cells, tested, trust,
+                                  screen(module, images, tested["index"], image_check, gate))
     entry = {"fold": split, "note": "subjects seen in training included" if include_seen else
-             "subjects seen in training left out", **fold_metrics(predictions)}
+             "subjects seen in training left out", **fold_metrics(predictions, trust, module.config.seed)}
     return json_safe({"protocol": "evaluation", "model": module.config.model, "note": entry["note"],
                       "folds": [entry], "summary": M.summarize([entry]), "world_size": 1})

@@ -191,5 +191,6 @@ def module_from_checkpoint(path) -> CellClassifier:
 
     trained = load_trained_model(path)
     module = CellClassifier(trained.config, trained.seen_subjects, model=trained.model).eval()
+    module.trust = {"calibration": trained.calibration, "review": trained.review}  # applied to its predictions
     module.input_gate = trained.input_gate  # the feature-space check fitted on its training cells, if any
     return module

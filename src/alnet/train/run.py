@@ -18,13 +18,14 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ..checkpoint import INPUT_GATE, CheckpointError, add_to_checkpoint, read_checkpoint
+from ..checkpoint import CheckpointError, add_fitted_knowledge, read_checkpoint
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..models import WeightsError, create_model_from, model_spec
+from ..trust.fitting import fit_on_validation, not_fitted
 from ..trust.screen import InputGate, fit_gate, screen_rows
 from .batches import CellData, tensors, world
 from .classical import check_config as check_hybrid
@@ -64,8 +65,9 @@ def _split_summary(split: Split, cells: list[Cell]) -> dict:
             "train": side(split.train), "val": side(split.val), "test": side(split.test)}
 
 
-def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
-    """Train one split, test its chosen checkpoint; returns (prediction rows, history rows)."""
+def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
+    """Train one split, calibrate and test its chosen checkpoint; returns (prediction rows, history rows, what
+    was fitted on the validation subjects)."""
     config, run = job.config, job.run
     if model_spec(config.model).hybrid:  # fitted on frozen features, not trained by Lightning
         from .classical import fit_and_write
@@ -115,6 +117,13 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
         read_checkpoint(chosen)
     except CheckpointError as err:
         raise RunError(f"{err}; to retrain fold {split.name}, delete {checkpoints}") from None
+    trust = not_fitted()
+    if config.protocol == "subject" and len(split.val) > 0:
+        # Calibration and the review band learn from the validation subjects only, with the chosen weights.
+        trainer.test(module, dataloaders=data.val_dataloader(), ckpt_path=str(chosen), verbose=False,
+                     weights_only=True)
+        val = module.test_predictions
+        trust = fit_on_validation(val["label"], val["prob_all"], [job.cells[i].subject for i in val["index"]])
     trainer.test(module, datamodule=data, ckpt_path=str(chosen), verbose=False, weights_only=True)
     # The input gate learns the chosen model's training cells, then screens the test cells as `predict` would.
     # Its threshold comes from validation cells only where they are not the test cells (the paper protocol
@@ -126,15 +135,15 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict]]:
                                        autocast=module.precision_path.autocast))
     reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"],
                           cached=inputs if module.on_features else None, autocast=module.precision_path.autocast)
-    rows = prediction_rows(split.name, job.cells, module.test_predictions, reasons)
+    rows = prediction_rows(split.name, job.cells, module.test_predictions, trust, reasons)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
-        if gate.features is not None:
-            add_to_checkpoint(chosen, INPUT_GATE, {"features": gate.features.to_state()})
+        add_fitted_knowledge(chosen, trust, gate.features)  # what predict, serve and export use beside the weights
+        run.write_json(run.fold_trust(split.name), trust)
         run.record_chosen(split.name, chosen)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
-    return rows, history
+    return rows, history, trust
 
 
 def train_run(
@@ -195,6 +204,7 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
                                   "root": str(Path(data_root).resolve()) if data_root else None})
         run.write_json(run.splits, [_split_summary(s, cells) for s in splits])
     predictions: dict[str, list[dict]] = {}
+    trust: dict[str, dict] = {}
     history: list[dict] = []
     world_size = 1
     for split in splits:
@@ -202,13 +212,15 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
             job.log(f"{split.name}: already finished, kept")
             predictions[split.name] = read_csv(run.fold_predictions(split.name))
             history += read_csv(run.fold_history(split.name))
+            if run.fold_trust(split.name).is_file():
+                trust[split.name] = run.read_json(run.fold_trust(split.name))
             continue
         job.log(f"{split.name}: training on {len(split.train)} images, validating on {len(split.val)}, "
                 f"testing on {len(split.test)} ({split.note})")
-        predictions[split.name], fold_history = _train_split(job, split)
+        predictions[split.name], fold_history, trust[split.name] = _train_split(job, split)
         history += fold_history
         world_size = max(world_size, world()[1])
-    result = summarize_run(config, splits, predictions, world_size)
+    result = summarize_run(config, splits, predictions, world_size, trust)
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result

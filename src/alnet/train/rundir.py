@@ -4,7 +4,8 @@
     RUN/data.json            where the data and the cache were, images used and skipped
     RUN/splits.json          images and subjects on each side of every split
     RUN/history.csv          per fold and epoch: train/val loss and accuracy
-    RUN/predictions.csv      per test image: fold, path, subject, label, probability_all, predicted
+    RUN/predictions.csv      per test image: fold, path, subject, label, probability_all (calibrated), predicted,
+                             probability_raw, status (ok | review), reason
     RUN/subjects.csv         per test subject: images, mean P(ALL), share called ALL, accuracy
     RUN/metrics.json         protocol, folds, summary (mean ± std over folds), prelim (when used)
     RUN/report.html          one self-contained page; RUN/figures/*.png
@@ -13,7 +14,7 @@
     RUN/checkpoints/<fold>/{last,best}.ckpt
     RUN/logs/<fold>/version_<n>/metrics.csv   the CSV log (one version per start); history.csv comes from it
     RUN/tensorboard/<fold>/version_<n>/       with --logger tensorboard (MLflow: ../mlruns/ beside the runs)
-    RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt}   a fold's results as it finishes
+    RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt, trust.json}   a fold's results as it finishes
     RUN/checkpoints/<fold>/fitted.ckpt, RUN/folds/<fold>/classifier.json   hybrids: the fitted model, its choice
 
     COMPARISON/<model>/      one run directory per model (+ timing.json)
@@ -29,7 +30,8 @@ import time
 from pathlib import Path
 
 HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted", "status", "reason"]
+PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted", "probability_raw", "status",
+                     "reason"]
 SUBJECT_FIELDS = ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"]
 FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
 
@@ -97,6 +99,10 @@ class RunDir:
     def fold_log(self, name: str) -> Path:
         """The fold's CSV log folder (one version_<n> per start of the fold)."""
         return self.logs / name
+
+    def fold_trust(self, name: str) -> Path:
+        """The split's calibration and review band, fitted on its validation subjects (also in its checkpoint)."""
+        return self.fold(name) / "trust.json"
 
     def checkpoints(self, name: str) -> Path:
         return self.path / "checkpoints" / name
