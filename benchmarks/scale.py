@@ -86,7 +86,8 @@ def build_cnmc_sized(out: Path, fraction: float) -> Path:
     rows = []
     for cls, count, subjects in (("all", n_all, PRELIM_SUBJECTS[0]), ("hem", size - n_all, PRELIM_SUBJECTS[1])):
         start = len(rows)
-        for original, target in write_subjects(prelim, cls, count, subjects, name=lambda k, s=start: f"{s + k + 1}.bmp"):
+        numbered = write_subjects(prelim, cls, count, subjects, name=lambda k, s=start: f"{s + k + 1}.bmp")
+        for original, target in numbered:
             rows.append((original, target.name, int(cls == "all")))
     with open(prelim.parent / LABELS_CSV, "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -15,6 +15,19 @@ def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ALNET_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
+@pytest.fixture
+def offline_weights(monkeypatch, tmp_path):
+    """Tests never download: an empty torch hub folder, and any attempt to fetch weights fails like offline."""
+    import torch
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+
+
 @pytest.fixture(scope="session")
 def mini_root() -> Path:
     return MINI

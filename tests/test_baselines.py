@@ -14,15 +14,7 @@ from alnet.models.transfer import BACKBONES, weights_file
 BASELINES = ["alexnet", "vgg16", "googlenet", "resnet50"]
 
 
-@pytest.fixture(autouse=True)
-def _no_downloads(monkeypatch, tmp_path):
-    """Tests never download: an empty torch hub folder, and any attempt to fetch weights fails like offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network in tests")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+pytestmark = pytest.mark.usefixtures("offline_weights")  # tests never download ImageNet weights
 
 
 @pytest.mark.parametrize("name", BASELINES)
@@ -118,7 +110,12 @@ def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
 
 def test_explain_writes_feature_maps_of_the_first_and_sixth_layer_and_gradcam(mini_root, tmp_path):
     from alnet.data.transforms import Preprocessing
-    from alnet.infer.explain import default_feature_layers, feature_maps, gradcam, read_image
+    from alnet.infer.explain import (
+        default_feature_layers,
+        feature_maps,
+        gradcam,
+        read_image,
+    )
 
     model = create_model("alnet").eval()
     image = next((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "all").iterdir())

@@ -13,16 +13,7 @@ from alnet.models import create_model, model_spec, probability_all, split_model_
 from alnet.models.head import logits_for
 from alnet.models.hybrid import make_search
 
-
-@pytest.fixture(autouse=True)
-def _no_downloads(monkeypatch, tmp_path):
-    """Tests never download: an empty torch hub folder, and any attempt to fetch weights fails like offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network in tests")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+pytestmark = pytest.mark.usefixtures("offline_weights")  # tests never download ImageNet weights
 
 
 # names -----------------------------------------------------------------------------------------------------------

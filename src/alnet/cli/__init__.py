@@ -19,6 +19,6 @@ app = typer.Typer(
 )
 
 # In the order a user meets them: look at the data, train and test, look inside, use the model.
-for command in (data.info, data.verify, data.prepare, data.synth, train.train, train.evaluate, train.compare, infer.explain,
-                train.tune, infer.predict, infer.export, infer.package, infer.serve, train.demo):
+for command in (data.info, data.verify, data.prepare, data.synth, train.train, train.evaluate, train.compare,
+                infer.explain, train.tune, infer.predict, infer.export, infer.package, infer.serve, train.demo):
     app.command(command.__name__)(command)

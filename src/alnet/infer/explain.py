@@ -76,7 +76,8 @@ def gradcam_overlay(model: nn.Module, model_name: str, pixels: np.ndarray, layer
         raise ValueError(f"unknown layer {layer!r} for Grad-CAM; for example {', '.join(list(modules)[1:8])}")
     model.eval()
     device = next(model.parameters()).device  # the model may live on the GPU (`serve` on CUDA)
-    x = as_batch(pixels).to(device).requires_grad_(True)  # a frozen backbone still needs gradients to flow to its activations
+    # A frozen backbone still needs gradients to flow to its activations.
+    x = as_batch(pixels).to(device).requires_grad_(True)
     with GradCAM(model=model, target_layers=[modules[layer]]) as cam:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
     return show_cam_on_image(pixels.astype(np.float32) / 255, heat, use_rgb=True), layer
@@ -88,14 +89,19 @@ def gradcam(model: nn.Module, model_name: str, pixels: np.ndarray, out: Path, la
     overlay, layer = gradcam_overlay(model, model_name, pixels, layer, target)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "gradcam.png"
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
-    axes[0].imshow(pixels)
-    axes[0].set_title("input (as the model sees it)")
-    axes[1].imshow(overlay)
-    axes[1].set_title(f"Grad-CAM for {NAMES[target]} at {layer}")
-    for ax in axes:
+    side_by_side(pixels, overlay, ("input (as the model sees it)", f"Grad-CAM for {NAMES[target]} at {layer}"),
+                 path, height=4.2, dpi=100)
+    return path
+
+
+def side_by_side(pixels: np.ndarray, overlay: np.ndarray, titles: tuple[str, str], path: Path,
+                 height: float = 4.2, dpi: int = 100) -> None:
+    """The image and its Grad-CAM overlay next to each other, written to `path`."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, height))
+    for ax, picture, title in zip(axes, (pixels, overlay), titles):
+        ax.imshow(picture)
+        ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return path

@@ -123,24 +123,11 @@ def _write_torchscript(network: nn.Module, example: torch.Tensor, path: Path) ->
 
 def _write_cover(trained: TrainedModel, pixels: np.ndarray, probability: float, path: Path) -> None:
     """The cell and its Grad-CAM side by side (2:1, as bioimage.io shows covers)."""
-    import matplotlib
+    from .explain import gradcam_overlay, side_by_side
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .explain import gradcam_overlay
-
-    overlay, layer = gradcam_overlay(trained.model, trained.name, pixels)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4))
-    axes[0].imshow(pixels)
-    axes[0].set_title("cell (model input)")
-    axes[1].imshow(overlay)
-    axes[1].set_title(f"Grad-CAM for ALL; P(ALL) = {probability:.2f}")
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    overlay, _ = gradcam_overlay(trained.model, trained.name, pixels)
+    side_by_side(pixels, overlay, ("cell (model input)", f"Grad-CAM for ALL; P(ALL) = {probability:.2f}"), path,
+                 height=4, dpi=80)
 
 
 def _authors(names: list[str]) -> list[dict]:

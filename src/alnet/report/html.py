@@ -106,7 +106,8 @@ def write_run_report(run, result: dict, config: dict) -> Path:
     body += ["<h2>Metrics</h2>", metrics_table(result),
              '<p class="small">ALL is the positive class. Mean ± sample standard deviation over test folds.</p>']
     body += trust_section(result, figures)
-    body += _classifier_section(run, [f["fold"] for f in result["folds"]] + (["prelim"] if result.get("prelim") else []))
+    splits = [f["fold"] for f in result["folds"]] + (["prelim"] if result.get("prelim") else [])
+    body += _classifier_section(run, splits)
     pooled = [p for p in (figures / "roc.png", figures / "confusion_pooled.png") if p.is_file()]
     if pooled:
         body += ["<h2>ROC and pooled confusion matrix</h2>",
