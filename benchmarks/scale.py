@@ -24,10 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from train import timed_trainer  # benchmarks/train.py, beside this script
 
 from alnet.config import RunConfig
 from alnet.data.cache import prepare
@@ -97,16 +96,6 @@ def build_cnmc_sized(out: Path, fraction: float) -> Path:
     return out
 
 
-class EpochTimer(Callback):
-    def on_train_epoch_start(self, trainer, module):
-        self.start = time.perf_counter()
-
-    def on_train_epoch_end(self, trainer, module):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.seconds = time.perf_counter() - self.start
-
-
 def protocol_hours(preset: str, cells, train_rate: float, eval_rate: float) -> float:
     """Wall time of a whole run of `preset` from the measured rates: every split's epochs of training (doubled
     where the preset doubles offline) and validation, and its test."""
@@ -147,24 +136,20 @@ def main():
         train_rows = np.array([i for i, c in enumerate(prepared.cells) if c.split == "train"])
         all_rows = np.arange(len(prepared.cells))
         module = build_module(config, [])
-        timer = EpochTimer()
-        trainer = L.Trainer(accelerator=path.accelerator, devices=1, precision=path.lightning, max_epochs=1,
-                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                            use_distributed_sampler=False, callbacks=[timer])
+        trainer, timer = timed_trainer(path, epochs=1)
         data = CellData(images, labels, train_rows, [], all_rows, config)
         trainer.fit(module, datamodule=data)
         start = time.perf_counter()
         trainer.test(module, datamodule=data, verbose=False)
         evaluate_s = time.perf_counter() - start
-        train_rate, eval_rate = len(train_rows) / timer.seconds, len(all_rows) / evaluate_s
+        train_rate, eval_rate = len(train_rows) / timer.seconds[0], len(all_rows) / evaluate_s
         print(json.dumps({
             "images": len(prepared.cells), "training_images": len(train_rows), "synthetic": args.data is None,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "precision": path.lightning, "batch_size": args.batch_size,
             "prepare_s": round(prepare_s, 1), "prepare_images_per_s": round(len(prepared.cells) / prepare_s, 1),
             "cache_gb": round(cache_bytes / 2**30, 2),
-            "train_epoch_s": round(timer.seconds, 1), "train_images_per_s": round(train_rate, 1),
+            "train_epoch_s": round(timer.seconds[0], 1), "train_images_per_s": round(train_rate, 1),
             "evaluate_s": round(evaluate_s, 1), "evaluate_images_per_s": round(eval_rate, 1),
             "peak_rss_gb": _gb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss),
             "prepare_peak_rss_gb": _gb(prepare_rss),

@@ -59,20 +59,27 @@ class EpochTimer(Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
+def timed_trainer(path, epochs: int) -> tuple[L.Trainer, EpochTimer]:
+    """A bare trainer on the device and precision of `path` (no validation, logger or checkpoints) whose
+    callback times each training epoch."""
+    timer = EpochTimer()
+    trainer = L.Trainer(accelerator=path.accelerator, devices=1, precision=path.lightning, max_epochs=epochs,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        use_distributed_sampler=False, callbacks=[timer])
+    return trainer, timer
+
+
 def ours(prepared, epochs: int, batch_size: int, repeat: int = 1) -> tuple[float, float, str]:
     quiet_lightning()
     config = RunConfig(epochs=epochs, batch_size=batch_size)
     path = resolve_precision(config.precision, config.accelerator)
-    accelerator, precision = path.accelerator, path.lightning
+    precision = path.lightning
     images, labels = tensors(prepared)
     images, labels = images.repeat(repeat, 1, 1, 1), labels.repeat(repeat)
     rows = np.arange(len(prepared.cells))
     module = build_module(config, [])
-    timer = EpochTimer()
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, max_epochs=epochs, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
-                        callbacks=[timer])
+    trainer, timer = timed_trainer(path, epochs)
     data = CellData(images, labels, rows, [], rows, config)
     trainer.fit(module, datamodule=data)
     train_rate = len(rows) / np.median(timer.seconds[1:])  # first epoch warms up oneDNN kernels
