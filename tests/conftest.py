@@ -28,6 +28,23 @@ def offline_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
 
 
+def compare_on_mini(mini_root: Path, out: Path, models: str, *options: str) -> tuple[list[dict], str]:
+    """`alnet compare` on the real cells with tiny settings (1 epoch, 136 px, no pretrained weights): the rows of
+    comparison.csv and what the command printed."""
+    import csv
+
+    from typer.testing import CliRunner
+
+    from alnet.cli import app
+
+    result = CliRunner().invoke(app, [
+        "compare", "--data", str(mini_root), "--models", models, "--no-pretrained", "--no-augment", "--epochs", "1",
+        "--image-size", "136", "--batch-size", "16", *options, "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with open(out / "comparison.csv", newline="") as handle:
+        return list(csv.DictReader(handle)), result.output
+
+
 @pytest.fixture(scope="session")
 def mini_root() -> Path:
     return MINI

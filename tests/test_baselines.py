@@ -1,10 +1,10 @@
-import csv
 import json
 import re
 
 import pytest
 import torch
 import torchvision
+from conftest import compare_on_mini
 from typer.testing import CliRunner
 
 from alnet.cli import app
@@ -77,13 +77,7 @@ def test_imagenet_normalisation_happens_inside_the_baseline():
 def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
     """Every model trains and is tested under one protocol; the tables hold numbers from these runs."""
     out = tmp_path / "compare"
-    result = CliRunner().invoke(app, [
-        "compare", "--data", str(mini_root), "--models", "alnet,alexnet,vgg16,googlenet,resnet50",
-        "--no-pretrained", "--no-augment", "--epochs", "1", "--image-size", "136", "--batch-size", "16",
-        "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    with open(out / "comparison.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows, output = compare_on_mini(mini_root, out, "alnet,alexnet,vgg16,googlenet,resnet50")
     assert [r["model"] for r in rows] == ["alnet", "alexnet", "vgg16", "googlenet", "resnet50"]
     for row in rows:
         metrics = json.loads((out / row["model"] / "metrics.json").read_text())
@@ -92,7 +86,7 @@ def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
         assert float(row["training_seconds"]) > 0
     assert int(rows[0]["trainable_parameters"]) == trainable_parameters(create_model("alnet", input_size=136))
     assert int(rows[4]["trainable_parameters"]) == 2048 * 2 + 2
-    assert "features once" in result.output  # frozen baselines without augmentation train on cached features
+    assert "features once" in output  # frozen baselines without augmentation train on cached features
     markdown = (out / "comparison.md").read_text()
     for paper_name in ("AlexNet", "VGG16", "GoogleNet", "ResNet-50", "ALNet"):
         assert f"| {paper_name} — paper, Table 8 (image-level split) |" in markdown

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import compare_on_mini
 from typer.testing import CliRunner
 
 from alnet.checkpoint import CheckpointError, load_trained_model, read_checkpoint
@@ -170,13 +171,8 @@ def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions
 @pytest.mark.slow
 def test_compare_lists_hybrids_beside_the_cnns_and_alnets_features_feed_alnet_svm(mini_root, tmp_path):
     out = tmp_path / "compare"
-    result = CliRunner().invoke(app, [
-        "compare", "--data", str(mini_root), "--models", "alnet resnet50 resnet50+svm alexnet,resnet50+knn alnet+svm",
-        "--no-pretrained", "--no-augment", "--epochs", "1", "--image-size", "136", "--batch-size", "16",
-        "--precision", "32", "--out", str(out), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    with open(out / "comparison.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows, _ = compare_on_mini(mini_root, out, "alnet resnet50 resnet50+svm alexnet,resnet50+knn alnet+svm",
+                           "--precision", "32")
     assert [r["model"] for r in rows] == ["alnet", "resnet50", "resnet50+svm", "alexnet,resnet50+knn", "alnet+svm"]
     for row in rows:
         metrics = json.loads((out / row["model"] / "metrics.json").read_text())
