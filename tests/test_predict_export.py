@@ -233,9 +233,10 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
     from alnet.config import RunConfig
     from alnet.infer.export import ProbabilityOfAll, export_graph
     from alnet.models import create_model_from
+    from alnet.trust.features import Penultimate
 
     model = create_model_from(RunConfig(model=name, pretrained=False, image_size=136)).eval()
-    wrapper = ProbabilityOfAll(model, "sigmoid").eval()
+    wrapper = ProbabilityOfAll(Penultimate(model), "sigmoid").eval()
     export_graph(wrapper, 136, tmp_path / "m.onnx")
     images = torch.rand(3, 3, 136, 136, generator=torch.Generator().manual_seed(0))  # 3: not the example's 2
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])

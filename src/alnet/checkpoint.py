@@ -3,10 +3,11 @@
 A checkpoint is Lightning's file: the module's `state_dict` (the model's weights under `model.`), and
 `hyper_parameters` with the run's configuration (`config`) and the subjects the model was trained or validated
 on (`seen_subjects`). Added after training, in one rewrite: `input_gate` (what the input gate knows of the
-training cells), `calibration` (the temperature fitted on validation subjects) and `review` (the "needs review"
-band). Reading one gives a plain `nn.Module` in evaluation mode plus what it needs to be used: its
-preprocessing, the meaning of its outputs, its calibration, review band and feature gate. Nothing from the
-training code is needed.
+training cells), `calibration` (the temperature fitted on validation subjects), `review` (the "needs review"
+band) and, for ALNet, `int8` (the activation ranges of its int8 form, `alnet.infer.int8`). Reading one gives a
+plain `nn.Module` in evaluation mode plus what it needs to be used: its preprocessing, the meaning of its
+outputs, its calibration, review band, feature gate and int8 calibration. Nothing from the training code is
+needed.
 
 Files are read with `torch.load(weights_only=True)`: tensors and plain containers only, so a file cannot run
 code when it is opened.
@@ -28,6 +29,7 @@ from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, c
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
 INPUT_GATE = "input_gate"  # top-level key: {"features": FeatureGate state}, written after training
+INT8_KEY = "int8"  # top-level key: the int8 form's calibration (alnet.infer.int8), written after training
 
 
 class CheckpointError(ValueError):
@@ -45,6 +47,7 @@ class TrainedModel:
     calibration: dict | None = None  # {"temperature": T, …} fitted on validation subjects; None: uncalibrated
     review: dict | None = None  # {"half_width": w, …}: calibrated P(ALL) within w of the threshold → review
     input_gate: FeatureGate | None = None  # the feature-space check fitted on its training cells, if any
+    int8: object = None  # the int8 calibration as stored; `alnet.infer.int8.quantized` checks it when it is used
 
     @property
     def name(self) -> str:
@@ -111,7 +114,8 @@ def load_trained_model(path: Path | str) -> TrainedModel:
     except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
-    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), calibration, review, feature_gate)
+    return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), calibration, review, feature_gate,
+                        checkpoint.get(INT8_KEY))
 
 
 def add_to_checkpoint(path: Path | str, entries: dict) -> None:
@@ -129,10 +133,13 @@ def add_to_checkpoint(path: Path | str, entries: dict) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def add_fitted_knowledge(path: Path | str, trust: dict, feature_gate: FeatureGate | None) -> None:
-    """What a split fits after training — its calibration and review band (`trust`, from `trust.fitting`) and
-    its feature gate — into its chosen checkpoint, in one atomic rewrite."""
+def add_fitted_knowledge(path: Path | str, trust: dict, feature_gate: FeatureGate | None,
+                         int8: dict | None = None) -> None:
+    """What a split fits after training — its calibration and review band (`trust`, from `trust.fitting`), its
+    feature gate and its int8 calibration — into its chosen checkpoint, in one atomic rewrite."""
     entries = checkpoint_entries(trust.get("calibration"), trust.get("review"))
     if feature_gate is not None:
         entries[INPUT_GATE] = {"features": feature_gate.to_state()}
+    if int8 is not None:
+        entries[INT8_KEY] = int8
     add_to_checkpoint(path, entries)

@@ -1,7 +1,8 @@
 """The `alnet` command. Thin by design: each command parses its options, calls the package and prints.
 
 Commands are grouped by what they work on: `data.py` (info, verify, prepare, synth), `train.py` (train, evaluate,
-compare, tune, demo) and `infer.py` (predict, explain, export, package, serve); `common.py` holds what they share.
+compare, tune, demo) and `infer.py` (predict, explain, quantize, export, package, serve); `common.py` holds what
+they share.
 """
 
 from __future__ import annotations
@@ -20,5 +21,6 @@ app = typer.Typer(
 
 # In the order a user meets them: look at the data, train and test, look inside, use the model.
 for command in (data.info, data.verify, data.prepare, data.synth, train.train, train.evaluate, train.compare,
-                infer.explain, train.tune, infer.predict, infer.export, infer.package, infer.serve, train.demo):
+                infer.explain, train.tune, infer.predict, infer.quantize, infer.export, infer.package, infer.serve,
+                train.demo):
     app.command(command.__name__)(command)

@@ -10,6 +10,11 @@ import typer
 from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result
 from .gate import GateOption, NoGateOption, image_check_from
 
+CALIBRATION_IMAGES = 256  # as alnet.infer.int8 (not imported here: --help stays fast)
+Int8Option = Annotated[bool, typer.Option(
+    "--int8", help="Run the checkpoint's int8 form on the CPU (ALNet; faster, answers within about 0.01 of the "
+    "full-precision ones; see `alnet quantize`).")]
+
 
 def _checkpoint_of(target: Path) -> Path:
     """A checkpoint file, or the model that stands for a run directory (its final model, else fold 0's)."""
@@ -118,6 +123,7 @@ def predict(
         "image's subject; implies --by-subject.")] = None,
     gate: GateOption = None,
     no_gate: NoGateOption = False,
+    int8: Int8Option = False,
 ):
     """Classify new cell images: per row the path, label (ALL/HEM), calibrated P(ALL) and the network's own,
     the status (ok; review when the answer is too close to call or --tta flips disagree, the label still given;
@@ -157,7 +163,7 @@ def predict(
             fail(f"{out_file}: --by-subject writes {SUBJECTS_CSV} beside --out; give --out another name")
         check_output(subjects_out, force, _is_predictions_csv(subjects_out, SUBJECT_FIELDS), tuple(files))
     mapping = read_subject_map(subjects_map) if subjects_map is not None else None
-    predictor = load_predictor(model, image_check=image_check_from(gate, no_gate), features=not no_gate)
+    predictor = load_predictor(model, image_check=image_check_from(gate, no_gate), features=not no_gate, int8=int8)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
         # A submission needs an answer on every line: refused images keep the model's label there.
@@ -205,15 +211,66 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) written by `alnet train`.")],
     onnx: Annotated[Path, typer.Option(help="Where to write the ONNX model.")],
     force: Annotated[bool, typer.Option(help="Replace an existing file at --onnx.")] = False,
+    int8: Annotated[bool, typer.Option(
+        "--int8", help="Write the checkpoint's int8 form (ALNet) as a QDQ graph: int8 weights, uint8 activations.")]
+    = False,
 ):
-    """Write an ONNX model (dynamic batch axis; outputs P(ALL) and the penultimate features) with its preprocessing
-    and input gate in the metadata."""
+    """Write an ONNX model (dynamic batch axis; outputs P(ALL), calibrated and the network's own, and the penultimate
+    features) with its preprocessing, calibration, review band and input gate in the metadata."""
     from ..infer.export import export_onnx
 
     check_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
-    path = export_onnx(checkpoint, onnx)
-    result(f"wrote {path}: input `image` float32 N×3×H×W in [0, 1], outputs `probability_all`, `features`; run it with "
-           f"`alnet predict {path} IMAGES…`")
+    path = export_onnx(checkpoint, onnx, int8=int8)
+    result(f"wrote {path}{' (int8)' if int8 else ''}: input `image` float32 N×3×H×W in [0, 1], outputs "
+           f"`probability_all`, `probability_raw`, `features`; run it with `alnet predict {path} IMAGES…`")
+
+
+@handles_errors
+def quantize(
+    target: Annotated[Path, typer.Argument(help="An ALNet checkpoint (.ckpt) or a run directory (its final model).")],
+    data: Annotated[list[str], typer.Option(
+        "--data", help="Cell images to calibrate on: the cells the model was trained on (files, folders searched "
+        "recursively, or globs; repeat for several).")],
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Most images to use, drawn at random.")]
+    = CALIBRATION_IMAGES,
+    seed: Annotated[int, typer.Option(help="Seed of that draw.")] = 0,
+):
+    """Calibrate the int8 form of a trained ALNet on its training cells and store it in the checkpoint.
+
+    Training does this already (on up to 256 training cells); use it for a checkpoint without an int8 calibration
+    or to calibrate on other cells. The checkpoint is rewritten in one step: a crash leaves the old file whole."""
+    import numpy as np
+    import torch
+
+    from ..checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model
+    from ..data.transforms import load_image
+    from ..infer.int8 import calibrate, calibration_batches
+    from ..infer.predict import expand_paths
+
+    checkpoint = _checkpoint_of(target)
+    trained = load_trained_model(checkpoint)
+    files, missing = expand_paths(data)
+    print_problems([f"{item}: matches no image file; skipped" for item in missing], "--data item(s) without images")
+    if not files:
+        fail("no cell images to calibrate on; pass the training cells with --data")
+    chosen = np.random.default_rng(seed).permutation(len(files))[:limit]
+    pixels, unreadable = [], []
+    with progress_bar("reading cells") as bar:
+        task = bar.add_task("read", total=len(chosen))
+        for index in chosen:
+            try:
+                pixels.append(load_image(files[index], trained.preprocessing)[0])
+            except Exception as err:  # unreadable: listed, never fatal
+                unreadable.append(f"{files[index]}: cannot decode ({type(err).__name__}); skipped")
+            bar.update(task, advance=1)
+    print_problems(unreadable, "unreadable file(s)")
+    if not pixels:
+        fail("none of the images could be read; nothing was calibrated")
+    images = torch.from_numpy(np.stack(pixels))
+    entry = calibrate(trained.model, calibration_batches(images, np.arange(len(images)), limit=len(images)))
+    add_to_checkpoint(checkpoint, {INT8_KEY: entry})
+    result(f"calibrated the int8 form of {checkpoint} on {entry['images']} cell(s); use it with `alnet predict "
+           f"{checkpoint} IMAGES… --int8`, `alnet serve {checkpoint} --int8` or `alnet export {checkpoint} --int8`")
 
 
 def _run_of(checkpoint: Path):
@@ -285,6 +342,7 @@ def serve(
         min=0, max=1000, help="Most milliseconds a forming batch waits for requests still being decoded.")] = 5.0,
     gate: GateOption = None,
     no_gate: NoGateOption = False,
+    int8: Int8Option = False,
 ):
     """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs.
 
@@ -297,6 +355,6 @@ def serve(
     if port_in_use(host, port):
         fail(f"{host}:{port} is already in use (another server?); stop it or pick another --port")
     application = create_app(checkpoint, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             image_check=image_check_from(gate, no_gate), features=not no_gate)
-    result(f"serving {checkpoint} at http://{host}:{port}/ (API docs at /docs)")
+                             image_check=image_check_from(gate, no_gate), features=not no_gate, int8=int8)
+    result(f"serving {checkpoint}{' (int8)' if int8 else ''} at http://{host}:{port}/ (API docs at /docs)")
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -1,5 +1,8 @@
 """`alnet export`: a checkpoint → an ONNX model that outputs P(ALL) (calibrated), the network's own P(ALL) and
-the penultimate features, with its preprocessing, calibration, review band and input gate in the metadata."""
+the penultimate features, with its preprocessing, calibration, review band and input gate in the metadata.
+
+`--int8` writes the checkpoint's int8 form (`alnet.infer.int8`) instead, as a QDQ graph (QuantizeLinear →
+DequantizeLinear around int8 weights and uint8 activations) that onnxruntime runs with its int8 kernels."""
 
 from __future__ import annotations
 
@@ -13,10 +16,14 @@ from ..checkpoint import load_trained_model
 from ..labels import THRESHOLD
 from ..models import model_spec, probability_all
 from ..trust.calibration import apply_temperature_torch
-from ..trust.features import penultimate
+from ..trust.features import Penultimate
+from .int8 import quantized
 from .predict import ONNX_METADATA
 
 OPSET = 18  # the torch.export-based exporter's own opset; older ones would need a version conversion
+# torch.export cannot trace quantized tensors; the TorchScript-based exporter writes PyTorch's int8 operators as
+# QDQ, with per-channel weights from opset 13.
+INT8_OPSET = 13
 OUTPUT_NAMES = ("probability_all", "probability_raw", "features")  # what ProbabilityOfAll returns, in order
 BATCH_LIMIT = 2**20  # images per call; the graph's batch axis is symbolic up to this
 
@@ -26,12 +33,12 @@ class ProbabilityOfAll(nn.Module):
     checkpoint's temperature, when it has one), the network's own P(ALL), and the penultimate features the
     input gate measures."""
 
-    def __init__(self, model: nn.Module, head: str, temperature: float | None = None):
-        super().__init__()
-        self.model, self.head, self.temperature = model, head, temperature
+    def __init__(self, network: nn.Module, head: str, temperature: float | None = None):
+        super().__init__()  # network: images → (logits, penultimate features), e.g. Penultimate(model)
+        self.network, self.head, self.temperature = network, head, temperature
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits, features = penultimate(self.model, x)
+        logits, features = self.network(x)
         raw = probability_all(logits, self.head)
         calibrated = raw if self.temperature is None else apply_temperature_torch(raw, self.temperature)
         return calibrated, raw, features
@@ -51,17 +58,33 @@ def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET,
                       external_data=False, verbose=False)
 
 
-def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> Path:
+def export_int8_graph(network: nn.Module, size: int, out: Path) -> None:
+    """An int8 `network` (images → calibrated, raw, features) as a QDQ graph with export_graph's names and
+    symbolic batch axis, through the TorchScript-based exporter (the only one that knows quantized operators)."""
+    import warnings
+
+    names = {"image": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice, and tracer notes on the calibration constants
+        torch.onnx.export(network, (torch.zeros(2, 3, size, size),), str(out), dynamo=False, opset_version=INT8_OPSET,
+                          input_names=["image"], output_names=list(OUTPUT_NAMES), dynamic_axes=names)
+
+
+def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int8: bool = False) -> Path:
     """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript), the batch axis
-    dynamic, then write alnet's metadata into the graph."""
+    dynamic, then write alnet's metadata into the graph. `int8`: the checkpoint's int8 form, as QDQ."""
     import onnx
 
     trained = load_trained_model(checkpoint)
-    wrapper = ProbabilityOfAll(trained.model, trained.head, trained.temperature).eval()
+    network = quantized(trained.model, trained.int8, str(checkpoint)) if int8 else Penultimate(trained.model)
+    wrapper = ProbabilityOfAll(network, trained.head, trained.temperature).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     size = trained.preprocessing.size
-    if model_spec(trained.name).hybrid:  # backbone by torch + classifier by skl2onnx, one graph
+    if int8:
+        export_int8_graph(wrapper, size, out)
+        graph = onnx.load(str(out))
+    elif model_spec(trained.name).hybrid:  # backbone by torch + classifier by skl2onnx, one graph
         import tempfile
 
         from .export_hybrid import hybrid_graph
@@ -80,6 +103,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET) -> 
                         f"input gate ({ONNX_METADATA['input_gate']})",
         ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
         ONNX_METADATA["review"]: json.dumps(trained.review),
+        "alnet_int8": "yes: int8 weights and uint8 activations (QDQ), calibrated on training cells" if int8 else "no",
         **({ONNX_METADATA["input_gate"]: trained.input_gate.to_json()} if trained.input_gate else {}),
     }.items():
         entry = graph.metadata_props.add()

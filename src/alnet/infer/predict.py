@@ -28,11 +28,12 @@ from ..data.transforms import Preprocessing, load_image, to_float
 from ..device import resolve_precision
 from ..labels import name_of
 from ..trust.calibration import apply_temperature_torch
-from ..trust.features import FeatureGate, penultimate
+from ..trust.features import FeatureGate, Penultimate
 from ..trust.gate import ImageCheck
 from ..trust.knowledge import checked_review
 from ..trust.review import statuses
 from ..trust.screen import OK, REJECTED, InputGate
+from .int8 import Int8Error, quantized
 
 ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing",  # keys `alnet export` writes
                  "calibration": "alnet_calibration", "review": "alnet_review", "input_gate": "alnet_input_gate"}
@@ -69,6 +70,12 @@ class Predictor:
     trained: TrainedModel | None = None  # the network, when loaded from a checkpoint (Grad-CAM needs it)
     review: dict | None = None  # the review band ({"half_width": …}), when the model has one
     gate: InputGate = InputGate()  # what refuses images that are not cells
+    variant: str = ""  # how the network runs when that changes its answers slightly: "int8"
+
+    @property
+    def described(self) -> str:
+        """The model as prediction rows and the service name it: `alnet`, `alnet (int8)`."""
+        return f"{self.model_name} ({self.variant})" if self.variant else self.model_name
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated P(ALL) of one batch, no test-time augmentation, no input gate."""
@@ -123,40 +130,47 @@ def _floats(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Ten
 
 
 def load_predictor(path: Path | str, precision: str | None = None, accelerator: str = "auto",
-                   image_check: ImageCheck | None = ImageCheck(), features: bool = True) -> Predictor:
+                   image_check: ImageCheck | None = ImageCheck(), features: bool = True,
+                   int8: bool = False) -> Predictor:
     """`precision` overrides the checkpoint's (e.g. "32" for exact fp32 arithmetic); `accelerator` "auto" runs
-    a checkpoint on the GPU when there is one (bf16 AMP, channels-last), "cpu" keeps it on the CPU. The input
-    gate: the image check with `image_check`'s thresholds (None: none), and the model's feature check unless
-    `features` is off."""
+    a checkpoint on the GPU when there is one (bf16 AMP, channels-last), "cpu" keeps it on the CPU; `int8` runs
+    the checkpoint's int8 form on the CPU instead (`alnet.infer.int8`). The input gate: the image check with
+    `image_check`'s thresholds (None: none), and the model's feature check unless `features` is off."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
+        if int8:
+            raise Int8Error(f"{path}: --int8 applies to a checkpoint; an ONNX model is int8 when it was written by "
+                            "`alnet export --int8`, and runs as it is")
         predictor = _onnx_predictor(path)
     else:
-        predictor = _torch_predictor(path, precision, accelerator)
+        predictor = _torch_predictor(path, precision, accelerator, int8)
     predictor.gate = InputGate(image_check, predictor.gate.features if features else None)
     return predictor
 
 
-def _torch_predictor(path: Path, precision: str | None, accelerator: str) -> Predictor:
+def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: bool) -> Predictor:
     trained = load_trained_model(path)
-    # The precision the run trained with unless told otherwise, on the device this machine offers.
-    runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator)
-    device = torch.device(runs_as.device_type)
-    model = trained.model.to(device)
-    if runs_as.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if int8:
+        network = quantized(trained.model, trained.int8, str(path))  # int8 kernels run on the CPU
+        device, runs_as = torch.device("cpu"), resolve_precision("32", "cpu")
+    else:
+        # The precision the run trained with unless told otherwise, on the device this machine offers.
+        runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator)
+        device = torch.device(runs_as.device_type)
+        model = trained.model.to(device)
+        network = Penultimate(model.to(memory_format=torch.channels_last) if runs_as.channels_last else model)
 
     @torch.no_grad()
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         x = runs_as.input(_floats(images, device))
         with runs_as.autocast():
-            logits, features = penultimate(model, x)
+            logits, features = network(x)
             raw = trained.probability_all(logits).float()
         calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
         return calibrated.cpu().numpy(), raw.cpu().numpy(), features.float().cpu().numpy()
 
     return Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,
-                     InputGate(None, trained.input_gate))
+                     InputGate(None, trained.input_gate), "int8" if int8 else "")
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -288,7 +302,7 @@ def predict_files(predictor: Predictor, files: list[Path], batch_size: int = 64,
                     rows.append({"path": str(path), "label": name_of(p) if answered else "",
                                  "probability_all": f"{float(p):.6f}" if answered else "",
                                  "probability_raw": f"{float(raw):.6f}" if answered else "", "status": status,
-                                 "reason": reason, "model": predictor.model_name, "checkpoint": str(predictor.source),
+                                 "reason": reason, "model": predictor.described, "checkpoint": str(predictor.source),
                                  "note": note})
             done += len(decoded)
             if progress:

@@ -118,11 +118,12 @@ drop.addEventListener('drop', e => { e.preventDefault(); drop.classList.remove('
 
 def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: int = MAX_PIXELS,
                max_batch: int = MAX_BATCH, max_wait_ms: float = MAX_WAIT_MS,
-               image_check: ImageCheck | None = ImageCheck(), features: bool = True) -> FastAPI:
+               image_check: ImageCheck | None = ImageCheck(), features: bool = True, int8: bool = False) -> FastAPI:
     """`max_batch` 1 classifies each request on its own (the unbatched service). `image_check`, `features`: the
-    input gate's image check (None: off), run while decoding, and the model's feature check, run per batch."""
+    input gate's image check (None: off), run while decoding, and the model's feature check, run per batch.
+    `int8`: answer with the checkpoint's int8 form (`alnet.infer.int8`)."""
     checkpoint = Path(checkpoint)
-    predictor = load_predictor(checkpoint, image_check=image_check, features=features)
+    predictor = load_predictor(checkpoint, image_check=image_check, features=features, int8=int8)
     model_lock = threading.Lock()  # one pass through the model at a time: torch already uses every core
 
     def forward(batch: np.ndarray) -> list[tuple[float, float, str, str]]:
@@ -179,13 +180,13 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         # Names come from files a user hands in (ONNX metadata, file names): escaped, never markup.
-        return (PAGE.replace("__MODEL__", html.escape(predictor.model_name))
+        return (PAGE.replace("__MODEL__", html.escape(predictor.described))
                 .replace("__CHECKPOINT__", html.escape(checkpoint.name))
                 .replace("__MAX_BYTES__", str(max_bytes)).replace("__MAX_SIZE__", _size(max_bytes)))
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "model": predictor.model_name, "checkpoint": checkpoint.name}
+        return {"status": "ok", "model": predictor.described, "checkpoint": checkpoint.name}
 
     @app.post("/predict", openapi_extra=_upload_schema(max_bytes), responses={
         400: {"description": "empty upload, or not a decodable image"},
@@ -232,7 +233,7 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         finally:
             waiting -= 1
         result = {"label": name_of(probability), "probability_all": probability, "probability_raw": raw,
-                  "status": status, "reason": reason, "model": predictor.model_name, "checkpoint": checkpoint.name}
+                  "status": status, "reason": reason, "model": predictor.described, "checkpoint": checkpoint.name}
         if gradcam:
             result["gradcam_png"] = await run_in_threadpool(gradcam_of, pixels)
         return result

@@ -19,6 +19,8 @@ and by `probability_all`. The model keeps the registry's contract (`spec.py`): t
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,6 +123,28 @@ class ALNet(CellModel):
         """Flatten → Dropout → Dense 128 ReLU (→ Dense 2 unless `pre_logits`)."""
         x = self.relu(self.fc1(self.dropout(self.flatten(x))))
         return x if pre_logits else self.fc2(x)
+
+    @torch.no_grad()
+    def fold_batchnorm(self) -> ALNet:
+        """A copy for inference (evaluation mode, fp32, on the CPU) whose BatchNorm layers are folded into the
+        layer after them, which then computes the same.
+
+        A BatchNorm in evaluation mode is x·a + b per channel. Every convolution after one has valid padding, so
+        each of its outputs reads real inputs only and conv(x·a + b) = conv'(x) with the kernel scaled by a per
+        input channel and b's contribution added to the bias; CL3's BatchNorm folds into fc1 the same way,
+        through the channel-major flatten. The int8 model (`alnet.infer.int8`) starts from this copy: no
+        BatchNorm is left to quantize on its own."""
+        folded = copy.deepcopy(self).float().cpu().eval()
+        for cluster, after in ((folded.cl1, folded.cl2.conv1), (folded.cl2, folded.cl3.conv1),
+                               (folded.cl3, folded.fc1)):
+            bn = cluster.bn
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            shift = bn.bias - bn.running_mean * scale
+            weight = after.weight.view(after.weight.shape[0], scale.numel(), -1)  # out × channel × (kernel or 3×3)
+            after.bias += (weight * shift.view(1, -1, 1)).sum((1, 2))
+            weight *= scale.view(1, -1, 1)
+            cluster.bn = nn.Identity()
+        return folded
 
     @torch.no_grad()
     def feature_maps(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:

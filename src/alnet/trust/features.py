@@ -183,3 +183,14 @@ def penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(logits, penultimate features) in one pass, by the model contract (models/spec.py)."""
     features = model.forward_features(x)
     return model.forward_head(features), model.forward_head(features, pre_logits=True).flatten(1)
+
+
+class Penultimate(nn.Module):
+    """`penultimate` as a module: what the exporters and the int8 model trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return penultimate(self.model, x)
