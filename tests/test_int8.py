@@ -90,7 +90,8 @@ def test_predict_and_export_take_int8_and_the_onnx_model_answers_as_the_torch_on
     graph = onnx.load(str(onnx_path))
     ops = {node.op_type for node in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
-    tensors = [*graph.graph.initializer, *(a.t for n in graph.graph.node if n.op_type == "Constant" for a in n.attribute)]
+    constants = [a.t for node in graph.graph.node if node.op_type == "Constant" for a in node.attribute]
+    tensors = [*graph.graph.initializer, *constants]
     kernels = [t for t in tensors if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
     assert len(kernels) == 5  # the five convolutions' weights are stored as int8
     assert {p.key: p.value for p in graph.metadata_props}["alnet_int8"].startswith("yes")
