@@ -199,6 +199,18 @@ def test_the_service_answers_a_chart_with_422_and_a_reason_and_a_real_cell_with_
     assert "body.reason" in client.get("/").text  # the page shows the reason in words
 
 
+def test_explain_still_shows_a_refused_picture_but_says_why_its_answer_does_not_count(mini_checkpoint, non_cells,
+                                                                                        mini_root, tmp_path):
+    chart = next(path for kind, path in non_cells if kind == "chart")
+    result = runner.invoke(app, ["explain", str(mini_checkpoint), str(chart), "--gradcam", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "refused by the input gate: saturated" in result.output and "does not count" in result.output
+    assert (tmp_path / "gradcam.png").is_file()
+    cell = _real_cells(mini_root)[0]
+    result = runner.invoke(app, ["explain", str(mini_checkpoint), str(cell), "--gradcam", "--out", str(tmp_path)])
+    assert result.exit_code == 0 and "P(ALL) = " in result.output and "refused" not in result.output
+
+
 @pytest.mark.slow
 def test_gate_settings_come_from_a_checked_yaml_file_and_no_gate_answers_everything(mini_checkpoint, tmp_path):
     from PIL import Image

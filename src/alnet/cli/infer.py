@@ -41,26 +41,36 @@ def explain(
         "convolution).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(
         "--out", help="Where the PNGs go (default explain-<image>/).")] = None,
+    gate: GateOption = None,
+    no_gate: NoGateOption = False,
 ):
-    """Show what a trained model computes on one image: feature maps and/or Grad-CAM."""
-    import torch
+    """Show what a trained model computes on one image: feature maps and/or Grad-CAM.
 
-    from ..checkpoint import load_trained_model
-    from ..data.transforms import as_batch
+    The input gate runs first, as in `predict`: a picture it refuses (not one cell on black, or unlike the training
+    cells) is still shown, with the reason, and its P(ALL) is marked as not counting."""
     from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
+    from ..infer.predict import load_predictor
     from ..labels import name_of
+    from ..trust.screen import REJECTED
 
     if not (show_feature_maps or show_gradcam):
         fail("nothing to show: add --feature-maps and/or --gradcam")
     checkpoint = _checkpoint_of(target)
-    trained = load_trained_model(checkpoint)
+    predictor = load_predictor(checkpoint, accelerator="cpu", image_check=image_check_from(gate, no_gate),
+                               features=not no_gate)
+    trained = predictor.trained
     try:
         pixels = read_image(image, trained.preprocessing)
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
-    with torch.no_grad():
-        probability = float(trained.probability_all(trained.model(as_batch(pixels)))[0])
-    result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)} ({trained.name}, {checkpoint})")
+    answer = predictor.answer(pixels[None], answer_refused=True)  # the network's answer even for a refused picture
+    probability, (status, reason) = float(answer.probability_all[0]), answer.statuses[0]
+    if status == REJECTED:
+        result(f"{image}: refused by the input gate: {reason}. What the network computes on it is shown, but its "
+               f"P(ALL) = {probability:.3f} does not count ({trained.name}, {checkpoint})")
+    else:
+        result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)}"
+               + (f" (review: {reason})" if status == "review" else "") + f" ({trained.name}, {checkpoint})")
     out_dir = out_dir or Path(f"explain-{image.stem}")
     written = []
     if show_feature_maps:
