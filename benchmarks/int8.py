@@ -6,7 +6,8 @@ training cells): one on the 52 real cells of tests/data/cnmc-mini, for the agree
 trained on synthetic cells calls every real cell ALL, which would make agreement meaningless), and one on a
 small synthetic C-NMC-like set, for the AUC on synthetic subjects it never saw.
 
-Speed: the same uint8 batches (decoding excluded) through `alnet predict`'s two torch paths, the default (bf16
+Speed: the same uint8 batches of real cells (decoding excluded) through `alnet predict`'s two torch paths, the
+default (bf16
 autocast + channels-last where the CPU has bf16, else fp32) and `--int8`, in --rounds interleaved rounds, the
 best round of each; and onnxruntime on the model `alnet export --int8` writes. What the speeds mean on this
 machine (benchmarks/efficiency.py): the matmul peaks measured now (bf16, fp32, and int8 by `torch._int_mm`), the
@@ -97,7 +98,10 @@ def main():
         int8 = load_predictor(checkpoint, int8=True)
         onnx_int8 = load_predictor(export_onnx(checkpoint, workdir / "int8.onnx", int8=True))
         size = default.preprocessing.size
-        images = np.random.default_rng(0).integers(0, 256, (args.images, size, size, 3), dtype=np.uint8)
+        real, _ = cached(MINI, workdir, "real-cache")
+        # Real cells, repeated: random pixels would leave the int8 form's calibrated ranges and be answered in
+        # full precision, which times the fallback, not int8.
+        images = real[np.arange(args.images) % len(real)]
         for predictor in (default, int8, onnx_int8):
             predictor(images[:args.batch_size])  # warm-up: kernel selection, weight packing
         rounds = {"default": [], "int8": [], "onnx_int8": []}
@@ -105,9 +109,9 @@ def main():
             for name, predictor in (("default", default), ("int8", int8), ("onnx_int8", onnx_int8)):
                 rounds[name].append(rate(predictor, images, args.batch_size))
         best = {name: max(rates) for name, rates in rounds.items()}
-
-        real, _ = cached(MINI, workdir, "real-cache")
+        timed_fallbacks = int8.fallbacks
         p_real, q_real = default(real), int8(real)
+        f_real = load_predictor(checkpoint, precision="32", accelerator="cpu")(real)  # fp32: the reference of both
         test_root = write_dataset(workdir / "test-data", n_subjects=8, cells_per_subject=12, n_folds=1,
                                   prelim_subjects=0, final_images=0, seed=11)  # subjects unseen in training
         test, labels = cached(test_root, workdir, "test-cache")
@@ -125,9 +129,15 @@ def main():
         "max_abs_dp": round(float(np.abs(p_real - q_real).max()), 4),
         "auc_delta": round(auc_int8 - auc_default, 4),
         "default_precision": "bf16-mixed" if bf16 else "32-true",
+        "int8_fallback_share_while_timed": round(timed_fallbacks / (args.images * args.rounds + args.batch_size), 4),
         "onnx_int8_images_per_s": round(best["onnx_int8"], 1),
         "onnx_int8_speedup": round(best["onnx_int8"] / best["default"], 2),
         "rounds_images_per_s": {name: [round(r, 1) for r in rates] for name, rates in rounds.items()},
+        "changed_labels_p_all_bf16_int8": [[round(float(a), 3), round(float(b), 3)] for a, b in zip(p_real, q_real)
+                                           if (a > 0.5) != (b > 0.5)],
+        "bf16_vs_fp32_label_agreement": round(float(np.mean((p_real > 0.5) == (f_real > 0.5))), 4),
+        "int8_vs_fp32_label_agreement": round(float(np.mean((q_real > 0.5) == (f_real > 0.5))), 4),
+        "bf16_vs_fp32_max_abs_dp": round(float(np.abs(p_real - f_real).max()), 4),
         "real_cells": len(real), "real_cells_called_all": int((p_real > 0.5).sum()),
         "synthetic_test_cells": len(test), "synthetic_test_max_abs_dp": round(float(np.abs(p_test - q_test).max()), 4),
         "synthetic_test_label_agreement": round(float(np.mean((p_test > 0.5) == (q_test > 0.5))), 4),

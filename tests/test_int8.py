@@ -11,10 +11,10 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from alnet.checkpoint import INT8_KEY, add_to_checkpoint
+from alnet.checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model
 from alnet.cli import app
 from alnet.data.cnmc import scan
-from alnet.infer.int8 import CALIBRATION_IMAGES, Int8Error, quantized
+from alnet.infer.int8 import CALIBRATION_IMAGES, Int8Error, quantized, weights_fingerprint
 from alnet.infer.predict import load_predictor, predict_files
 from alnet.infer.serve import create_app
 from alnet.models.alnet import ALNet
@@ -53,10 +53,11 @@ def test_folding_batchnorm_into_the_next_layer_leaves_every_output_unchanged(siz
 def test_training_stores_an_int8_calibration_made_of_tensors_only(mini_checkpoint):
     checkpoint = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)  # no code can run
     entry = checkpoint[INT8_KEY]
-    assert entry["engine"] == "onednn"
+    assert entry["engine"] == "onednn" and entry["headroom"] == 1.25
     assert 0 < entry["images"] <= CALIBRATION_IMAGES
-    assert entry["observers"] and all(isinstance(v, torch.Tensor) for v in entry["observers"].values())
+    assert entry["ranges"] and all(isinstance(v, torch.Tensor) for v in entry["ranges"].values())
     assert entry["logit_shift"].shape == (2,) and entry["feature_shift"].shape == (128,)
+    assert entry["weights"] == weights_fingerprint(load_trained_model(mini_checkpoint).model)
 
 
 def test_the_int8_form_computes_in_int8_and_answers_like_full_precision_on_real_cells(mini_checkpoint, mini_root):
@@ -124,31 +125,72 @@ def test_quantize_calibrates_a_checkpoint_that_has_no_int8_form_yet(checkpoint_c
     assert len(rows) == 4 and rows[0]["model"] == "alnet (int8)"
 
 
-@pytest.mark.parametrize("damage", ["not a dict", "wrong shape", "not finite", "missing shift", "other engine"])
+DAMAGE = ["not a dict", "wrong shape", "not finite", "absurd range", "min above max", "sparse", "missing shift",
+          "shift too large", "extra key", "other engine", "other weights"]
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precision_working(
         checkpoint_copy, mini_root, damage):
     entry = torch.load(checkpoint_copy, map_location="cpu", weights_only=True)[INT8_KEY]
-    name = next(iter(entry["observers"]))
+    ranges = entry["ranges"]
+    low = next(name for name in ranges if name.endswith("min_val"))
+    high = low.replace("min_val", "max_val")
     if damage == "not a dict":
         entry = "int8"
     elif damage == "wrong shape":
-        entry["observers"][name] = torch.zeros(10**6)
+        ranges[low] = torch.zeros(10**6)
     elif damage == "not finite":
         entry["logit_shift"] = torch.tensor([float("nan"), 0.0])
+    elif damage == "absurd range":
+        ranges[high] = torch.tensor(1e30)
+    elif damage == "min above max":
+        ranges[low], ranges[high] = torch.tensor(5.0), torch.tensor(1.0)
+    elif damage == "sparse":
+        entry["feature_shift"] = entry["feature_shift"].to_sparse()
     elif damage == "missing shift":
         del entry["feature_shift"]
-    else:
+    elif damage == "shift too large":
+        entry["logit_shift"] = torch.tensor([0.0, 50.0])
+    elif damage == "extra key":
+        ranges["logit_shift"] = entry["logit_shift"]
+    elif damage == "other engine":
         entry["engine"] = "fbgemm"
+    else:  # a valid calibration of other weights, copied in
+        entry["weights"] = "0" * 64
     add_to_checkpoint(checkpoint_copy, {INT8_KEY: entry})
     result = runner.invoke(app, ["predict", str(checkpoint_copy), str(mini_root), "--int8", "--out",
                                  str(checkpoint_copy.parent / "p.csv")])
-    assert result.exit_code == 2
+    assert result.exit_code == 2, result.output
     message = result.output.strip()
     assert message.startswith("error:") and "\n" not in message
     assert str(checkpoint_copy) in message and "alnet quantize" in message
+    if damage == "other weights":
+        assert "other weights" in message
     with pytest.raises(Int8Error):
         load_predictor(checkpoint_copy, int8=True)
     assert len(predict_files(load_predictor(checkpoint_copy), _real_cells(mini_root)[:2])[0]) == 2
+
+
+def test_quantize_rewrites_a_linked_checkpoint_s_target_keeps_its_mode_and_refuses_a_read_only_one(
+        checkpoint_copy, mini_root, tmp_path):
+    import os
+    import stat
+
+    add_to_checkpoint(checkpoint_copy, {INT8_KEY: None})
+    os.chmod(checkpoint_copy, 0o640)
+    link = tmp_path / "link.ckpt"
+    link.symlink_to(checkpoint_copy)
+    result = runner.invoke(app, ["quantize", str(link), "--data", str(mini_root), "--limit", "8"])
+    assert result.exit_code == 0, result.output
+    assert "only 8 cell(s)" in result.output  # few cells: said so
+    assert link.is_symlink() and torch.load(checkpoint_copy, weights_only=True)[INT8_KEY]["images"] == 8
+    assert stat.S_IMODE(checkpoint_copy.stat().st_mode) == 0o640
+    if os.geteuid() != 0:  # root may write anything: the check below is for everyone else
+        os.chmod(checkpoint_copy, 0o440)
+        refused = runner.invoke(app, ["quantize", str(checkpoint_copy), "--data", str(mini_root), "--limit", "4"])
+        assert refused.exit_code == 2 and "read-only" in refused.output
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
 
 def test_int8_is_refused_for_an_onnx_model_and_for_models_without_an_int8_form(mini_checkpoint, tmp_path):
@@ -161,11 +203,72 @@ def test_int8_is_refused_for_an_onnx_model_and_for_models_without_an_int8_form(m
     from alnet.models import create_model_from
 
     alexnet = create_model_from(RunConfig(model="alexnet", pretrained=False, image_size=136))  # a baseline
-    with pytest.raises(Int8Error, match="only ALNet"):
-        quantized(alexnet, {"engine": "onednn"}, "alexnet.ckpt")
+    with pytest.raises(Int8Error, match="alexnet.ckpt: alexnet has no int8 form, only ALNet has"):
+        quantized(alexnet, {"engine": "onednn"}, "alexnet.ckpt", "alexnet")
 
 
 def test_the_cli_default_number_of_calibration_cells_is_the_one_training_uses():
     from alnet.cli import infer
 
     assert infer.CALIBRATION_IMAGES == CALIBRATION_IMAGES
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(mini_root, tmp_path_factory):
+    """ALNet trained on the real cells until its answers spread over [0, 1]: the session's one-epoch model answers
+    about 0.49 for every cell, which would hide what int8 changes."""
+    from alnet.config import RunConfig
+    from alnet.data.cache import prepare
+    from alnet.data.transforms import Preprocessing
+    from alnet.train.run import train_run
+
+    base = tmp_path_factory.mktemp("sharp")
+    prepared = prepare(scan(mini_root).cells, base / "cache", Preprocessing(size=136))
+    config = RunConfig(protocol="paper", epochs=20, image_size=136, batch_size=16, lr=1e-3, augment=False,
+                       bn_momentum=0.5)
+    train_run(config, prepared, base / "run", progress=False, log=lambda message: None)
+    return base / "run" / "checkpoints" / "fold_0" / "last.ckpt"
+
+
+def _unlike_the_training_cells(mini_root) -> np.ndarray:
+    """Real cells altered inside their own outline, black background kept (so the image check lets them pass):
+    colours inverted, noise, and 2.5× brighter."""
+    from alnet.data.transforms import Preprocessing, load_image
+
+    cells = np.stack([load_image(path, Preprocessing(size=136))[0] for path in _real_cells(mini_root)[::4]])
+    inside = cells.max(-1, keepdims=True) > 24
+    noise = np.random.default_rng(0).integers(30, 240, cells.shape)
+    brighter = np.clip(cells * 2.5, 0, 245)
+    return np.concatenate([np.where(inside, x, 0).astype(np.uint8) for x in (255 - cells, noise, brighter)])
+
+
+@pytest.mark.slow
+def test_int8_keeps_a_trained_model_s_labels_and_refuses_what_full_precision_refuses(sharp_checkpoint, mini_root):
+    full = load_predictor(sharp_checkpoint, precision="32")
+    int8 = load_predictor(sharp_checkpoint, int8=True)
+    files = _real_cells(mini_root)
+    p_full = _probabilities(predict_files(full, files)[0])
+    p_int8 = _probabilities(predict_files(int8, files)[0])
+    assert p_full.min() < 0.2 and p_full.max() > 0.8  # answers spread out: the comparison has teeth
+    assert np.abs(p_int8 - p_full).max() < 0.1  # measured 0.06 (bf16: 0.008); mean 0.01
+    assert np.mean((p_int8 > 0.5) == (p_full > 0.5)) >= 0.95
+
+    unusual = _unlike_the_training_cells(mini_root)
+    refused_full = [status == "rejected" for status, _ in full.answer(unusual).statuses]
+    refused_int8 = [status == "rejected" for status, _ in int8.answer(unusual).statuses]
+    assert sum(refused_full) >= len(unusual) // 2  # the feature check refuses most of them in full precision…
+    assert refused_int8 == refused_full  # …and exactly those with --int8: they left the calibrated ranges
+    assert int8.fallbacks >= sum(refused_full)
+
+
+@pytest.mark.slow
+def test_the_int8_onnx_model_answers_within_a_few_hundredths_of_predict_int8(sharp_checkpoint, mini_root, tmp_path):
+    from alnet.infer.export import export_onnx
+
+    files = _real_cells(mini_root)
+    torch_int8 = _probabilities(predict_files(load_predictor(sharp_checkpoint, int8=True), files)[0])
+    onnx_path = export_onnx(sharp_checkpoint, tmp_path / "int8.onnx", int8=True)
+    onnx_int8 = load_predictor(onnx_path)
+    assert onnx_int8.described == "alnet (int8)"
+    answered = _probabilities(predict_files(onnx_int8, files, batch_size=5)[0])
+    assert np.abs(answered - torch_int8).max() < 0.05  # onnxruntime's int8 kernels round differently

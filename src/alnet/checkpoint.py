@@ -16,6 +16,7 @@ code when it is opened.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,15 +121,22 @@ def load_trained_model(path: Path | str) -> TrainedModel:
 
 def add_to_checkpoint(path: Path | str, entries: dict) -> None:
     """Store each of `entries` (top-level key → plain containers and tensors, e.g. `input_gate`, `calibration`,
-    `review`) in a checkpoint in one rewrite, atomically: the file is written beside it and renamed over it, so
-    a reader never sees half a checkpoint and a crash leaves the old one whole."""
-    path = Path(path)
+    `review`, `int8`) in a checkpoint in one rewrite, atomically: the file is written beside it and renamed over
+    it, so a reader never sees half a checkpoint and a crash leaves the old one whole. A link is followed (its
+    target is rewritten, the link stays); a read-only file is refused, and the file keeps its permissions."""
+    path = Path(path).resolve()
+    if not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path}: read-only; make it writable (chmod u+w) or work on a copy")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     checkpoint.update(entries)
     temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         torch.save(checkpoint, temporary)
+        os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a folder it cannot write as a RuntimeError
+        raise CheckpointError(f"{path}: cannot write the updated checkpoint beside it ({type(err).__name__}); make "
+                              "its folder writable or work on a copy") from None
     finally:
         temporary.unlink(missing_ok=True)
 

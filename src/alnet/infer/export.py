@@ -71,12 +71,16 @@ def export_int8_graph(network: nn.Module, size: int, out: Path) -> None:
 
 
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int8: bool = False) -> Path:
-    """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript), the batch axis
-    dynamic, then write alnet's metadata into the graph. `int8`: the checkpoint's int8 form, as QDQ."""
+    """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript) at `opset`, the batch
+    axis dynamic, then write alnet's metadata into the graph. `int8`: the checkpoint's int8 form as QDQ, through
+    the TorchScript-based exporter at INT8_OPSET (`opset` does not apply). The int8 graph has no full-precision
+    fallback: a picture whose activations leave the calibrated ranges is clipped, which weakens the feature
+    check on pictures far from the training cells."""
     import onnx
 
     trained = load_trained_model(checkpoint)
-    network = quantized(trained.model, trained.int8, str(checkpoint)) if int8 else Penultimate(trained.model)
+    network = quantized(trained.model, trained.int8, str(checkpoint), trained.name) if int8 else Penultimate(
+        trained.model)
     wrapper = ProbabilityOfAll(network, trained.head, trained.temperature).eval()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,8 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int
                         f"input gate ({ONNX_METADATA['input_gate']})",
         ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
         ONNX_METADATA["review"]: json.dumps(trained.review),
-        "alnet_int8": "yes: int8 weights and uint8 activations (QDQ), calibrated on training cells" if int8 else "no",
+        ONNX_METADATA["int8"]: "yes: int8 weights and uint8 activations (QDQ), calibrated on training cells; no "
+                               "full-precision fallback for pictures beyond the calibrated ranges" if int8 else "no",
         **({ONNX_METADATA["input_gate"]: trained.input_gate.to_json()} if trained.input_gate else {}),
     }.items():
         entry = graph.metadata_props.add()

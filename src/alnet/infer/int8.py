@@ -4,25 +4,29 @@ How (docs/design.md, "int8 inference"): PyTorch's FX graph-mode post-training qu
 engine. The BatchNorm layers are first folded into the layer after them (`ALNet.fold_batchnorm`, exact); then
 every convolution and dense layer runs in int8 with per-channel weights, and activations stay uint8 between them
 (max-pooling and ReLU included). oneDNN uses the CPU's int8 units (AMX-INT8, AVX-512 VNNI) and keeps all 8 bits
-of an activation. Measured on the CPUs at hand, PT2E would need torchao and an Inductor compile every time a
-model is loaded, and onnxruntime's int8 (the ONNX model `alnet export --int8` writes) was no faster than bf16.
+of an activation. PT2E would need torchao and an Inductor compile every time a model is loaded, and
+onnxruntime's int8 (the ONNX model `alnet export --int8` writes) was measured no faster than bf16.
 
-Two details keep the answers close to full precision's:
-- the input is quantized exactly: a preprocessed picture is k/255 for uint8 k, so scale 1/255 loses nothing
-  (a calibrated range would clip bright pixels of cells brighter than the calibration cells);
+What keeps its answers those of the full-precision model:
+- the input is quantized exactly: a preprocessed picture is k/255 for uint8 k, so scale 1/255 loses nothing;
+- every activation range is the range seen on the calibration cells, widened by HEADROOM. A picture whose
+  activations leave those ranges anywhere (it would be clipped: a cell far brighter than any training cell, or
+  no cell at all) is answered by the full-precision network instead (`Int8Network.checked`), so that the input
+  gate's feature check sees its true features and refuses it as it would without --int8;
 - bias correction: rounding shifts the logits and features by a constant on average (about 0.1–0.2 logit for
   ALNet), which is measured on the calibration cells and added back.
 
-What is stored: after training, histogram observers watch the fp32 model on up to CALIBRATION_IMAGES training
-cells (no augmentation); their state and the two mean shifts (tensors only) go into the checkpoint under
-`int8`. Loading prepares the same graph, puts the observers back and converts it: no code and no quantized
-tensor is ever read from a file.
+What is stored: after training, min/max observers watch the fp32 model on up to CALIBRATION_IMAGES training
+cells (no augmentation); their ranges, the two mean shifts and a fingerprint of the weights they were measured
+with (tensors, numbers and a string) go into the checkpoint under `int8`. Loading checks them, prepares the same
+graph, puts the ranges back and converts it: no code and no quantized tensor is ever read from a file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import warnings
-from typing import Iterable
 
 import numpy as np
 import torch
@@ -35,6 +39,9 @@ ENGINE = "onednn"
 CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 32
 INPUT_SCALE = 1 / 255  # a preprocessed picture holds k/255: quantized with this scale, it stays exact
+HEADROOM = 1.25  # activation ranges: the calibration cells' range × this, so that those cells never reach an end
+MAX_SHIFT = 5.0  # a bias correction beyond this many units is damage, not rounding
+MAX_RANGE = 1e4  # ALNet's activations stay within tens; a stored range beyond this is damage
 
 # torch.ao.quantization warns that it will move to torchao; the API works as documented in the torch we pin.
 warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
@@ -46,6 +53,20 @@ class Int8Error(ValueError):
     """A model or checkpoint that cannot run in int8; the message says what to do instead."""
 
 
+@contextlib.contextmanager
+def _engine():
+    """oneDNN for packing the weights; the process's own engine is put back afterwards (the packed weights keep
+    running on oneDNN whatever it is)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = ENGINE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
 class Int8Network(nn.Module):
     """Float images N×3×H×W in [0, 1] → (logits, penultimate features), fp32, computed in int8."""
 
@@ -54,10 +75,42 @@ class Int8Network(nn.Module):
         self.graph = graph
         self.register_buffer("logit_shift", logit_shift.float())
         self.register_buffer("feature_shift", feature_shift.float())
+        # Layers that requantize their output to a calibrated range (convolutions, dense layers).
+        self._ranged = [m for m in graph.modules() if hasattr(m, "scale") and hasattr(m, "zero_point")]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = self.graph(torch.quantize_per_tensor(x, INPUT_SCALE, 0, torch.quint8))
         return logits + self.logit_shift, features + self.feature_shift
+
+    @torch.no_grad()
+    def checked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward`, plus per image whether any activation reached an end of its range (a value there may have
+        been clipped; a range that starts at 0 holds ReLU outputs and only its top counts)."""
+        beyond = torch.zeros(len(x), dtype=torch.bool)
+
+        def watch(module, _inputs, out):
+            values = _stored_bytes(out)
+            dims = tuple(range(1, values.dim()))
+            hit = values.amax(dim=dims) == 255
+            if module.zero_point > 0:
+                hit |= values.amin(dim=dims) == 0
+            beyond.logical_or_(hit)
+
+        hooks = [module.register_forward_hook(watch) for module in self._ranged]
+        try:
+            logits, features = self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logits, features, beyond
+
+
+def _stored_bytes(quantized_tensor: torch.Tensor) -> torch.Tensor:
+    """The uint8 values of a quint8 tensor, as a view of its memory (`int_repr` copies, which cost as much as the
+    layer that made the tensor)."""
+    return torch.empty(0, dtype=torch.uint8).set_(quantized_tensor.untyped_storage(),
+                                                  quantized_tensor.storage_offset(), quantized_tensor.size(),
+                                                  quantized_tensor.stride())
 
 
 def supports_int8(model: nn.Module) -> bool:
@@ -65,18 +118,28 @@ def supports_int8(model: nn.Module) -> bool:
     return callable(getattr(model, "fold_batchnorm", None))
 
 
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's weights and buffers: ties a calibration to the weights it was measured with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _prepared(folded: nn.Module) -> torch.fx.GraphModule:
     """The folded model → (logits, penultimate features) as an FX graph that takes a quint8 input (scale 1/255)
-    and has an observer after each activation."""
-    from torch.ao.quantization import get_default_qconfig_mapping
+    and has a min/max observer after each activation."""
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+    from torch.ao.quantization.observer import MinMaxObserver, default_per_channel_weight_observer
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    torch.backends.quantized.engine = ENGINE  # the weights are packed for the engine that will run them
+    qconfig = QConfig(activation=MinMaxObserver.with_args(dtype=torch.quint8),
+                      weight=default_per_channel_weight_observer)
     size = getattr(folded, "input_size", 224)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return prepare_fx(Penultimate(folded), get_default_qconfig_mapping(ENGINE),
+    with _engine():
+        return prepare_fx(Penultimate(folded), get_default_qconfig_mapping(ENGINE).set_global(qconfig),
                           example_inputs=(torch.zeros(2, 3, size, size),),
                           prepare_custom_config=PrepareCustomConfig().set_input_quantized_indexes([0]))
 
@@ -84,73 +147,91 @@ def _prepared(folded: nn.Module) -> torch.fx.GraphModule:
 def _converted(prepared: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _engine():
         return convert_fx(prepared)
 
 
-def _observer_state(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    return {name: value for name, value in prepared.state_dict().items() if name.startswith("activation_post_process")}
+def _ranges(prepared: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The observers' min_val/max_val, by state-dict name."""
+    return {name: value for name, value in prepared.state_dict().items()
+            if name.startswith("activation_post_process") and name.endswith(("min_val", "max_val"))}
+
+
+def _batches(images: torch.Tensor):
+    for start in range(0, len(images), CALIBRATION_BATCH):
+        yield to_float(images[start:start + CALIBRATION_BATCH])
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict:
-    """The checkpoint entry for `model`'s int8 form, from `batches` of its training cells (float N×3×H×W in [0, 1],
-    preprocessed as for training, no augmentation): the activation ranges, then the mean shifts of the logits
-    and features that int8 rounding causes on the same cells."""
+def calibrate(model: nn.Module, images: torch.Tensor) -> dict:
+    """The checkpoint entry for `model`'s int8 form, from its training cells `images` (uint8 N×H×W×3, preprocessed
+    as for training, no augmentation): the activation ranges (widened by HEADROOM), then the mean shifts of the
+    logits and features that int8 rounding causes on the same cells, and the weights' fingerprint."""
     if not supports_int8(model):
         raise Int8Error(f"{type(model).__name__} has no int8 form; only ALNet has")
+    if len(images) == 0:
+        raise Int8Error("no cells to calibrate the int8 model on")
     folded = model.fold_batchnorm()
     prepared = _prepared(folded)
-    batches = [batch.float().cpu() for batch in batches]
-    if not batches or sum(len(batch) for batch in batches) == 0:
-        raise Int8Error("no cells to calibrate the int8 model on")
-    for batch in batches:
-        prepared(batch)
-    observers = {name: value.detach().clone() for name, value in _observer_state(prepared).items()}
-    int8 = _converted(prepared)
+    for batch in _batches(images):
+        prepared(torch.quantize_per_tensor(batch, INPUT_SCALE, 0, torch.quint8).dequantize())
+    ranges = {name: value.detach().clone() * HEADROOM for name, value in _ranges(prepared).items()}
+    prepared.load_state_dict({**prepared.state_dict(), **ranges})
+    int8 = Int8Network(_converted(prepared), torch.zeros(2), torch.zeros(folded.num_features))
     reference = Penultimate(folded)
     logit_shift = feature_shift = 0
-    for batch in batches:
+    for batch in _batches(images):
         logits, features = reference(batch)
-        int8_logits, int8_features = int8(torch.quantize_per_tensor(batch, INPUT_SCALE, 0, torch.quint8))
+        int8_logits, int8_features = int8(batch)
         logit_shift = logit_shift + (logits - int8_logits).sum(0)
         feature_shift = feature_shift + (features - int8_features).sum(0)
-    images = sum(len(batch) for batch in batches)
-    return {"engine": ENGINE, "images": images, "observers": observers,
-            "logit_shift": logit_shift / images, "feature_shift": feature_shift / images}
+    return {"engine": ENGINE, "images": len(images), "headroom": HEADROOM, "weights": weights_fingerprint(model),
+            "ranges": ranges, "logit_shift": logit_shift / len(images),
+            "feature_shift": feature_shift / len(images)}
 
 
-def calibration_batches(images: torch.Tensor, rows: np.ndarray, seed: int = 0,
-                        limit: int = CALIBRATION_IMAGES) -> Iterable[torch.Tensor]:
-    """Up to `limit` of `rows` of a uint8 cache (N×H×W×3), drawn at random with `seed`, as float batches."""
+def calibration_images(images: torch.Tensor, rows: np.ndarray, seed: int = 0,
+                       limit: int = CALIBRATION_IMAGES) -> torch.Tensor:
+    """Up to `limit` of `rows` of a uint8 cache (N×H×W×3), drawn at random with `seed`."""
     rows = np.asarray(rows, dtype=np.int64)
     if len(rows) > limit:
         rows = np.sort(np.random.default_rng(seed).choice(rows, limit, replace=False))
-    for start in range(0, len(rows), CALIBRATION_BATCH):
-        yield to_float(images[torch.from_numpy(rows[start:start + CALIBRATION_BATCH])])
+    return images[torch.from_numpy(rows)]
 
 
-def _fits(stored: object, expected: torch.Tensor) -> bool:
-    return (isinstance(stored, torch.Tensor) and stored.shape == expected.shape and stored.dtype == expected.dtype
-            and bool(torch.isfinite(stored).all()))
+def _tensor_fits(stored: object, expected: torch.Tensor, bound: float) -> bool:
+    return (isinstance(stored, torch.Tensor) and stored.layout == torch.strided and stored.shape == expected.shape
+            and stored.dtype == expected.dtype and bool(torch.isfinite(stored).all())
+            and bool((stored.abs() <= bound).all()))
 
 
-def quantized(model: nn.Module, entry: object, source: str = "the checkpoint") -> Int8Network:
-    """`model`'s int8 form from its calibration `entry` (`calibrate`'s output as read back from a checkpoint)."""
-    if not supports_int8(model):
-        raise Int8Error(f"{source}: {type(model).__name__} has no int8 form; only ALNet has (leave out --int8)")
+def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Tensor], source: str,
+                   name: str) -> dict:
+    """The entry if every part of it is what `calibrate` writes for this model, else a one-line Int8Error."""
+    again = f"calibrate it again with `alnet quantize {source} --data TRAINING_CELLS`"
     if entry is None:
         raise Int8Error(f"{source}: holds no int8 calibration; add one with `alnet quantize {source} --data "
                         "TRAINING_CELLS`")
+    if not (isinstance(entry, dict) and entry.get("engine") == ENGINE and isinstance(entry.get("ranges"), dict)
+            and set(entry["ranges"]) == set(expected)
+            and all(_tensor_fits(entry["ranges"][key], value, MAX_RANGE) for key, value in expected.items())
+            and all(bool(entry["ranges"][key] <= entry["ranges"][key.replace("min_val", "max_val")])
+                    for key in expected if key.endswith("min_val"))
+            and all(_tensor_fits(entry.get(key), torch.zeros(width), MAX_SHIFT)
+                    for key, width in (("logit_shift", 2), ("feature_shift", model.num_features)))):
+        raise Int8Error(f"{source}: its int8 calibration is damaged or from another version of alnet; {again}")
+    if entry.get("weights") != weights_fingerprint(model):
+        raise Int8Error(f"{source}: its int8 calibration was measured with other weights than {name}'s in this "
+                        f"file; {again}")
+    return entry
+
+
+def quantized(model: nn.Module, entry: object, source: str = "the checkpoint", name: str = "the model"
+              ) -> Int8Network:
+    """`model`'s int8 form from its calibration `entry` (`calibrate`'s output as read back from `source`)."""
+    if not supports_int8(model):
+        raise Int8Error(f"{source}: {name} has no int8 form, only ALNet has; leave out --int8")
     prepared = _prepared(model.fold_batchnorm())
-    shifts = {"logit_shift": torch.zeros(2), "feature_shift": torch.zeros(model.num_features)}  # two logits: HEM, ALL
-    expected = {**_observer_state(prepared), **shifts}
-    stored = {**entry["observers"], **{name: entry.get(name) for name in shifts}} if (
-        isinstance(entry, dict) and isinstance(entry.get("observers"), dict)) else None
-    if stored is None or entry.get("engine") != ENGINE or set(stored) != set(expected) or not all(
-            _fits(stored[name], value) for name, value in expected.items()):
-        raise Int8Error(f"{source}: its int8 calibration does not fit this model or this version; calibrate it "
-                        f"again with `alnet quantize {source} --data TRAINING_CELLS`")
-    prepared.load_state_dict({**prepared.state_dict(), **entry["observers"]})
-    return Int8Network(_converted(prepared), stored["logit_shift"], stored["feature_shift"]).eval()
+    entry = _checked_entry(model, entry, _ranges(prepared), source, name)
+    prepared.load_state_dict({**prepared.state_dict(), **entry["ranges"]})
+    return Int8Network(_converted(prepared), entry["logit_shift"], entry["feature_shift"]).eval()

@@ -36,7 +36,8 @@ from ..trust.screen import OK, REJECTED, InputGate
 from .int8 import Int8Error, quantized
 
 ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing",  # keys `alnet export` writes
-                 "calibration": "alnet_calibration", "review": "alnet_review", "input_gate": "alnet_input_gate"}
+                 "calibration": "alnet_calibration", "review": "alnet_review", "input_gate": "alnet_input_gate",
+                 "int8": "alnet_int8"}
 # One row per image. probability_all is calibrated (when the model is), probability_raw the network's own;
 # status is ok, review (the label is still given) or rejected (the input gate refused the image: no label or
 # probabilities); reason says why.
@@ -71,6 +72,7 @@ class Predictor:
     review: dict | None = None  # the review band ({"half_width": …}), when the model has one
     gate: InputGate = InputGate()  # what refuses images that are not cells
     variant: str = ""  # how the network runs when that changes its answers slightly: "int8"
+    fallbacks: int = 0  # int8: pictures answered in full precision because they left the calibrated ranges
 
     @property
     def described(self) -> str:
@@ -150,27 +152,37 @@ def load_predictor(path: Path | str, precision: str | None = None, accelerator: 
 
 def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: bool) -> Predictor:
     trained = load_trained_model(path)
-    if int8:
-        network = quantized(trained.model, trained.int8, str(path))  # int8 kernels run on the CPU
-        device, runs_as = torch.device("cpu"), resolve_precision("32", "cpu")
-    else:
-        # The precision the run trained with unless told otherwise, on the device this machine offers.
-        runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), accelerator)
-        device = torch.device(runs_as.device_type)
-        model = trained.model.to(device)
-        network = Penultimate(model.to(memory_format=torch.channels_last) if runs_as.channels_last else model)
+    int8_network = quantized(trained.model, trained.int8, str(path), trained.name) if int8 else None
+    # The precision the run trained with unless told otherwise, on the device this machine offers (the CPU for
+    # int8, whose kernels are CPU kernels: its full-precision fallback runs there too).
+    runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), "cpu" if int8 else accelerator)
+    device = torch.device(runs_as.device_type)
+    model = trained.model.to(device)
+    network = Penultimate(model.to(memory_format=torch.channels_last) if runs_as.channels_last else model)
+
+    def full_precision(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with runs_as.autocast():
+            logits, features = network(runs_as.input(x))
+        return logits.float(), features.float()
+
+    def int8_with_fallback(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8, except for pictures whose activations left the calibrated ranges: those in full precision."""
+        logits, features, beyond = int8_network.checked(x)
+        if beyond.any():
+            logits[beyond], features[beyond] = full_precision(x[beyond])
+            predictor.fallbacks += int(beyond.sum())
+        return logits, features
 
     @torch.no_grad()
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = runs_as.input(_floats(images, device))
-        with runs_as.autocast():
-            logits, features = network(x)
-            raw = trained.probability_all(logits).float()
+        logits, features = (int8_with_fallback if int8 else full_precision)(_floats(images, device))
+        raw = trained.probability_all(logits).float()
         calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
-        return calibrated.cpu().numpy(), raw.cpu().numpy(), features.float().cpu().numpy()
+        return calibrated.cpu().numpy(), raw.cpu().numpy(), features.cpu().numpy()
 
-    return Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,
-                     InputGate(None, trained.input_gate), "int8" if int8 else "")
+    predictor = Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,
+                          InputGate(None, trained.input_gate), "int8" if int8 else "")
+    return predictor
 
 
 def _onnx_predictor(path: Path) -> Predictor:
@@ -216,7 +228,8 @@ def _onnx_predictor(path: Path) -> Predictor:
         return calibrated, found.get("probability_raw", calibrated).astype(np.float32), found.get("features")
 
     return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs, review=review,
-                     gate=InputGate(None, feature_gate))
+                     gate=InputGate(None, feature_gate),
+                     variant="int8" if meta.get(ONNX_METADATA["int8"], "").startswith("yes") else "")
 
 
 def _images_below(folder: Path) -> list[Path]:

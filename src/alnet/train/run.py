@@ -24,7 +24,7 @@ from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
-from ..infer.int8 import calibrate, calibration_batches, supports_int8
+from ..infer.int8 import calibrate, calibration_images, supports_int8
 from ..models import WeightsError, create_model_from, model_spec
 from ..trust.fitting import fit_on_validation, not_fitted
 from ..trust.screen import InputGate, fit_gate, screen_rows
@@ -134,15 +134,15 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
                                        [job.cells[i].subject for i in split.train], seed=config.seed,
                                        cached=inputs if module.on_features else None,
                                        autocast=module.precision_path.autocast))
-    # The int8 form (ALNet) learns its activation ranges from the training cells, as they come into the model.
-    int8 = calibrate(module.model, calibration_batches(job.images, split.train, seed=config.seed)) if supports_int8(
-        module.model) and len(split.train) else None
     reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"],
                           cached=inputs if module.on_features else None, autocast=module.precision_path.autocast)
     rows = prediction_rows(split.name, job.cells, module.test_predictions, trust, reasons)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
+        # The int8 form (ALNet) learns its activation ranges from training cells, as they come into the model.
+        int8 = calibrate(module.model, calibration_images(job.images, split.train, seed=config.seed)) if (
+            supports_int8(module.model) and len(split.train)) else None
         # What predict, serve and export use beside the weights.
         add_fitted_knowledge(chosen, trust, gate.features, int8)
         run.write_json(run.fold_trust(split.name), trust)
