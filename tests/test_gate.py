@@ -268,8 +268,8 @@ def test_a_refused_image_is_rejected_before_review_and_an_accepted_one_close_to_
     cell = load_image(_real_cells(mini_root)[0], Preprocessing(size=136))[0]
     images = np.stack([cell, np.zeros_like(cell)])  # a real cell and a blank picture
 
-    def outputs(batch):  # calibrated, raw P(ALL), no features: both inside a review band of half-width 0.2
-        return np.full(len(batch), 0.55, np.float32), np.full(len(batch), 0.7, np.float32), None
+    def outputs(batch):  # calibrated, raw P(ALL), no features, no int8 ranges: inside a review band of width 0.2
+        return np.full(len(batch), 0.55, np.float32), np.full(len(batch), 0.7, np.float32), None, None
 
     predictor = Predictor(Path("model.ckpt"), "fake", Preprocessing(size=136), outputs, review={"half_width": 0.2},
                           gate=InputGate())

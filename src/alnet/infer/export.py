@@ -24,6 +24,8 @@ OPSET = 18  # the torch.export-based exporter's own opset; older ones would need
 # torch.export cannot trace quantized tensors; the TorchScript-based exporter writes PyTorch's int8 operators as
 # QDQ, with per-channel weights from opset 13.
 INT8_OPSET = 13
+INT8_NOTE = ("yes: int8 weights and uint8 activations (QDQ), calibrated on training cells; no full-precision "
+             "fallback: pictures beyond the calibrated ranges are flagged in beyond_range")
 OUTPUT_NAMES = ("probability_all", "probability_raw", "features")  # what ProbabilityOfAll returns, in order
 BATCH_LIMIT = 2**20  # images per call; the graph's batch axis is symbolic up to this
 
@@ -70,6 +72,38 @@ def export_int8_graph(network: nn.Module, size: int, out: Path) -> None:
                           input_names=["image"], output_names=list(OUTPUT_NAMES), dynamic_axes=names)
 
 
+def flag_beyond_ranges(graph) -> None:
+    """Add the output `beyond_range` (bool per image) to an int8 QDQ graph: whether any activation reached an end
+    of its calibrated range (the top; also the bottom where the range does not start at 0), where it may have been
+    clipped. `alnet predict` refuses those pictures, since the file cannot answer them in full precision."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = {node.output[0]: numpy_helper.to_array(node.attribute[0].t) for node in graph.graph.node
+                 if node.op_type == "Constant" and node.attribute and node.attribute[0].type == 4}  # 4: a tensor
+    constants.update({t.name: numpy_helper.to_array(t) for t in graph.graph.initializer})
+    image = graph.graph.input[0].name
+    added, flags = [], []
+    for k, limit in enumerate((255, 0)):
+        added.append(helper.make_node("Constant", [], [f"beyond/limit{k}"], value=helper.make_tensor(
+            f"beyond/limit{k}", TensorProto.UINT8, [], [limit])))
+    for i, node in enumerate(n for n in list(graph.graph.node) if n.op_type == "QuantizeLinear"):
+        if node.input[0] == image:
+            continue  # the input: quantized exactly, nothing to clip
+        zero_point = constants.get(node.input[2]) if len(node.input) > 2 else None
+        ends = [("ReduceMax", 0)] + ([("ReduceMin", 1)] if zero_point is not None and int(zero_point) > 0 else [])
+        flat = f"beyond/{i}/flat"
+        added.append(helper.make_node("Flatten", [node.output[0]], [flat], axis=1))
+        for reduce, k in ends:
+            added += [helper.make_node(reduce, [flat], [f"beyond/{i}/{reduce}"], axes=[1], keepdims=0),
+                      helper.make_node("Equal", [f"beyond/{i}/{reduce}", f"beyond/limit{k}"], [f"beyond/{i}/{k}"])]
+            flags.append(f"beyond/{i}/{k}")
+    for j in range(1, len(flags)):
+        name = "beyond_range" if j == len(flags) - 1 else f"beyond/or{j}"
+        added.append(helper.make_node("Or", [flags[j - 1] if j == 1 else f"beyond/or{j - 1}", flags[j]], [name]))
+    graph.graph.node.extend(added)
+    graph.graph.output.append(helper.make_tensor_value_info("beyond_range", TensorProto.BOOL, ["batch"]))
+
+
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int8: bool = False) -> Path:
     """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript) at `opset`, the batch
     axis dynamic, then write alnet's metadata into the graph. `int8`: the checkpoint's int8 form as QDQ, through
@@ -88,6 +122,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int
     if int8:
         export_int8_graph(wrapper, size, out)
         graph = onnx.load(str(out))
+        flag_beyond_ranges(graph)
     elif model_spec(trained.name).hybrid:  # backbone by torch + classifier by skl2onnx, one graph
         import tempfile
 
@@ -107,8 +142,7 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int
                         f"input gate ({ONNX_METADATA['input_gate']})",
         ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
         ONNX_METADATA["review"]: json.dumps(trained.review),
-        ONNX_METADATA["int8"]: "yes: int8 weights and uint8 activations (QDQ), calibrated on training cells; no "
-                               "full-precision fallback for pictures beyond the calibrated ranges" if int8 else "no",
+        ONNX_METADATA["int8"]: INT8_NOTE if int8 else "no",
         **({ONNX_METADATA["input_gate"]: trained.input_gate.to_json()} if trained.input_gate else {}),
     }.items():
         entry = graph.metadata_props.add()

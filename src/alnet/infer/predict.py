@@ -46,6 +46,10 @@ PREDICTION_FIELDS = ["path", "label", "probability_all", "probability_raw", "sta
 EARLIER_PREDICTION_FIELDS = (["path", "label", "probability_all", "model", "checkpoint", "note"],  # still ours
                              ["path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"])
 SMALL_SIDE = 64  # pixels; a cell image this small carries too little detail for the answer to mean much
+# Why an int8 ONNX model refuses a picture it would have to clip (the checkpoint answers those in full precision).
+BEYOND_INT8_RANGES = ("unlike the cells the model was trained on: its activations leave the ranges this int8 model "
+                      "was calibrated on, and an ONNX file has no full-precision fallback (use the checkpoint with "
+                      "--int8, or the full-precision export)")
 
 
 @dataclass
@@ -61,13 +65,14 @@ class Answers:
 class Predictor:
     """P(ALL) of uint8 N×H×W×3 batches, from a checkpoint (torch) or an .onnx file (onnxruntime).
 
-    `outputs(images)` gives (calibrated P(ALL), raw P(ALL), penultimate features or None); without a
-    calibration the two probabilities are equal."""
+    `outputs(images)` gives (calibrated P(ALL), raw P(ALL), penultimate features or None, and per image whether
+    its activations left the ranges an int8 ONNX model was calibrated on, or None); without a calibration the two
+    probabilities are equal."""
 
     source: Path
     model_name: str
     preprocessing: Preprocessing
-    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]]
     trained: TrainedModel | None = None  # the network, when loaded from a checkpoint (Grad-CAM needs it)
     review: dict | None = None  # the review band ({"half_width": …}), when the model has one
     gate: InputGate = InputGate()  # what refuses images that are not cells
@@ -102,7 +107,7 @@ class Predictor:
         flags = [(OK, "")] * len(images)
         if keep.any():
             kept = np.ascontiguousarray(images[keep])
-            kept_calibrated, kept_raw, features = self.outputs(kept)
+            kept_calibrated, kept_raw, features, beyond = self.outputs(kept)
             variants = None
             if tta:
                 flips = [kept[:, :, ::-1], kept[:, ::-1], kept[:, ::-1, ::-1]]
@@ -117,6 +122,8 @@ class Predictor:
             if gate:
                 for i, reason in zip(np.flatnonzero(keep), self.gate.feature_reasons(features)):
                     reasons[i] = reasons[i] or reason
+                for i in np.flatnonzero(keep)[beyond] if beyond is not None else ():
+                    reasons[i] = reasons[i] or BEYOND_INT8_RANGES
         # The gate's verdict comes before review: a refused image is not a cell to look at more closely.
         flags = [(REJECTED, reason) if reason else flag for reason, flag in zip(reasons, flags)]
         if not answer_refused:
@@ -174,11 +181,11 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: 
         return logits, features
 
     @torch.no_grad()
-    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
         logits, features = (int8_with_fallback if int8 else full_precision)(_floats(images, device))
         raw = trained.probability_all(logits).float()
         calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
-        return calibrated.cpu().numpy(), raw.cpu().numpy(), features.cpu().numpy()
+        return calibrated.cpu().numpy(), raw.cpu().numpy(), features.cpu().numpy(), None
 
     predictor = Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,
                           InputGate(None, trained.input_gate), "int8" if int8 else "")
@@ -221,11 +228,16 @@ def _onnx_predictor(path: Path) -> Predictor:
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
 
-    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         x = _floats(images).contiguous().numpy()
         found = dict(zip(names, session.run(None, {input_name: x})))
         calibrated = found[names[0]].astype(np.float32)  # the first output is P(ALL) as the model answers it
-        return calibrated, found.get("probability_raw", calibrated).astype(np.float32), found.get("features")
+        beyond = found.get("beyond_range")
+        if beyond is not None and np.shape(beyond) != (len(images),):
+            raise ValueError(f"{path}: its beyond_range output does not give one value per image; export the model "
+                             "again with `alnet export --int8`")
+        return (calibrated, found.get("probability_raw", calibrated).astype(np.float32), found.get("features"),
+                None if beyond is None else np.asarray(beyond, dtype=bool).reshape(-1))
 
     return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs, review=review,
                      gate=InputGate(None, feature_gate),
