@@ -126,3 +126,13 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
     between = total - sum(r["ms"] for r in rows) / 1000  # functional activations, pooling, layout changes
     return rows[:top] + [{"layer": "(between layers)", "ms": round(1000 * between, 2),
                           "time_share": round(between / total, 3), "gflops": None}]
+
+
+def predictor_rate(predictor, images, batch_size: int) -> float:
+    """Images/s of `predictor` (an `alnet.infer.predict.Predictor`) over uint8 `images` in batches, after one
+    warm-up batch (kernel selection, weight packing)."""
+    predictor(images[:batch_size])
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        predictor(images[i:i + batch_size])
+    return len(images) / (time.perf_counter() - start)

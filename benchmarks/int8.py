@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from efficiency import efficiency, forward_flops, peaks
+from efficiency import efficiency, forward_flops, peaks, predictor_rate
 
 from alnet.config import RunConfig
 from alnet.data.cache import prepare
@@ -73,13 +73,6 @@ def cached(root: Path, workdir: Path, name: str) -> tuple[np.ndarray, np.ndarray
     return np.asarray(prepared.images), np.array([c.label for c in prepared.cells])
 
 
-def rate(predictor, images: np.ndarray, batch_size: int) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        predictor(images[i:i + batch_size])
-    return len(images) / (time.perf_counter() - start)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", type=Path, help="an ALNet checkpoint with its int8 calibration")
@@ -102,12 +95,10 @@ def main():
         # Real cells, repeated: random pixels would leave the int8 form's calibrated ranges and be answered in
         # full precision, which times the fallback, not int8.
         images = real[np.arange(args.images) % len(real)]
-        for predictor in (default, int8, onnx_int8):
-            predictor(images[:args.batch_size])  # warm-up: kernel selection, weight packing
         rounds = {"default": [], "int8": [], "onnx_int8": []}
         for _ in range(args.rounds):  # interleaved, so that a noisy moment hits every path
             for name, predictor in (("default", default), ("int8", int8), ("onnx_int8", onnx_int8)):
-                rounds[name].append(rate(predictor, images, args.batch_size))
+                rounds[name].append(predictor_rate(predictor, images, args.batch_size))
         best = {name: max(rates) for name, rates in rounds.items()}
         timed_fallbacks = int8.fallbacks
         p_real, q_real = default(real), int8(real)

@@ -12,27 +12,18 @@ Usage: python benchmarks/onnx_inference.py [--checkpoint CKPT] [--images 256] [-
 import argparse
 import json
 import tempfile
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from efficiency import efficiency, forward_flops, peak_for, peaks
+from efficiency import efficiency, forward_flops, peak_for, peaks, predictor_rate
 
 from alnet.config import RunConfig
 from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
 from alnet.infer.predict import load_predictor
 from alnet.train.module import CellClassifier
-
-
-def rate(predictor, images: np.ndarray, batch_size: int) -> float:
-    predictor(images[:batch_size])  # warm-up
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        predictor(images[i:i + batch_size])
-    return len(images) / (time.perf_counter() - start)
 
 
 def main():
@@ -51,9 +42,10 @@ def main():
         default = load_predictor(checkpoint, accelerator="cpu")  # a CPU comparison, GPU or not
         size = default.preprocessing.size
         images = np.random.default_rng(0).integers(0, 255, (args.images, size, size, 3), dtype=np.uint8)
-        torch_default = rate(default, images, args.batch_size)
-        torch_fp32 = rate(load_predictor(checkpoint, precision="32", accelerator="cpu"), images, args.batch_size)
-        onnx = rate(load_predictor(onnx_path), images, args.batch_size)
+        torch_default = predictor_rate(default, images, args.batch_size)
+        fp32 = load_predictor(checkpoint, precision="32", accelerator="cpu")
+        torch_fp32 = predictor_rate(fp32, images, args.batch_size)
+        onnx = predictor_rate(load_predictor(onnx_path), images, args.batch_size)
         flops = forward_flops(default.trained.model, size)
         bf16 = default.trained.config.get("precision", "auto") != "32" and resolve_precision("auto", "cpu").lightning \
             == "bf16-mixed"
