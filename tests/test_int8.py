@@ -127,12 +127,12 @@ def test_quantize_calibrates_a_checkpoint_that_has_no_int8_form_yet(checkpoint_c
 
 
 DAMAGE = ["not a dict", "wrong shape", "not finite", "absurd range", "min above max", "sparse", "missing shift",
-          "shift too large", "extra key", "other engine", "other weights"]
+          "shift too large", "extra key", "other engine", "edited value", "other weights"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precision_working(
-        checkpoint_copy, mini_root, damage):
+        checkpoint_copy, mini_checkpoint, mini_root, damage):
     entry = torch.load(checkpoint_copy, map_location="cpu", weights_only=True)[INT8_KEY]
     ranges = entry["ranges"]
     low = next(name for name in ranges if name.endswith("min_val"))
@@ -157,8 +157,11 @@ def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precisio
         ranges["logit_shift"] = entry["logit_shift"]
     elif damage == "other engine":
         entry["engine"] = "fbgemm"
-    else:  # a valid calibration of other weights, copied in
-        entry["weights"] = "0" * 64
+    elif damage == "edited value":  # well formed, plausible, and not what calibration measured
+        entry["logit_shift"] = torch.tensor([0.5, -0.5])
+    else:  # a whole, valid calibration of another fold's weights, copied in
+        other = mini_checkpoint.parents[1] / "fold_1" / mini_checkpoint.name
+        entry = torch.load(other, map_location="cpu", weights_only=True)[INT8_KEY]
     add_to_checkpoint(checkpoint_copy, {INT8_KEY: entry})
     result = runner.invoke(app, ["predict", str(checkpoint_copy), str(mini_root), "--int8", "--out",
                                  str(checkpoint_copy.parent / "p.csv")])
@@ -166,8 +169,8 @@ def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precisio
     message = result.output.strip()
     assert message.startswith("error:") and "\n" not in message
     assert str(checkpoint_copy) in message and "alnet quantize" in message
-    if damage == "other weights":
-        assert "other weights" in message
+    if damage in ("edited value", "other weights"):
+        assert ("edited or damaged" if damage == "edited value" else "other weights") in message
     with pytest.raises(Int8Error):
         load_predictor(checkpoint_copy, int8=True)
     assert len(predict_files(load_predictor(checkpoint_copy), _real_cells(mini_root)[:2])[0]) == 2
@@ -187,11 +190,12 @@ def test_quantize_rewrites_a_linked_checkpoint_s_target_keeps_its_mode_and_refus
     assert "only 8 cell(s)" in result.output  # few cells: said so
     assert link.is_symlink() and torch.load(checkpoint_copy, weights_only=True)[INT8_KEY]["images"] == 8
     assert stat.S_IMODE(checkpoint_copy.stat().st_mode) == 0o640
-    if os.geteuid() != 0:  # root may write anything: the check below is for everyone else
-        os.chmod(checkpoint_copy, 0o440)
-        refused = runner.invoke(app, ["quantize", str(checkpoint_copy), "--data", str(mini_root), "--limit", "4"])
-        assert refused.exit_code == 2 and "read-only" in refused.output
-    assert not list(tmp_path.glob(".*.tmp-*"))
+    os.chmod(checkpoint_copy, 0o440)  # refused for root too: the mode is the user's wish
+    before = checkpoint_copy.read_bytes()
+    refused = runner.invoke(app, ["quantize", str(checkpoint_copy), "--data", str(mini_root), "--limit", "4"])
+    assert refused.exit_code == 2 and "read-only" in refused.output
+    assert checkpoint_copy.read_bytes() == before
+    assert not [p for p in checkpoint_copy.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 def test_int8_is_refused_for_an_onnx_model_and_for_models_without_an_int8_form(mini_checkpoint, tmp_path):
@@ -277,3 +281,30 @@ def test_the_int8_onnx_model_answers_within_a_few_hundredths_of_predict_int8(sha
     statuses = onnx_int8.answer(_unlike_the_training_cells(mini_root)).statuses
     assert {status for status, _ in statuses} == {"rejected"}
     assert any("leave the ranges this int8 model was calibrated on" in reason for _, reason in statuses)
+
+
+def test_an_int8_onnx_model_without_its_beyond_range_output_is_refused_when_loaded(mini_checkpoint, tmp_path):
+    from alnet.infer.export import export_onnx
+
+    graph = onnx.load(str(export_onnx(mini_checkpoint, tmp_path / "int8.onnx", int8=True)))
+    kept = [o for o in graph.graph.output if o.name != "beyond_range"]
+    del graph.graph.output[:]
+    graph.graph.output.extend(kept)
+    onnx.save(graph, str(tmp_path / "edited.onnx"))
+    with pytest.raises(ValueError, match="beyond_range"):
+        load_predictor(tmp_path / "edited.onnx")
+
+
+def test_threads_sharing_one_int8_predictor_get_the_answers_each_would_get_alone(mini_checkpoint, mini_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alnet.data.transforms import Preprocessing, load_image
+
+    predictor = load_predictor(mini_checkpoint, int8=True)
+    cells = np.stack([load_image(path, Preprocessing(size=136))[0] for path in _real_cells(mini_root)[:6]])
+    batches = [cells, _unlike_the_training_cells(mini_root)[:2]]  # other sizes; the second leaves the ranges
+    alone = [predictor.answer(batch).probability_raw for batch in batches]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: predictor.answer(batches[i % 2]).probability_raw, range(16)))
+    for i, answer in enumerate(together):
+        np.testing.assert_array_equal(answer, alone[i % 2])

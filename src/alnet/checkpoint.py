@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,24 +120,41 @@ def load_trained_model(path: Path | str) -> TrainedModel:
                         checkpoint.get(INT8_KEY))
 
 
+def writable_checkpoint(path: Path | str) -> Path:
+    """The file `add_to_checkpoint` would rewrite (a link's target), or a one-line CheckpointError when it may not:
+    its mode says read-only (root could write it anyway; the mode is the user's wish), or its file system is."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
+    if not path.stat().st_mode & stat.S_IWUSR or not os.access(path, os.W_OK):
+        raise CheckpointError(f"{path}: read-only (its permissions or its file system); make it writable or work "
+                              "on a copy")
+    return path
+
+
 def add_to_checkpoint(path: Path | str, entries: dict) -> None:
     """Store each of `entries` (top-level key → plain containers and tensors, e.g. `input_gate`, `calibration`,
-    `review`, `int8`) in a checkpoint in one rewrite, atomically: the file is written beside it and renamed over
-    it, so a reader never sees half a checkpoint and a crash leaves the old one whole. A link is followed (its
-    target is rewritten, the link stays); a read-only file is refused, and the file keeps its permissions."""
-    path = Path(path).resolve()
-    if not os.access(path, os.W_OK):
-        raise CheckpointError(f"{path}: read-only; make it writable (chmod u+w) or work on a copy")
+    `review`, `int8`) in a checkpoint in one rewrite, atomically: a new file, created exclusively beside it, is
+    renamed over it, so a reader never sees half a checkpoint and a crash leaves the old one whole. A link is
+    followed (its target is rewritten, the link stays); a read-only file is refused, and the file keeps its
+    permissions."""
+    path = writable_checkpoint(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     checkpoint.update(entries)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    cannot_write = (f"{path}: cannot write the updated checkpoint beside it ({{}}); make its folder writable or work "
+                    "on a copy")
     try:
-        torch.save(checkpoint, temporary)
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise CheckpointError(cannot_write.format(type(err).__name__)) from None
+    temporary = Path(name)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            torch.save(checkpoint, out)
         os.chmod(temporary, stat.S_IMODE(path.stat().st_mode))
         os.replace(temporary, path)
-    except (OSError, RuntimeError) as err:  # torch.save reports a folder it cannot write as a RuntimeError
-        raise CheckpointError(f"{path}: cannot write the updated checkpoint beside it ({type(err).__name__}); make "
-                              "its folder writable or work on a copy") from None
+    except (OSError, RuntimeError) as err:  # torch.save reports some write failures as a RuntimeError
+        raise CheckpointError(cannot_write.format(type(err).__name__)) from None
     finally:
         temporary.unlink(missing_ok=True)
 

@@ -14,8 +14,8 @@ CALIBRATION_IMAGES = 256  # as alnet.infer.int8 (not imported here: --help stays
 FEW_CALIBRATION_IMAGES = 32  # fewer calibration cells than this get a warning
 MAX_CALIBRATION_IMAGES = 4096  # held as uint8: 600 MB at 224 px
 Int8Option = Annotated[bool, typer.Option(
-    "--int8", help="Run the checkpoint's int8 form on the CPU (ALNet): about 2.5× faster than bf16; P(ALL) moves by "
-    "a few hundredths at most, pictures beyond the calibrated ranges are answered in full precision (`alnet "
+    "--int8", help="Run the checkpoint's int8 form on the CPU (ALNet): about 2× faster than bf16; P(ALL) moves by "
+    "a few hundredths; pictures beyond the calibrated ranges go through the network without int8 (`alnet "
     "quantize`, docs/design.md).")]
 
 
@@ -185,8 +185,9 @@ def predict(
                                      answer_refused=submission)
     print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
     if predictor.fallbacks:
-        console.print(f"{predictor.fallbacks} image(s) left the ranges the int8 form was calibrated on and were "
-                      "answered in full precision", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"{predictor.fallbacks} image(s) reached the end of a range the int8 form was calibrated on "
+                      "and went through the network without int8 (before the input gate's feature check)",
+                      highlight=False, soft_wrap=True, markup=False)
     if not rows:
         fail(f"none of the {len(files)} image(s) could be classified; {out_file} was not written", code=1)
     if submission:
@@ -238,11 +239,12 @@ def export(
     check_output(onnx, force, written_by_us=False, inputs=(checkpoint,), parent_must_exist=False)
     path = export_onnx(checkpoint, onnx, int8=int8)
     result(f"wrote {path}{' (int8)' if int8 else ''}: input `image` float32 N×3×H×W in [0, 1], outputs "
-           f"`probability_all`, `probability_raw`, `features`; run it with `alnet predict {path} IMAGES…`")
+           f"`probability_all`, `probability_raw`, `features`{', `beyond_range`' if int8 else ''}; run it with "
+           f"`alnet predict {path} IMAGES…`")
     if int8:
-        console.print("the int8 graph has no full-precision fallback: a picture far brighter than the training cells, "
-                      "or no cell at all, is clipped, which weakens the input gate's feature check; `alnet predict "
-                      "CHECKPOINT --int8` answers such pictures in full precision", highlight=False, soft_wrap=True,
+        console.print("the int8 graph cannot fall back to the network without int8: `alnet predict` refuses the "
+                      "pictures it flags in `beyond_range` (activations at the end of a calibrated range), which "
+                      "`alnet predict CHECKPOINT --int8` would still answer", highlight=False, soft_wrap=True,
                       markup=False)
 
 
@@ -264,7 +266,7 @@ def quantize(
     import numpy as np
     import torch
 
-    from ..checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model
+    from ..checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model, writable_checkpoint
     from ..data.transforms import load_image
     from ..infer.int8 import calibrate, supports_int8
     from ..infer.predict import expand_paths
@@ -273,6 +275,7 @@ def quantize(
     trained = load_trained_model(checkpoint)
     if not supports_int8(trained.model):
         fail(f"{checkpoint}: {trained.name} has no int8 form, only ALNet has; pass an ALNet checkpoint")
+    writable_checkpoint(checkpoint)  # refused before the work, not after
     files, missing = expand_paths(data)
     print_problems([f"{item}: matches no image file; skipped" for item in missing], "--data item(s) without images")
     if not files:
@@ -294,7 +297,7 @@ def quantize(
         fail("none of the images could be read; nothing was calibrated")
     if read < FEW_CALIBRATION_IMAGES:
         console.print(f"[yellow]only {read} cell(s) to calibrate on: ranges seen on so few may not cover new cells "
-                      f"(those are then answered in full precision); {CALIBRATION_IMAGES} training cells are usual[/]",
+                      f"(those are then answered without int8); {CALIBRATION_IMAGES} training cells are usual[/]",
                       highlight=False, soft_wrap=True)
     entry = calibrate(trained.model, torch.from_numpy(images[:read]))
     add_to_checkpoint(checkpoint, {INT8_KEY: entry})

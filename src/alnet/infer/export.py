@@ -107,9 +107,9 @@ def flag_beyond_ranges(graph) -> None:
 def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int8: bool = False) -> Path:
     """Export through the torch.export-based exporter (`dynamo=True`; needs onnxscript) at `opset`, the batch
     axis dynamic, then write alnet's metadata into the graph. `int8`: the checkpoint's int8 form as QDQ, through
-    the TorchScript-based exporter at INT8_OPSET (`opset` does not apply). The int8 graph has no full-precision
-    fallback: a picture whose activations leave the calibrated ranges is clipped, which weakens the feature
-    check on pictures far from the training cells."""
+    the TorchScript-based exporter at INT8_OPSET (`opset` does not apply), with a fourth output `beyond_range`
+    (`flag_beyond_ranges`): the file cannot fall back to the network without int8, so `alnet predict` refuses the
+    pictures it flags."""
     import onnx
 
     trained = load_trained_model(checkpoint)
@@ -139,7 +139,9 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int
         ONNX_METADATA["preprocessing"]: trained.preprocessing.to_json(),
         "alnet_output": f"probability_all: P(ALL) per image, calibrated when alnet_calibration says so; ALL when > "
                         f"{THRESHOLD}; probability_raw: the network's own P(ALL); features: penultimate, for the "
-                        f"input gate ({ONNX_METADATA['input_gate']})",
+                        f"input gate ({ONNX_METADATA['input_gate']})" + ("; beyond_range: an activation reached an "
+                                                                         "end of its int8 range: refuse" if int8
+                                                                         else ""),
         ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
         ONNX_METADATA["review"]: json.dumps(trained.review),
         ONNX_METADATA["int8"]: INT8_NOTE if int8 else "no",

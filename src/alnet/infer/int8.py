@@ -10,22 +10,25 @@ onnxruntime's int8 (the ONNX model `alnet export --int8` writes) was measured no
 What keeps its answers those of the full-precision model:
 - the input is quantized exactly: a preprocessed picture is k/255 for uint8 k, so scale 1/255 loses nothing;
 - every activation range is the range seen on the calibration cells, widened by HEADROOM. A picture whose
-  activations leave those ranges anywhere (it would be clipped: a cell far brighter than any training cell, or
-  no cell at all) is answered by the full-precision network instead (`Int8Network.checked`), so that the input
-  gate's feature check sees its true features and refuses it as it would without --int8;
+  activations reach an end of a range in a convolution or dense layer (it may have been clipped: a cell far
+  brighter than any training cell, or no cell at all) is answered by the network without int8 instead
+  (`Int8Network.checked`; in the checkpoint's own precision), so that the input gate's feature check sees its
+  true features and refuses it as it would without --int8;
 - bias correction: rounding shifts the logits and features by a constant on average (about 0.1–0.2 logit for
   ALNet), which is measured on the calibration cells and added back.
 
 What is stored: after training, min/max observers watch the fp32 model on up to CALIBRATION_IMAGES training
-cells (no augmentation); their ranges, the two mean shifts and a fingerprint of the weights they were measured
-with (tensors, numbers and a string) go into the checkpoint under `int8`. Loading checks them, prepares the same
-graph, puts the ranges back and converts it: no code and no quantized tensor is ever read from a file.
+cells (no augmentation); their ranges, the two mean shifts, a fingerprint of the weights they were measured with
+and a checksum of all of it (tensors, numbers and strings) go into the checkpoint under `int8`. Loading checks
+them (an edited or damaged entry is refused), prepares the same graph, puts the ranges back and converts it: no
+code and no quantized tensor is ever read from a file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 import warnings
 
 import numpy as np
@@ -40,7 +43,7 @@ CALIBRATION_IMAGES = 256
 CALIBRATION_BATCH = 32
 INPUT_SCALE = 1 / 255  # a preprocessed picture holds k/255: quantized with this scale, it stays exact
 HEADROOM = 1.25  # activation ranges: the calibration cells' range × this, so that those cells never reach an end
-MAX_SHIFT = 5.0  # a bias correction beyond this many units is damage, not rounding
+MAX_SHIFT = 5.0  # a bias correction beyond this many units is damage, not rounding (ALNet's: about 0.1–0.2)
 MAX_RANGE = 1e4  # ALNet's activations stay within tens; a stored range beyond this is damage
 
 # torch.ao.quantization warns that it will move to torchao; the API works as documented in the torch we pin.
@@ -75,8 +78,12 @@ class Int8Network(nn.Module):
         self.graph = graph
         self.register_buffer("logit_shift", logit_shift.float())
         self.register_buffer("feature_shift", feature_shift.float())
-        # Layers that requantize their output to a calibrated range (convolutions, dense layers).
+        # Layers that requantize their output to a calibrated range (convolutions, dense layers). Pooling and ReLU
+        # keep their input's range. The requantization after flatten is a function, not watched: its range is
+        # CL3's pooled output's, whose top the check of CL3's convolution sees too (max-pooling keeps the
+        # maximum), except in a last row or column that pooling drops.
         self._ranged = [m for m in graph.modules() if hasattr(m, "scale") and hasattr(m, "zero_point")]
+        self._lock = threading.Lock()  # the hooks of `checked` see every pass through these modules
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, features = self.graph(torch.quantize_per_tensor(x, INPUT_SCALE, 0, torch.quint8))
@@ -85,7 +92,8 @@ class Int8Network(nn.Module):
     @torch.no_grad()
     def checked(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`forward`, plus per image whether any activation reached an end of its range (a value there may have
-        been clipped; a range that starts at 0 holds ReLU outputs and only its top counts)."""
+        been clipped; a range that starts at 0 holds ReLU outputs and only its top counts). One call at a time:
+        another thread's pass would trip this one's hooks."""
         beyond = torch.zeros(len(x), dtype=torch.bool)
 
         def watch(module, _inputs, out):
@@ -96,12 +104,13 @@ class Int8Network(nn.Module):
                 hit |= values.amin(dim=dims) == 0
             beyond.logical_or_(hit)
 
-        hooks = [module.register_forward_hook(watch) for module in self._ranged]
-        try:
-            logits, features = self(x)
-        finally:
-            for hook in hooks:
-                hook.remove()
+        with self._lock:
+            hooks = [module.register_forward_hook(watch) for module in self._ranged]
+            try:
+                logits, features = self(x)
+            finally:
+                for hook in hooks:
+                    hook.remove()
         return logits, features, beyond
 
 
@@ -185,9 +194,23 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> dict:
         int8_logits, int8_features = int8(batch)
         logit_shift = logit_shift + (logits - int8_logits).sum(0)
         feature_shift = feature_shift + (features - int8_features).sum(0)
-    return {"engine": ENGINE, "images": len(images), "headroom": HEADROOM, "weights": weights_fingerprint(model),
-            "ranges": ranges, "logit_shift": logit_shift / len(images),
-            "feature_shift": feature_shift / len(images)}
+    entry = {"engine": ENGINE, "images": len(images), "headroom": HEADROOM, "weights": weights_fingerprint(model),
+             "ranges": ranges, "logit_shift": logit_shift / len(images),
+             "feature_shift": feature_shift / len(images)}
+    return {**entry, "checksum": _checksum(entry)}
+
+
+def _checksum(entry: dict) -> str:
+    """sha256 of everything in an entry but its checksum: an edited or damaged calibration does not match."""
+    digest = hashlib.sha256()
+    for key in ("engine", "images", "headroom", "weights"):
+        digest.update(f"{key}={entry[key]!r};".encode())
+    tensors = {**{f"ranges.{name}": value for name, value in entry["ranges"].items()},
+               "logit_shift": entry["logit_shift"], "feature_shift": entry["feature_shift"]}
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def calibration_images(images: torch.Tensor, rows: np.ndarray, seed: int = 0,
@@ -213,6 +236,8 @@ def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Te
         raise Int8Error(f"{source}: holds no int8 calibration; add one with `alnet quantize {source} --data "
                         "TRAINING_CELLS`")
     if not (isinstance(entry, dict) and entry.get("engine") == ENGINE and isinstance(entry.get("ranges"), dict)
+            and isinstance(entry.get("images"), int) and isinstance(entry.get("headroom"), float)
+            and all(isinstance(entry.get(key), str) for key in ("weights", "checksum"))
             and set(entry["ranges"]) == set(expected)
             and all(_tensor_fits(entry["ranges"][key], value, MAX_RANGE) for key, value in expected.items())
             and all(bool(entry["ranges"][key] <= entry["ranges"][key.replace("min_val", "max_val")])
@@ -220,7 +245,9 @@ def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Te
             and all(_tensor_fits(entry.get(key), torch.zeros(width), MAX_SHIFT)
                     for key, width in (("logit_shift", 2), ("feature_shift", model.num_features)))):
         raise Int8Error(f"{source}: its int8 calibration is damaged or from another version of alnet; {again}")
-    if entry.get("weights") != weights_fingerprint(model):
+    if entry["checksum"] != _checksum(entry):
+        raise Int8Error(f"{source}: its int8 calibration was edited or damaged (checksum); {again}")
+    if entry["weights"] != weights_fingerprint(model):
         raise Int8Error(f"{source}: its int8 calibration was measured with other weights than {name}'s in this "
                         f"file; {again}")
     return entry

@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ class Predictor:
     review: dict | None = None  # the review band ({"half_width": …}), when the model has one
     gate: InputGate = InputGate()  # what refuses images that are not cells
     variant: str = ""  # how the network runs when that changes its answers slightly: "int8"
-    fallbacks: int = 0  # int8: pictures answered in full precision because they left the calibrated ranges
+    fallbacks: int = 0  # int8: pictures answered without int8 (the checkpoint's precision): beyond its ranges
 
     @property
     def described(self) -> str:
@@ -111,10 +112,14 @@ class Predictor:
             variants = None
             if tta:
                 flips = [kept[:, :, ::-1], kept[:, ::-1], kept[:, ::-1, ::-1]]
-                each = [self.outputs(np.ascontiguousarray(v))[:2] for v in flips]
-                variants = np.stack([kept_calibrated, *(c for c, _ in each)])
+                fallbacks = self.fallbacks  # a picture is counted once, not once per flip
+                each = [self.outputs(np.ascontiguousarray(v)) for v in flips]
+                self.fallbacks = fallbacks
+                variants = np.stack([kept_calibrated, *(c for c, *_ in each)])
                 kept_calibrated = variants.mean(axis=0)
-                kept_raw = np.mean([kept_raw, *(r for _, r in each)], axis=0)
+                kept_raw = np.mean([kept_raw, *(r for _, r, *_ in each)], axis=0)
+                if beyond is not None:  # a flip the int8 file would clip is as unanswerable as the picture
+                    beyond = np.logical_or.reduce([beyond, *(b for *_, b in each)])
             calibrated[keep], raw[keep] = kept_calibrated, kept_raw
             for i, flag in zip(np.flatnonzero(keep),
                                statuses(kept_calibrated, (self.review or {}).get("half_width"), variants)):
@@ -161,7 +166,7 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: 
     trained = load_trained_model(path)
     int8_network = quantized(trained.model, trained.int8, str(path), trained.name) if int8 else None
     # The precision the run trained with unless told otherwise, on the device this machine offers (the CPU for
-    # int8, whose kernels are CPU kernels: its full-precision fallback runs there too).
+    # int8, whose kernels are CPU kernels: the fallback without int8 runs there too).
     runs_as = resolve_precision(precision or trained.config.get("precision", "auto"), "cpu" if int8 else accelerator)
     device = torch.device(runs_as.device_type)
     model = trained.model.to(device)
@@ -173,12 +178,15 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: 
         return logits.float(), features.float()
 
     def int8_with_fallback(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8, except for pictures whose activations left the calibrated ranges: those in full precision."""
+        """int8, except for pictures whose activations reached an end of a calibrated range: those without int8."""
         logits, features, beyond = int8_network.checked(x)
         if beyond.any():
             logits[beyond], features[beyond] = full_precision(x[beyond])
-            predictor.fallbacks += int(beyond.sum())
+            with counting:
+                predictor.fallbacks += int(beyond.sum())
         return logits, features
+
+    counting = threading.Lock()
 
     @torch.no_grad()
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
@@ -227,6 +235,11 @@ def _onnx_predictor(path: Path) -> Predictor:
                              "with `alnet export`")
     input_name = session.get_inputs()[0].name
     names = [o.name for o in session.get_outputs()]
+    int8 = meta.get(ONNX_METADATA["int8"], "").startswith("yes")
+    beyond_output = next((o for o in session.get_outputs() if o.name == "beyond_range"), None)
+    if int8 and (beyond_output is None or beyond_output.type != "tensor(bool)" or len(beyond_output.shape) != 1):
+        raise ValueError(f"{path}: an int8 model without a one-per-image boolean beyond_range output, so nothing would "
+                         "flag the pictures it clips; export it again with `alnet export --int8`")
 
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
         x = _floats(images).contiguous().numpy()
@@ -241,7 +254,7 @@ def _onnx_predictor(path: Path) -> Predictor:
 
     return Predictor(path, meta.get(ONNX_METADATA["model"], "?"), preprocessing, outputs, review=review,
                      gate=InputGate(None, feature_gate),
-                     variant="int8" if meta.get(ONNX_METADATA["int8"], "").startswith("yes") else "")
+                     variant="int8" if int8 else "")
 
 
 def _images_below(folder: Path) -> list[Path]:
