@@ -47,10 +47,10 @@ PREDICTION_FIELDS = ["path", "label", "probability_all", "probability_raw", "sta
 EARLIER_PREDICTION_FIELDS = (["path", "label", "probability_all", "model", "checkpoint", "note"],  # still ours
                              ["path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"])
 SMALL_SIDE = 64  # pixels; a cell image this small carries too little detail for the answer to mean much
-# Why an int8 ONNX model refuses a picture it would have to clip (the checkpoint answers those in full precision).
+# Why an int8 ONNX model refuses a picture it may have clipped (the checkpoint answers those without int8).
 BEYOND_INT8_RANGES = ("unlike the cells the model was trained on: its activations leave the ranges this int8 model "
-                      "was calibrated on, and an ONNX file has no full-precision fallback (use the checkpoint with "
-                      "--int8, or the full-precision export)")
+                      "was calibrated on, and an ONNX file cannot fall back to the network without int8 (use the "
+                      "checkpoint with --int8, or the full-precision export)")
 
 
 @dataclass
