@@ -102,6 +102,20 @@ def test_compare_all_five_models_on_cnmc_mini(mini_root, tmp_path):
     assert "from scratch" in (out / "resnet50" / "report.html").read_text()
 
 
+@pytest.mark.slow
+def test_an_interrupted_comparison_continues_only_with_the_settings_it_started_with(mini_root, tmp_path):
+    out = tmp_path / "compare"
+    compare_on_mini(mini_root, out, "alnet")
+    (out / "alnet" / "metrics.json").unlink()  # as if it had been stopped before the end
+    changed = CliRunner().invoke(app, [
+        "compare", "--data", str(mini_root), "--models", "alnet", "--no-pretrained", "--no-augment", "--epochs", "2",
+        "--image-size", "136", "--batch-size", "16", "--out", str(out), "--no-progress"])
+    assert changed.exit_code == 2
+    assert "started with other settings (epochs 1 → 2)" in changed.output
+    rows, output = compare_on_mini(mini_root, out, "alnet")  # the same settings: it continues
+    assert [r["model"] for r in rows] == ["alnet"] and (out / "alnet" / "metrics.json").is_file()
+
+
 def test_explain_writes_feature_maps_of_the_first_and_sixth_layer_and_gradcam(mini_root, tmp_path):
     from alnet.data.transforms import Preprocessing
     from alnet.infer.explain import (

@@ -190,7 +190,7 @@ def test_a_run_that_cannot_start_writes_nothing(small_prepared, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_a_changed_dataset_and_a_truncated_checkpoint(synthetic_copy, tmp_path):
+def test_resume_refuses_a_changed_dataset_an_edited_config_and_a_truncated_checkpoint(synthetic_copy, tmp_path):
     import os
 
     prepared = prepare(scan(synthetic_copy).cells, tmp_path / "cache", Preprocessing(size=136))
@@ -202,6 +202,15 @@ def test_resume_refuses_a_changed_dataset_and_a_truncated_checkpoint(synthetic_c
     last.write_bytes(last.read_bytes()[:1000])  # a copy cut short
     with pytest.raises(RunError, match=f"{last}: not an alnet checkpoint.*delete {last}"):
         train_run(config, prepared, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+
+    settings = tmp_path / "run" / "config.yaml"  # what the run computes may not change; where it runs may
+    original = settings.read_text()
+    assert "epochs: 2" in original and "deterministic: false" in original
+    runtime_changed = original.replace("deterministic: false", "deterministic: true")
+    settings.write_text(runtime_changed.replace("epochs: 2", "epochs: 5"))
+    with pytest.raises(RunError, match=r"config.yaml: edited since this run started \(epochs 2 → 5\)"):
+        train_run(config, prepared, tmp_path / "run", resume=True, progress=False, log=lambda m: None)
+    settings.write_text(runtime_changed)
 
     image = next((synthetic_copy / "C-NMC_Leukemia" / "training_data" / "fold_1" / "all").iterdir())
     os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +12,7 @@ from ..data.cache import Prepared
 from ..metrics import METRICS
 from ..models import create_model_from, model_spec, trainable_parameters
 from .loggers import Tracking
-from .run import train_run
+from .run import RunError, config_changes, train_run
 from .rundir import ComparisonDir, RunDir, read_csv, write_csv
 
 CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in METRICS), "prelim_accuracy",
@@ -52,6 +52,11 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
             result = run.read_json(run.metrics)
             seconds = run.read_json(run.timing)["training_seconds"]
         else:
+            if run.exists():  # an interrupted run of this comparison continues, with the settings it started with
+                changed = config_changes(asdict(RunConfig.from_yaml(run.config)), config)
+                if changed:
+                    raise RunError(f"{run}: started with other settings ({'; '.join(changed)}); continue it with "
+                                   "those, or compare into another --out")
             log(f"{name}: training under the {config.protocol} protocol")
             result = train_run(config, prepared, run.path, data_root=data_root, resume=run.exists(), log=log,
                                progress=progress, tracking=tracking)

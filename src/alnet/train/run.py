@@ -201,12 +201,14 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
     if job.resume:
         _check_same_data(run, prepared)
+        _check_same_config(run, config)
     if is_main_process() and not job.resume:
         run.path.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run.config)
         run.write_json(run.data, {"cache": str(prepared.path), "images": len(cells),
                                   "skipped": [str(p) for p in prepared.skipped],
-                                  "root": str(Path(data_root).resolve()) if data_root else None})
+                                  "root": str(Path(data_root).resolve()) if data_root else None,
+                                  "config": asdict(config)})
         run.write_json(run.splits, [_split_summary(s, cells) for s in splits])
     predictions: dict[str, list[dict]] = {}
     trust: dict[str, dict] = {}
@@ -254,6 +256,29 @@ def _check_same_data(run: RunDir, prepared: Prepared) -> None:
         raise RunError(f"{run}: the dataset changed since this run started ({recorded.get('images')} images then, "
                        f"{len(prepared.cells)} now, or files, sizes, dates or labels differ); resume with the data "
                        "it was trained on, or start a new run with --out")
+
+
+# Where and how fast a run runs, not what it computes: a resume may change these (e.g. on another machine).
+RUNTIME_SETTINGS = ("devices", "strategy", "accelerator", "precision", "deterministic")
+
+
+def config_changes(before: dict, after: RunConfig) -> list[str]:
+    """The settings that differ between a recorded configuration and `after`, RUNTIME_SETTINGS aside."""
+    now = asdict(after)
+    return [f"{key} {before.get(key)!r} → {now[key]!r}" for key in now
+            if key not in RUNTIME_SETTINGS and before.get(key) != now[key]]
+
+
+def _check_same_config(run: RunDir, config: RunConfig) -> None:
+    """A resumed run continues the experiment it started: config.yaml may not have been edited since, except for
+    RUNTIME_SETTINGS (checked against the copy data.json keeps; runs from before that copy are not checked)."""
+    recorded = (run.read_json(run.data) if run.data.is_file() else {}).get("config")
+    if not isinstance(recorded, dict):
+        return
+    changed = config_changes(recorded, config)
+    if changed:
+        raise RunError(f"{run.config}: edited since this run started ({'; '.join(changed)}); put it back to resume, "
+                       "or start a new run with --out")
 
 
 def write_outputs(run: RunDir, result: dict, predictions: dict[str, list[dict]], history: list[dict],
