@@ -54,6 +54,7 @@ def explain(
     from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
     from ..infer.predict import load_predictor
     from ..labels import name_of
+    from ..trust.review import REVIEW
     from ..trust.screen import REJECTED
 
     if not (show_feature_maps or show_gradcam):
@@ -73,7 +74,7 @@ def explain(
                f"P(ALL) = {probability:.3f} does not count ({trained.name}, {checkpoint})")
     else:
         result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)}"
-               + (f" (review: {reason})" if status == "review" else "") + f" ({trained.name}, {checkpoint})")
+               + (f" (review: {reason})" if status == REVIEW else "") + f" ({trained.name}, {checkpoint})")
     out_dir = out_dir or Path(f"explain-{image.stem}")
     written = []
     if show_feature_maps:

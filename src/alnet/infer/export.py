@@ -42,8 +42,7 @@ class ProbabilityOfAll(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, features = self.network(x)
         raw = probability_all(logits, self.head)
-        calibrated = raw if self.temperature is None else apply_temperature_torch(raw, self.temperature)
-        return calibrated, raw, features
+        return apply_temperature_torch(raw, self.temperature), raw, features
 
 
 def export_graph(model: nn.Module, size: int, out: Path, opset: int = OPSET,
@@ -97,9 +96,11 @@ def flag_beyond_ranges(graph) -> None:
             added += [helper.make_node(reduce, [flat], [f"beyond/{i}/{reduce}"], axes=[1], keepdims=0),
                       helper.make_node("Equal", [f"beyond/{i}/{reduce}", f"beyond/limit{k}"], [f"beyond/{i}/{k}"])]
             flags.append(f"beyond/{i}/{k}")
-    for j in range(1, len(flags)):
-        name = "beyond_range" if j == len(flags) - 1 else f"beyond/or{j}"
-        added.append(helper.make_node("Or", [flags[j - 1] if j == 1 else f"beyond/or{j - 1}", flags[j]], [name]))
+    any_flag = flags[0]
+    for j, flag in enumerate(flags[1:], start=1):
+        added.append(helper.make_node("Or", [any_flag, flag], [f"beyond/or{j}"]))
+        any_flag = f"beyond/or{j}"
+    added.append(helper.make_node("Identity", [any_flag], ["beyond_range"]))
     graph.graph.node.extend(added)
     graph.graph.output.append(helper.make_tensor_value_info("beyond_range", TensorProto.BOOL, ["batch"]))
 

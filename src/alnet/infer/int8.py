@@ -127,12 +127,17 @@ def supports_int8(model: nn.Module) -> bool:
     return callable(getattr(model, "fold_batchnorm", None))
 
 
+def _hash_tensors(digest, tensors: dict[str, torch.Tensor]) -> None:
+    """Feed each named tensor's name and bytes to `digest`, in name order."""
+    for name, tensor in sorted(tensors.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 of the model's weights and buffers: ties a calibration to the weights it was measured with."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    _hash_tensors(digest, model.state_dict())
     return digest.hexdigest()
 
 
@@ -205,11 +210,8 @@ def _checksum(entry: dict) -> str:
     digest = hashlib.sha256()
     for key in ("engine", "images", "headroom", "weights"):
         digest.update(f"{key}={entry[key]!r};".encode())
-    tensors = {**{f"ranges.{name}": value for name, value in entry["ranges"].items()},
-               "logit_shift": entry["logit_shift"], "feature_shift": entry["feature_shift"]}
-    for name, tensor in sorted(tensors.items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    _hash_tensors(digest, {**{f"ranges.{name}": value for name, value in entry["ranges"].items()},
+                           "logit_shift": entry["logit_shift"], "feature_shift": entry["feature_shift"]})
     return digest.hexdigest()
 
 

@@ -96,10 +96,7 @@ class PackagedNetwork(nn.Module):
         self.temperature = calibration.temperature if calibration else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = probability_all(self.model(x), self.head)
-        if self.temperature is not None:
-            p = apply_temperature_torch(p, self.temperature)
-        return p.unsqueeze(1)
+        return apply_temperature_torch(probability_all(self.model(x), self.head), self.temperature).unsqueeze(1)
 
 
 def sha256_of(path: Path) -> str:

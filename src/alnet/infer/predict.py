@@ -32,8 +32,8 @@ from ..trust.calibration import apply_temperature_torch
 from ..trust.features import FeatureGate, Penultimate
 from ..trust.gate import ImageCheck
 from ..trust.knowledge import checked_review
-from ..trust.review import statuses
-from ..trust.screen import OK, REJECTED, InputGate
+from ..trust.review import OK, statuses
+from ..trust.screen import REJECTED, InputGate
 from .int8 import Int8Error, quantized
 
 ONNX_METADATA = {"model": "alnet_model", "preprocessing": "alnet_preprocessing",  # keys `alnet export` writes
@@ -177,6 +177,8 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: 
             logits, features = network(runs_as.input(x))
         return logits.float(), features.float()
 
+    counting = threading.Lock()  # guards predictor.fallbacks
+
     def int8_with_fallback(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """int8, except for pictures whose activations reached an end of a calibrated range: those without int8."""
         logits, features, beyond = int8_network.checked(x)
@@ -186,13 +188,11 @@ def _torch_predictor(path: Path, precision: str | None, accelerator: str, int8: 
                 predictor.fallbacks += int(beyond.sum())
         return logits, features
 
-    counting = threading.Lock()
-
     @torch.no_grad()
     def outputs(images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
         logits, features = (int8_with_fallback if int8 else full_precision)(_floats(images, device))
         raw = trained.probability_all(logits).float()
-        calibrated = raw if trained.temperature is None else apply_temperature_torch(raw, trained.temperature)
+        calibrated = apply_temperature_torch(raw, trained.temperature)
         return calibrated.cpu().numpy(), raw.cpu().numpy(), features.cpu().numpy(), None
 
     predictor = Predictor(path, trained.name, trained.preprocessing, outputs, trained, trained.review,

@@ -130,12 +130,10 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     # Its threshold comes from validation cells only where they are not the test cells (the paper protocol
     # validates on its test part): otherwise from the training cells, cross-fitted.
     held_out = np.setdiff1d(split.val, split.test)
+    features_of = {"cached": inputs if module.on_features else None, "autocast": module.precision_path.autocast}
     gate = InputGate(features=fit_gate(module.model, job.images, split.train, held_out,
-                                       [job.cells[i].subject for i in split.train], seed=config.seed,
-                                       cached=inputs if module.on_features else None,
-                                       autocast=module.precision_path.autocast))
-    reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"],
-                          cached=inputs if module.on_features else None, autocast=module.precision_path.autocast)
+                                       [job.cells[i].subject for i in split.train], seed=config.seed, **features_of))
+    reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"], **features_of)
     rows = prediction_rows(split.name, job.cells, module.test_predictions, trust, reasons)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
@@ -200,8 +198,7 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     config, run, cells = job.config, job.run, job.cells
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
     if job.resume:
-        _check_same_data(run, prepared)
-        _check_same_config(run, config)
+        _check_same_start(run, prepared, config)
     if is_main_process() and not job.resume:
         run.path.mkdir(parents=True, exist_ok=True)
         config.to_yaml(run.config)
@@ -248,16 +245,6 @@ def _check_devices(config: RunConfig) -> None:
                        f"{'GPUs' if on_gpu else 'cores'})")
 
 
-def _check_same_data(run: RunDir, prepared: Prepared) -> None:
-    """A resumed run continues on the data it started with: the cache key (file list, sizes, mtimes, labels,
-    preprocessing) must be the one recorded in data.json."""
-    recorded = run.read_json(run.data) if run.data.is_file() else {}
-    if recorded.get("cache") and Path(recorded["cache"]).name != prepared.path.name:
-        raise RunError(f"{run}: the dataset changed since this run started ({recorded.get('images')} images then, "
-                       f"{len(prepared.cells)} now, or files, sizes, dates or labels differ); resume with the data "
-                       "it was trained on, or start a new run with --out")
-
-
 # Where and how fast a run runs, not what it computes: a resume may change these (e.g. on another machine).
 RUNTIME_SETTINGS = ("devices", "strategy", "accelerator", "precision", "deterministic")
 
@@ -269,13 +256,16 @@ def config_changes(before: dict, after: RunConfig) -> list[str]:
             if key not in RUNTIME_SETTINGS and before.get(key) != now[key]]
 
 
-def _check_same_config(run: RunDir, config: RunConfig) -> None:
-    """A resumed run continues the experiment it started: config.yaml may not have been edited since, except for
-    RUNTIME_SETTINGS (checked against the copy data.json keeps; runs from before that copy are not checked)."""
-    recorded = (run.read_json(run.data) if run.data.is_file() else {}).get("config")
-    if not isinstance(recorded, dict):
-        return
-    changed = config_changes(recorded, config)
+def _check_same_start(run: RunDir, prepared: Prepared, config: RunConfig) -> None:
+    """A resumed run continues the experiment it started, as data.json recorded it: on the same data (the cache key:
+    file list, sizes, mtimes, labels, preprocessing) and with config.yaml unedited, RUNTIME_SETTINGS aside (runs
+    from before data.json kept the configuration are not checked for it)."""
+    recorded = run.read_json(run.data) if run.data.is_file() else {}
+    if recorded.get("cache") and Path(recorded["cache"]).name != prepared.path.name:
+        raise RunError(f"{run}: the dataset changed since this run started ({recorded.get('images')} images then, "
+                       f"{len(prepared.cells)} now, or files, sizes, dates or labels differ); resume with the data "
+                       "it was trained on, or start a new run with --out")
+    changed = config_changes(recorded["config"], config) if isinstance(recorded.get("config"), dict) else []
     if changed:
         raise RunError(f"{run.config}: edited since this run started ({'; '.join(changed)}); put it back to resume, "
                        "or start a new run with --out")

@@ -26,17 +26,16 @@ def logit_torch(prob: torch.Tensor) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def apply_temperature_torch(prob: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Calibrated P(ALL) of raw P(ALL) values (a tensor; used inside the exported graph too)."""
-    return torch.sigmoid(logit_torch(prob) / temperature)
+def apply_temperature_torch(prob: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """Calibrated P(ALL) of raw P(ALL) values (a tensor; used inside the exported graph too); `None` (no
+    calibration) returns them unchanged."""
+    return prob if temperature is None else torch.sigmoid(logit_torch(prob) / temperature)
 
 
 def apply_temperature(prob, temperature: float | None) -> np.ndarray:
     """Calibrated P(ALL) of raw P(ALL) values; `None` (no calibration) returns them unchanged."""
-    prob = np.asarray(prob, dtype=np.float64)
-    if temperature is None:
-        return prob
-    return apply_temperature_torch(torch.from_numpy(prob), float(temperature)).numpy()
+    prob = torch.from_numpy(np.asarray(prob, dtype=np.float64))
+    return apply_temperature_torch(prob, None if temperature is None else float(temperature)).numpy()
 
 
 def negative_log_likelihood(labels, prob) -> float:

@@ -19,7 +19,7 @@ from ..data.transforms import to_float
 from .features import FeatureGate, fit_feature_gate, penultimate
 from .gate import ImageCheck, image_reason
 
-OK, REJECTED = "ok", "rejected"  # a prediction row's `status` (a calibration may add "review")
+REJECTED = "rejected"  # a prediction row's `status`, beside review.py's OK and REVIEW
 
 
 @dataclass(frozen=True)
