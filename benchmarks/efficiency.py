@@ -128,11 +128,11 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
                           "time_share": round(between / total, 3), "gflops": None}]
 
 
-def predictor_rate(predictor, images, batch_size: int) -> float:
-    """Images/s of `predictor` (an `alnet.infer.predict.Predictor`) over uint8 `images` in batches, after one
-    warm-up batch (kernel selection, weight packing)."""
-    predictor(images[:batch_size])
+def predictor_rate(pipeline, images, batch_size: int) -> float:
+    """Images/s of a pipeline's network (`alnet.pipeline.Pipeline.network`: the model, int8 fallback included,
+    without the input gate's image check) over uint8 `images` in batches, after one warm-up batch."""
+    pipeline.network(images[:batch_size])
     start = time.perf_counter()
     for i in range(0, len(images), batch_size):
-        predictor(images[i:i + batch_size])
+        pipeline.network(images[i:i + batch_size])
     return len(images) / (time.perf_counter() - start)

@@ -38,8 +38,8 @@ from alnet.data.synthetic import write_dataset
 from alnet.data.transforms import Preprocessing
 from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
-from alnet.infer.int8 import ENGINE
-from alnet.infer.predict import load_predictor
+from alnet.infer.predict import load_pipeline
+from alnet.int8 import ENGINE
 from alnet.metrics import roc_auc
 from alnet.train.run import train_run
 
@@ -87,9 +87,9 @@ def main():
         synthetic = args.checkpoint or trained_checkpoint(
             write_dataset(workdir / "train-data", n_subjects=6, cells_per_subject=12, seed=3), workdir / "synthetic",
             args.epochs)
-        default = load_predictor(checkpoint, accelerator="cpu")
-        int8 = load_predictor(checkpoint, int8=True)
-        onnx_int8 = load_predictor(export_onnx(checkpoint, workdir / "int8.onnx", int8=True))
+        default = load_pipeline(checkpoint, accelerator="cpu")
+        int8 = load_pipeline(checkpoint, int8=True)
+        onnx_int8 = load_pipeline(export_onnx(checkpoint, workdir / "int8.onnx", int8=True))
         size = default.preprocessing.size
         real, _ = cached(MINI, workdir, "real-cache")
         # Real cells, repeated: random pixels would leave the int8 form's calibrated ranges and be answered in
@@ -100,13 +100,14 @@ def main():
             for name, predictor in (("default", default), ("int8", int8), ("onnx_int8", onnx_int8)):
                 rounds[name].append(predictor_rate(predictor, images, args.batch_size))
         best = {name: max(rates) for name, rates in rounds.items()}
-        timed_fallbacks = int8.fallbacks
-        p_real, q_real = default(real), int8(real)
-        f_real = load_predictor(checkpoint, precision="32", accelerator="cpu")(real)  # fp32: the reference of both
+        timed_fallbacks = sum(answer.int8_fallback for answer in int8.answer(images))
+        p_real, q_real = default.probabilities(real), int8.probabilities(real)
+        f_real = load_pipeline(checkpoint, precision="32", accelerator="cpu").probabilities(real)  # the reference
         test_root = write_dataset(workdir / "test-data", n_subjects=8, cells_per_subject=12, n_folds=1,
                                   prelim_subjects=0, final_images=0, seed=11)  # subjects unseen in training
         test, labels = cached(test_root, workdir, "test-cache")
-        p_test, q_test = (load_predictor(synthetic, accelerator="cpu", int8=int8)(test) for int8 in (False, True))
+        p_test, q_test = (load_pipeline(synthetic, accelerator="cpu", int8=int8).probabilities(test)
+                          for int8 in (False, True))
         flops = forward_flops(default.trained.model, size)
     bf16 = default.trained.config.get("precision", "auto") != "32" and resolve_precision(
         "auto", "cpu").lightning == "bf16-mixed"

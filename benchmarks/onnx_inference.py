@@ -22,7 +22,7 @@ from efficiency import efficiency, forward_flops, peak_for, peaks, predictor_rat
 from alnet.config import RunConfig
 from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
-from alnet.infer.predict import load_predictor
+from alnet.infer.predict import load_pipeline
 from alnet.train.module import CellClassifier
 
 
@@ -39,13 +39,13 @@ def main():
             module = CellClassifier(asdict(RunConfig()))
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
         onnx_path = export_onnx(checkpoint, Path(tmp) / "alnet.onnx")
-        default = load_predictor(checkpoint, accelerator="cpu")  # a CPU comparison, GPU or not
+        default = load_pipeline(checkpoint, accelerator="cpu")  # a CPU comparison, GPU or not
         size = default.preprocessing.size
         images = np.random.default_rng(0).integers(0, 255, (args.images, size, size, 3), dtype=np.uint8)
         torch_default = predictor_rate(default, images, args.batch_size)
-        fp32 = load_predictor(checkpoint, precision="32", accelerator="cpu")
+        fp32 = load_pipeline(checkpoint, precision="32", accelerator="cpu")
         torch_fp32 = predictor_rate(fp32, images, args.batch_size)
-        onnx = predictor_rate(load_predictor(onnx_path), images, args.batch_size)
+        onnx = predictor_rate(load_pipeline(onnx_path), images, args.batch_size)
         flops = forward_flops(default.trained.model, size)
         bf16 = default.trained.config.get("precision", "auto") != "32" and resolve_precision("auto", "cpu").lightning \
             == "bf16-mixed"

@@ -36,7 +36,7 @@ from efficiency import efficiency, forward_flops, peak_for, peaks
 from alnet.config import RunConfig
 from alnet.data.transforms import load_image
 from alnet.device import cpu_has_bf16
-from alnet.infer.predict import load_predictor, predict_files
+from alnet.infer.predict import load_pipeline, predict_files
 from alnet.train.module import CellClassifier
 
 CELLS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cnmc-mini"
@@ -117,7 +117,7 @@ def summary(latencies: list[float], errors: int, wall: float) -> dict:
 
 def offline_rate(checkpoint: Path, files: list[Path], repeats: int = 2) -> tuple[int, float]:
     """Images classified and seconds taken by `alnet predict`'s path (decoding included)."""
-    predictor = load_predictor(checkpoint)
+    predictor = load_pipeline(checkpoint)
     predict_files(predictor, files)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
@@ -126,13 +126,13 @@ def offline_rate(checkpoint: Path, files: list[Path], repeats: int = 2) -> tuple
 
 
 def full_batch_ms(checkpoint: Path, files: list[Path], max_batch: int) -> float:
-    predictor = load_predictor(checkpoint)
+    predictor = load_pipeline(checkpoint)
     images = np.stack([load_image(files[i % len(files)], predictor.preprocessing)[0] for i in range(max_batch)])
-    predictor(images)  # warm-up
+    predictor.answer(images)  # warm-up
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        predictor(images)
+        predictor.answer(images)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
 
@@ -157,7 +157,7 @@ def main():
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # where the service runs its model
         machine = peaks(device)
-        predictor = load_predictor(checkpoint, accelerator="cpu")
+        predictor = load_pipeline(checkpoint, accelerator="cpu")
         flops = forward_flops(predictor.trained.model, predictor.preprocessing.size)
         mixed = predictor.trained.config.get("precision", "auto") != "32" and (device == "cuda" or cpu_has_bf16())
         peak = peak_for(mixed, machine)

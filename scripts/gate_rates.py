@@ -25,10 +25,10 @@ from alnet.data.cache import prepare  # noqa: E402
 from alnet.data.cnmc import scan  # noqa: E402
 from alnet.data.synthetic import write_dataset  # noqa: E402
 from alnet.data.transforms import Preprocessing, load_image  # noqa: E402
-from alnet.infer.predict import load_predictor, predict_files  # noqa: E402
+from alnet.infer.predict import load_pipeline, predict_files  # noqa: E402
 from alnet.train.run import train_run  # noqa: E402
 from alnet.train.rundir import RunDir  # noqa: E402
-from alnet.trust.gate import image_reason  # noqa: E402
+from alnet.trust.image_check import image_reason  # noqa: E402
 
 SIZE = 136
 
@@ -45,9 +45,9 @@ def _train(root: Path, work: Path, protocol: str, epochs: int) -> list[Path]:
 def _false_rejections(checkpoints: list[Path], cells: list[Path]) -> dict:
     out = {}
     for checkpoint in checkpoints:
-        rows, _ = predict_files(load_predictor(checkpoint), cells)
-        refused = [r for r in rows if r["status"] == "rejected"]
-        gate = load_predictor(checkpoint).gate.features
+        rows, _ = predict_files(load_pipeline(checkpoint), cells)
+        refused = [r for r in rows if not r.answer.answered]
+        gate = load_pipeline(checkpoint).gate.features
         out[checkpoint.parent.name] = {"rejected": len(refused), "of": len(rows),
                                        "held_out": gate.held_out if gate else None}
     return out
@@ -74,11 +74,11 @@ def main() -> None:
     per_kind = {}
     for name, checkpoints in (("real", real_checkpoints), ("synthetic", synthetic_checkpoints)):
         for checkpoint in checkpoints:
-            rows, _ = predict_files(load_predictor(checkpoint), [p for _, p in non_cells])
+            rows, _ = predict_files(load_pipeline(checkpoint), [p for _, p in non_cells])
             total, refused = Counter(), Counter()
             for row in rows:
-                total[kind_of[row["path"]]] += 1
-                refused[kind_of[row["path"]]] += row["status"] == "rejected"
+                total[kind_of[str(row.path)]] += 1
+                refused[kind_of[str(row.path)]] += not row.answer.answered
             per_kind[f"{name}/{checkpoint.parent.name}"] = {
                 kind: f"{refused[kind]}/{total[kind]}" for kind in total} | {
                 "all": f"{sum(refused.values())}/{sum(total.values())}"}

@@ -77,3 +77,17 @@ def mini_checkpoint(mini_root, tmp_path_factory) -> Path:
     config = RunConfig(protocol="paper", epochs=1, image_size=136, batch_size=16, bn_momentum=0.5)
     train_run(config, prepared, base / "run", progress=False, log=lambda m: None)
     return base / "run" / "checkpoints" / "fold_0" / "last.ckpt"
+
+
+def predict_rows(pipeline, files, **options) -> tuple[list[dict], list]:
+    """What `alnet predict` writes for `files`: its predictions.csv rows (a refused picture with no call and no
+    probability), and the files it could not read."""
+    from alnet.infer.predict import predict_files, prediction_row
+
+    results, failed = predict_files(pipeline, files, **options)
+    return [prediction_row(result, pipeline) for result in results], failed
+
+
+def statuses(pipeline, pictures) -> list[tuple[str, str]]:
+    """(status, reason) of each picture, as the pipeline answers them."""
+    return [(answer.status.value, answer.reason) for answer in pipeline.answer(pictures)]

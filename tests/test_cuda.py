@@ -65,15 +65,17 @@ def test_the_whole_uint8_cache_moves_to_the_gpu_once(mini_prepared):
 
 
 def test_predict_runs_on_the_gpu_and_agrees_with_the_cpu(mini_checkpoint, mini_root):
-    from alnet.infer.predict import expand_paths, load_predictor, predict_files
+    from conftest import predict_rows
+
+    from alnet.infer.predict import expand_paths, load_pipeline
 
     files, _ = expand_paths([mini_root])
     files = files[:24]
-    gpu = load_predictor(mini_checkpoint)
+    gpu = load_pipeline(mini_checkpoint)
     assert next(gpu.trained.model.parameters()).device.type == "cuda"
-    cpu = load_predictor(mini_checkpoint, precision="32", accelerator="cpu")
-    gpu_rows, _ = predict_files(gpu, files)
-    cpu_rows, _ = predict_files(cpu, files)
+    cpu = load_pipeline(mini_checkpoint, precision="32", accelerator="cpu")
+    gpu_rows, _ = predict_rows(gpu, files)
+    cpu_rows, _ = predict_rows(cpu, files)
     p_gpu = np.array([float(r["probability_all"]) for r in gpu_rows])
     p_cpu = np.array([float(r["probability_all"]) for r in cpu_rows])
     assert np.abs(p_gpu - p_cpu).max() < 0.02  # bf16 AMP against exact fp32
@@ -83,7 +85,7 @@ def test_predict_runs_on_the_gpu_and_agrees_with_the_cpu(mini_checkpoint, mini_r
 def test_the_service_answers_from_the_gpu(mini_checkpoint, mini_root):
     from fastapi.testclient import TestClient
 
-    from alnet.infer.predict import load_predictor
+    from alnet.infer.predict import load_pipeline
     from alnet.infer.serve import create_app
 
     cell = sorted((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "hem").iterdir())[0]
@@ -93,6 +95,6 @@ def test_the_service_answers_from_the_gpu(mini_checkpoint, mini_root):
     assert answer.status_code == 200, answer.text
     body = answer.json()
     pixels, _ = load_image(cell, Preprocessing(size=136))
-    expected = float(load_predictor(mini_checkpoint, precision="32", accelerator="cpu")(pixels[None])[0])
+    expected = float(load_pipeline(mini_checkpoint, precision="32", accelerator="cpu").probabilities(pixels[None])[0])
     assert abs(body["probability_all"] - expected) < 0.02
     assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).format == "PNG"

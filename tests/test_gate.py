@@ -9,20 +9,32 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import predict_rows
 from fastapi.testclient import TestClient
 from noncells import write_non_cells
 from typer.testing import CliRunner
 
-from alnet.checkpoint import INPUT_GATE, load_trained_model
+from alnet.checkpoint import load_trained_model
 from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing, load_image
 from alnet.infer.export import export_onnx
-from alnet.infer.predict import load_predictor, predict_files
+from alnet.infer.predict import load_pipeline
 from alnet.infer.serve import create_app
-from alnet.trust.components import component_sizes
-from alnet.trust.features import FeatureGate, fit_feature_gate, ledoit_wolf, mahalanobis
-from alnet.trust.gate import GateError, ImageCheck, image_reason, read_image_check
+from alnet.schema import INPUT_GATE_KEY
+from alnet.trust.feature_check import (
+    FeatureGate,
+    fit_feature_gate,
+    ledoit_wolf,
+    mahalanobis,
+)
+from alnet.trust.image_check import (
+    GateError,
+    ImageCheck,
+    image_reason,
+    measure,
+    read_image_check,
+)
 
 runner = CliRunner()
 
@@ -73,13 +85,15 @@ def test_the_image_check_names_what_is_wrong_in_words():
     assert image_reason(textured) is None
 
 
-def test_connected_components_are_eight_connected_and_sorted_by_size():
-    mask = np.zeros((6, 6), bool)
-    mask[0, 0] = mask[1, 1] = True  # diagonal neighbours: one component
-    mask[4:6, 3:6] = True
-    sizes, labels = component_sizes(mask)
-    assert sizes.tolist() == [6, 2] and labels[4, 3] == 1 and labels[0, 0] == labels[1, 1] == 2
-    assert component_sizes(np.zeros((3, 3), bool))[0].tolist() == []
+def test_objects_touching_at_a_corner_are_one_object_and_the_largest_one_is_measured():
+    picture = np.zeros((64, 64, 3), np.uint8)  # at the check's own 64×64 grid: no resampling
+    picture[10:20, 10:20] = picture[20:30, 20:30] = 120  # diagonal neighbours at (19, 19) and (20, 20)
+    assert measure(picture)["objects"] == 1
+    picture[40:44, 50:52] = 120  # a separate speck of 8 pixels beside 200
+    stats = measure(picture)
+    assert stats["objects"] == 2 and stats["object_share"] == pytest.approx(200 / 208)
+    assert stats["centre_offset"] == pytest.approx(np.hypot(19.5 - 31.5, 19.5 - 31.5) / 64)
+    assert measure(np.zeros((64, 64, 3), np.uint8))["objects"] == 0
 
 
 def test_ledoit_wolf_shrinkage_matches_scikit_learn():
@@ -90,6 +104,18 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn():
     reference = LedoitWolf().fit(x.numpy().astype(np.float64))
     np.testing.assert_allclose(mean.numpy(), reference.location_, atol=1e-6)
     np.testing.assert_allclose(cov.numpy(), reference.covariance_, rtol=1e-5, atol=1e-7)
+
+
+def test_the_precision_is_the_inverse_of_the_shrunk_covariance_with_fewer_cells_than_features_or_more():
+    from alnet.trust.feature_check import _fit
+
+    generator = torch.Generator().manual_seed(2)
+    for cells, features in ((30, 200), (200, 30)):  # the Woodbury path and the direct one
+        x = torch.randn(cells, features, generator=generator) * torch.linspace(0.1, 3, features)
+        mean, precision = _fit(x)
+        _, covariance = ledoit_wolf(x)
+        np.testing.assert_allclose((precision @ covariance).numpy(), np.eye(features), atol=1e-8)
+        np.testing.assert_allclose(mean.numpy(), x.double().mean(0).numpy())
 
 
 def test_the_feature_gate_refuses_features_far_from_the_training_cells():
@@ -128,9 +154,9 @@ def test_a_feature_gate_survives_json_and_hostile_metadata_is_refused():
 def test_a_model_trained_on_the_real_cells_rejects_none_of_them(mini_checkpoint, mini_root):
     trained = load_trained_model(mini_checkpoint)
     assert trained.input_gate is not None and trained.input_gate.cells > 0
-    stored = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)[INPUT_GATE]["features"]
+    stored = torch.load(mini_checkpoint, map_location="cpu", weights_only=True)[INPUT_GATE_KEY]["features"]
     assert isinstance(stored["precision"], torch.Tensor)  # plain tensors: loadable with weights_only=True
-    rows, failed = predict_files(load_predictor(mini_checkpoint), _real_cells(mini_root))
+    rows, failed = predict_rows(load_pipeline(mini_checkpoint), _real_cells(mini_root))
     assert not failed and len(rows) == 52
     assert [(Path(r["path"]).name, r["reason"]) for r in rows if r["status"] != "ok"] == []
 
@@ -147,9 +173,9 @@ def test_a_model_trained_on_synthetic_cells_rejects_no_real_cell(synthetic_root,
     # the run's own test sets were screened too, and say so
     assert all(f["input_gate"]["images"] == f["images"] for f in metrics["folds"])
     checkpoint = next((tmp_path / "run" / "checkpoints" / "prelim").glob("best.ckpt"))
-    predictor = load_predictor(checkpoint)
+    predictor = load_pipeline(checkpoint)
     assert predictor.gate.features is not None and "validation cells" in predictor.gate.features.held_out
-    rows, _ = predict_files(predictor, _real_cells(mini_root))
+    rows, _ = predict_rows(predictor, _real_cells(mini_root))
     assert [(Path(r["path"]).name, r["reason"]) for r in rows if r["status"] != "ok"] == []
 
 
@@ -157,11 +183,11 @@ def test_a_model_trained_on_synthetic_cells_rejects_no_real_cell(synthetic_root,
 def test_at_least_95_percent_of_generated_non_cells_are_refused_each_with_a_reason(mini_checkpoint, non_cells):
     kinds = Counter(kind for kind, _ in non_cells)
     assert set(kinds) == {"noise", "gradient", "text", "white", "one-pixel", "pasted", "chart"}
-    rows, failed = predict_files(load_predictor(mini_checkpoint), [path for _, path in non_cells])
+    rows, failed = predict_rows(load_pipeline(mini_checkpoint), [path for _, path in non_cells])
     assert not failed and len(rows) == len(non_cells)
     refused = [r for r in rows if r["status"] == "rejected"]
     assert len(refused) >= 0.95 * len(rows), [Path(r["path"]).name for r in rows if r["status"] == "ok"]
-    assert all(r["reason"] and r["label"] == "" and r["probability_all"] == "" for r in refused)
+    assert all(r["reason"] and r["predicted"] == "" and r["probability_all"] == "" for r in refused)
     kind_of = {str(path): kind for kind, path in non_cells}
     for kind in ("white", "one-pixel", "pasted", "chart", "text", "gradient", "noise"):  # by the image check
         assert all(r["status"] == "rejected" for r in rows if kind_of[r["path"]] == kind), kind
@@ -175,27 +201,27 @@ def test_onnx_export_carries_the_feature_gate_and_refuses_what_the_checkpoint_re
     assert [o.name for o in graph.graph.output] == ["probability_all", "probability_raw", "features"]
     assert "alnet_input_gate" in {p.key for p in graph.metadata_props}
     files = _real_cells(mini_root)[:10] + [p for _, p in non_cells]
-    torch_rows, _ = predict_files(load_predictor(mini_checkpoint, precision="32"), files)
-    onnx_predictor = load_predictor(path)
+    torch_rows, _ = predict_rows(load_pipeline(mini_checkpoint, precision="32"), files)
+    onnx_predictor = load_pipeline(path)
     assert onnx_predictor.gate.features is not None
-    onnx_rows, _ = predict_files(onnx_predictor, files)
+    onnx_rows, _ = predict_rows(onnx_predictor, files)
     assert [r["status"] for r in onnx_rows] == [r["status"] for r in torch_rows]
 
 
 @pytest.mark.slow
-def test_the_service_answers_a_chart_with_422_and_a_reason_and_a_real_cell_with_a_label(mini_checkpoint,
+def test_the_service_answers_a_chart_with_422_and_a_reason_and_a_real_cell_with_a_call(mini_checkpoint,
                                                                                          non_cells, mini_root):
     client = TestClient(create_app(mini_checkpoint))
     chart = next(path for kind, path in non_cells if kind == "chart")
     refused = client.post("/predict", files={"file": (chart.name, chart.read_bytes(), "image/png")})
     assert refused.status_code == 422
     body = refused.json()
-    assert set(body) >= {"error", "reason"} and "label" not in body
+    assert set(body) >= {"error", "reason"} and "predicted" not in body
     assert chart.name in body["error"] and body["reason"].startswith("saturated")
     cell = _real_cells(mini_root)[0]
     answered = client.post("/predict", files={"file": (cell.name, cell.read_bytes(), "image/png")})
     assert answered.status_code == 200 and answered.json()["status"] == "ok"
-    assert answered.json()["label"] in ("ALL", "HEM")
+    assert answered.json()["predicted"] in ("ALL", "HEM")
     assert "body.reason" in client.get("/").text  # the page shows the reason in words
 
 
@@ -262,21 +288,26 @@ def test_evaluate_reports_how_many_test_cells_the_gate_refused_and_why(mini_chec
 
 
 def test_a_refused_image_is_rejected_before_review_and_an_accepted_one_close_to_the_threshold_is_flagged(mini_root):
-    from alnet.infer.predict import Predictor
-    from alnet.trust.screen import InputGate
+    from alnet.labels import Status
+    from alnet.pipeline import NetworkOutputs, Pipeline
+    from alnet.trust.input_gate import InputGate
 
     cell = load_image(_real_cells(mini_root)[0], Preprocessing(size=136))[0]
     images = np.stack([cell, np.zeros_like(cell)])  # a real cell and a blank picture
 
-    def outputs(batch):  # calibrated, raw P(ALL), no features, no int8 ranges: inside a review band of width 0.2
-        return np.full(len(batch), 0.55, np.float32), np.full(len(batch), 0.7, np.float32), None, None
+    def network(batch):  # P(ALL) 0.55, no features: inside a review band of width 0.2
+        return NetworkOutputs(np.full(len(batch), 0.55, np.float32), None)
 
-    predictor = Predictor(Path("model.ckpt"), "fake", Preprocessing(size=136), outputs, review={"half_width": 0.2},
-                          gate=InputGate())
-    answers = predictor.answer(images)
-    assert answers.statuses[0][0] == "review" and "within 0.200 of the threshold" in answers.statuses[0][1]
-    assert answers.statuses[1][0] == "rejected" and answers.statuses[1][1].startswith("blank")
-    assert (answers.probability_all[0], answers.probability_raw[0]) == (np.float32(0.55), np.float32(0.7))
-    assert np.isnan(answers.probability_all[1]) and np.isnan(answers.probability_raw[1])
-    kept = predictor.answer(images, answer_refused=True)  # a challenge file: the answer stays, the verdict too
-    assert kept.statuses[1][0] == "rejected" and kept.probability_all[1] == np.float32(0.55)
+    pipeline = Pipeline(network, "fake", Preprocessing(size=136), Path("model.ckpt"), review={"half_width": 0.2},
+                        gate=InputGate())
+    cell_answer, blank_answer = pipeline.answer(images)
+    assert cell_answer.status is Status.REVIEW and "within 0.200 of the threshold" in cell_answer.reason
+    assert cell_answer.answered and cell_answer.predicted == "ALL"
+    assert blank_answer.status is Status.REJECTED and blank_answer.reason.startswith("blank")
+    # every picture gets its probabilities: a writer decides what to make of a refused one
+    assert blank_answer.probability_all == pytest.approx(0.55) and not blank_answer.answered
+    calibrated = Pipeline(network, "fake", Preprocessing(size=136), Path("model.ckpt"),
+                          calibration={"temperature": 2.0}, gate=InputGate(None))
+    answer = calibrated.answer(images[:1])[0]
+    assert answer.probability_raw == pytest.approx(0.55) and answer.status is Status.OK
+    assert answer.probability_all == pytest.approx(1 / (1 + (0.45 / 0.55) ** 0.5))

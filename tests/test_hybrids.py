@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from alnet.checkpoint import CheckpointError, load_trained_model, read_checkpoint
 from alnet.cli import app
 from alnet.config import ConfigError, RunConfig
+from alnet.labels import label_of
 from alnet.models import create_model, model_spec, probability_all, split_model_list
 from alnet.models.head import logits_for
 from alnet.models.hybrid import make_search
@@ -129,7 +130,7 @@ def mini_prepared(mini_root, tmp_path_factory):
 @pytest.mark.parametrize("name", ["resnet50+svm", "alexnet,resnet50+svm"])
 def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions(name, protocol, mini_prepared,
                                                                                  tmp_path):
-    from alnet.infer.predict import load_predictor
+    from alnet.infer.predict import load_pipeline
     from alnet.train.run import train_run
     from alnet.train.rundir import RunDir
 
@@ -145,7 +146,7 @@ def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions
     assert {f["fold"] for f in metrics["folds"]} == {r["fold"] for r in rows} == {"fold_0", "fold_1", "fold_2"}
     for fold in metrics["folds"]:
         mine = [r for r in rows if r["fold"] == fold["fold"]]
-        labels = [int(r["label"]) for r in mine]
+        labels = [label_of(r["label"]) for r in mine]
         probabilities = [float(r["probability_all"]) for r in mine]
         assert fold["images"] == len(mine)
         assert fold["accuracy"] == pytest.approx(np.mean([(p > 0.5) == y for p, y in zip(probabilities, labels)]))
@@ -161,11 +162,12 @@ def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions
     # Input gate and (no) calibration written in one rewrite; metrics.json says why there is no temperature.
     assert stored["input_gate"]["features"]["threshold"] > 0 and stored["calibration"] is None
     assert all("hybrid" in f["calibration"]["note"] for f in metrics["folds"])
-    predictor = load_predictor(checkpoint, precision="32")
+    predictor = load_pipeline(checkpoint, precision="32")
     fold0 = [r for r in rows if r["fold"] == "fold_0"]
     by_path = {str(c.path): i for i, c in enumerate(mini_prepared.cells)}
     images = mini_prepared.images[[by_path[r["path"]] for r in fold0]]
-    assert np.allclose(predictor(np.asarray(images)), [float(r["probability_all"]) for r in fold0], atol=1e-5)
+    assert np.allclose(predictor.probabilities(np.asarray(images)), [float(r["probability_all"]) for r in fold0],
+                       atol=1e-5)
 
 
 @pytest.mark.slow
@@ -217,7 +219,7 @@ def test_a_hybrid_exports_to_one_onnx_graph_that_agrees_with_its_checkpoint(mini
     import onnx
 
     from alnet.infer.export import export_onnx
-    from alnet.infer.predict import load_predictor
+    from alnet.infer.predict import load_pipeline
     from alnet.train.run import train_run
     from alnet.train.rundir import RunDir
 
@@ -229,7 +231,8 @@ def test_a_hybrid_exports_to_one_onnx_graph_that_agrees_with_its_checkpoint(mini
     assert [i.name for i in graph.graph.input] == ["image"]
     assert [o.name for o in graph.graph.output] == ["probability_all", "features"]
     images = np.asarray(mini_prepared.images[:8])
-    assert np.allclose(load_predictor(exported)(images), load_predictor(checkpoint, precision="32")(images),
+    assert np.allclose(load_pipeline(exported).probabilities(images),
+                       load_pipeline(checkpoint, precision="32").probabilities(images),
                        atol=1e-4)
 
 

@@ -8,15 +8,16 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import predict_rows, statuses
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from alnet.checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model
 from alnet.cli import app
 from alnet.data.cnmc import scan
-from alnet.infer.int8 import CALIBRATION_IMAGES, Int8Error, quantized, weights_fingerprint
-from alnet.infer.predict import load_predictor, predict_files
+from alnet.infer.predict import load_pipeline
 from alnet.infer.serve import create_app
+from alnet.int8 import CALIBRATION_IMAGES, Int8Error, quantized, weights_fingerprint
 from alnet.models.alnet import ALNet
 
 runner = CliRunner()
@@ -62,9 +63,9 @@ def test_training_stores_an_int8_calibration_made_of_tensors_only(mini_checkpoin
 
 def test_the_int8_form_computes_in_int8_and_answers_like_full_precision_on_real_cells(mini_checkpoint, mini_root):
     files = _real_cells(mini_root)
-    full, _ = predict_files(load_predictor(mini_checkpoint, precision="32"), files)
-    int8_predictor = load_predictor(mini_checkpoint, int8=True)
-    int8, _ = predict_files(int8_predictor, files)
+    full, _ = predict_rows(load_pipeline(mini_checkpoint, precision="32"), files)
+    int8_predictor = load_pipeline(mini_checkpoint, int8=True)
+    int8, _ = predict_rows(int8_predictor, files)
     assert len(full) == len(int8) == 52
     assert np.abs(_probabilities(int8) - _probabilities(full)).max() < 0.01
     assert np.mean([a["label"] == b["label"] for a, b in zip(full, int8)]) >= 0.95
@@ -97,7 +98,7 @@ def test_predict_and_export_take_int8_and_the_onnx_model_answers_as_the_torch_on
     assert len(kernels) == 5  # the five convolutions' weights are stored as int8
     assert {p.key: p.value for p in graph.metadata_props}["alnet_int8"].startswith("yes")
     assert [o.name for o in graph.graph.output] == ["probability_all", "probability_raw", "features", "beyond_range"]
-    onnx_rows, _ = predict_files(load_predictor(onnx_path), _real_cells(mini_root), batch_size=7)
+    onnx_rows, _ = predict_rows(load_pipeline(onnx_path), _real_cells(mini_root), batch_size=7)
     assert np.abs(_probabilities(onnx_rows) - _probabilities(rows)).max() < 0.01
 
 
@@ -106,7 +107,7 @@ def test_serve_answers_with_the_int8_form(mini_checkpoint, mini_root):
     client = TestClient(create_app(mini_checkpoint, int8=True))
     response = client.post("/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")})
     assert response.status_code == 200, response.text
-    expected = predict_files(load_predictor(mini_checkpoint, int8=True), [cell])[0][0]
+    expected = predict_rows(load_pipeline(mini_checkpoint, int8=True), [cell])[0][0]
     assert response.json()["model"] == "alnet (int8)"
     assert response.json()["probability_all"] == pytest.approx(float(expected["probability_all"]), abs=1e-5)
 
@@ -122,7 +123,7 @@ def test_quantize_calibrates_a_checkpoint_that_has_no_int8_form_yet(checkpoint_c
     assert "on 20 cell(s)" in result.output
     entry = torch.load(checkpoint_copy, map_location="cpu", weights_only=True)[INT8_KEY]
     assert entry["images"] == 20
-    rows, _ = predict_files(load_predictor(checkpoint_copy, int8=True), _real_cells(mini_root)[:4])
+    rows, _ = predict_rows(load_pipeline(checkpoint_copy, int8=True), _real_cells(mini_root)[:4])
     assert len(rows) == 4 and rows[0]["model"] == "alnet (int8)"
 
 
@@ -172,8 +173,8 @@ def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precisio
     if damage in ("edited value", "other weights"):
         assert ("edited or damaged" if damage == "edited value" else "other weights") in message
     with pytest.raises(Int8Error):
-        load_predictor(checkpoint_copy, int8=True)
-    assert len(predict_files(load_predictor(checkpoint_copy), _real_cells(mini_root)[:2])[0]) == 2
+        load_pipeline(checkpoint_copy, int8=True)
+    assert len(predict_rows(load_pipeline(checkpoint_copy), _real_cells(mini_root)[:2])[0]) == 2
 
 
 def test_quantize_rewrites_a_linked_checkpoint_s_target_keeps_its_mode_and_refuses_a_read_only_one(
@@ -203,7 +204,7 @@ def test_int8_is_refused_for_an_onnx_model_and_for_models_without_an_int8_form(m
 
     onnx_path = export_onnx(mini_checkpoint, tmp_path / "alnet.onnx")
     with pytest.raises(Int8Error, match="alnet export --int8"):
-        load_predictor(onnx_path, int8=True)
+        load_pipeline(onnx_path, int8=True)
     from alnet.config import RunConfig
     from alnet.models import create_model_from
 
@@ -249,21 +250,22 @@ def _unlike_the_training_cells(mini_root) -> np.ndarray:
 
 @pytest.mark.slow
 def test_int8_keeps_a_trained_model_s_labels_and_refuses_what_full_precision_refuses(sharp_checkpoint, mini_root):
-    full = load_predictor(sharp_checkpoint, precision="32")
-    int8 = load_predictor(sharp_checkpoint, int8=True)
+    full = load_pipeline(sharp_checkpoint, precision="32")
+    int8 = load_pipeline(sharp_checkpoint, int8=True)
     files = _real_cells(mini_root)
-    p_full = _probabilities(predict_files(full, files)[0])
-    p_int8 = _probabilities(predict_files(int8, files)[0])
+    p_full = _probabilities(predict_rows(full, files)[0])
+    p_int8 = _probabilities(predict_rows(int8, files)[0])
     assert p_full.min() < 0.2 and p_full.max() > 0.8  # answers spread out: the comparison has teeth
     assert np.abs(p_int8 - p_full).max() < 0.1  # measured 0.06 (bf16: 0.008); mean 0.01
     assert np.mean((p_int8 > 0.5) == (p_full > 0.5)) >= 0.95
 
     unusual = _unlike_the_training_cells(mini_root)
-    refused_full = [status == "rejected" for status, _ in full.answer(unusual).statuses]
-    refused_int8 = [status == "rejected" for status, _ in int8.answer(unusual).statuses]
+    refused_full = [status == "rejected" for status, _ in statuses(full, unusual)]
+    int8_answers = int8.answer(unusual)
+    refused_int8 = [not answer.answered for answer in int8_answers]
     assert sum(refused_full) >= len(unusual) // 2  # the feature check refuses most of them in full precision…
     assert refused_int8 == refused_full  # …and exactly those with --int8: they left the calibrated ranges
-    assert int8.fallbacks >= sum(refused_full)
+    assert sum(answer.int8_fallback for answer in int8_answers) >= sum(refused_full)
 
 
 @pytest.mark.slow
@@ -271,16 +273,16 @@ def test_the_int8_onnx_model_answers_within_a_few_hundredths_of_predict_int8(sha
     from alnet.infer.export import export_onnx
 
     files = _real_cells(mini_root)
-    torch_int8 = _probabilities(predict_files(load_predictor(sharp_checkpoint, int8=True), files)[0])
+    torch_int8 = _probabilities(predict_rows(load_pipeline(sharp_checkpoint, int8=True), files)[0])
     onnx_path = export_onnx(sharp_checkpoint, tmp_path / "int8.onnx", int8=True)
-    onnx_int8 = load_predictor(onnx_path)
+    onnx_int8 = load_pipeline(onnx_path)
     assert onnx_int8.described == "alnet (int8)"
-    answered = _probabilities(predict_files(onnx_int8, files, batch_size=5)[0])
+    answered = _probabilities(predict_rows(onnx_int8, files, batch_size=5)[0])
     assert np.abs(answered - torch_int8).max() < 0.05  # onnxruntime's int8 kernels round differently (0.018)
     # No full-precision network in the file: what would be clipped is refused, with the reason.
-    statuses = onnx_int8.answer(_unlike_the_training_cells(mini_root)).statuses
-    assert {status for status, _ in statuses} == {"rejected"}
-    assert any("leave the ranges this int8 model was calibrated on" in reason for _, reason in statuses)
+    answers = statuses(onnx_int8, _unlike_the_training_cells(mini_root))
+    assert {status for status, _ in answers} == {"rejected"}
+    assert any("leave the ranges this int8 model was calibrated on" in reason for _, reason in answers)
 
 
 def test_an_int8_onnx_model_without_its_beyond_range_output_is_refused_when_loaded(mini_checkpoint, tmp_path):
@@ -292,7 +294,7 @@ def test_an_int8_onnx_model_without_its_beyond_range_output_is_refused_when_load
     graph.graph.output.extend(kept)
     onnx.save(graph, str(tmp_path / "edited.onnx"))
     with pytest.raises(ValueError, match="beyond_range"):
-        load_predictor(tmp_path / "edited.onnx")
+        load_pipeline(tmp_path / "edited.onnx")
 
 
 def test_threads_sharing_one_int8_predictor_get_the_answers_each_would_get_alone(mini_checkpoint, mini_root):
@@ -300,11 +302,14 @@ def test_threads_sharing_one_int8_predictor_get_the_answers_each_would_get_alone
 
     from alnet.data.transforms import Preprocessing, load_image
 
-    predictor = load_predictor(mini_checkpoint, int8=True)
+    predictor = load_pipeline(mini_checkpoint, int8=True)
     cells = np.stack([load_image(path, Preprocessing(size=136))[0] for path in _real_cells(mini_root)[:6]])
     batches = [cells, _unlike_the_training_cells(mini_root)[:2]]  # other sizes; the second leaves the ranges
-    alone = [predictor.answer(batch).probability_raw for batch in batches]
+    def raw(batch):
+        return [answer.probability_raw for answer in predictor.answer(batch)]
+
+    alone = [raw(batch) for batch in batches]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda i: predictor.answer(batches[i % 2]).probability_raw, range(16)))
+        together = list(pool.map(lambda i: raw(batches[i % 2]), range(16)))
     for i, answer in enumerate(together):
         np.testing.assert_array_equal(answer, alone[i % 2])

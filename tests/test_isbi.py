@@ -45,15 +45,18 @@ def test_names_that_cannot_make_a_submission_are_a_one_line_error(names, message
         isbi.submission_order(_paths(*names))
 
 
-def test_a_refused_image_keeps_the_models_label_and_is_listed_with_its_line():
+def test_a_refused_image_keeps_the_models_call_and_is_listed_with_its_line():
+    from alnet.infer.predict import Predicted
+    from alnet.labels import Status
+    from alnet.pipeline import Answer
+
     ordered = _paths("1.bmp", "2.bmp", "3.bmp")
-    rows = [{"path": str(ordered[0]), "label": "ALL", "probability_all": "0.900000"},
-            {"path": str(ordered[1]), "label": "", "probability_all": "0.700000", "status": "rejected",
-             "reason": "not a cell"},
-            {"path": str(ordered[2]), "label": "HEM", "probability_all": "0.200000", "status": "review"}]
-    lines, refused = isbi.submission_lines(list(reversed(rows)), ordered, [])
+    results = [Predicted(ordered[0], Answer(0.9, 0.9, Status.OK)),
+               Predicted(ordered[1], Answer(0.7, 0.6, Status.REJECTED, "not a cell")),
+               Predicted(ordered[2], Answer(0.2, 0.3, Status.REVIEW, "close"))]
+    lines, refused = isbi.submission_lines(list(reversed(results)), ordered, [])
     assert lines == ["1", "1", "0"]
-    assert refused == [{"line": 2, "path": str(ordered[1]), "label": "", "probability_all": "0.700000",
+    assert refused == [{"line": 2, "path": str(ordered[1]), "predicted": "ALL", "probability_all": "0.700000",
                         "status": "rejected", "reason": "not a cell"}]
 
 
@@ -97,8 +100,8 @@ def test_images_the_gate_refuses_are_written_and_listed_beside_the_submission(mi
     assert len(refused) == 1
     assert (refused[0]["line"], Path(refused[0]["path"]).stem) == ("3", "3")
     assert refused[0]["status"] == "rejected" and refused[0]["reason"].startswith("saturated")
-    assert refused[0]["label"] in ("ALL", "HEM")  # the line still needs the model's answer
-    assert out.read_text().splitlines()[2] == ("1" if refused[0]["label"] == "ALL" else "0")
+    assert refused[0]["predicted"] in ("ALL", "HEM")  # the line still needs the model's answer
+    assert out.read_text().splitlines()[2] == ("1" if refused[0]["predicted"] == "ALL" else "0")
 
 
 def test_a_gap_in_the_numbers_stops_before_the_model_runs_and_writes_nothing(mini_checkpoint, final_test_set,

@@ -92,10 +92,3 @@ def test_summary_is_mean_and_sample_std_over_folds():
     summary = M.summarize(folds)
     assert summary["f1"]["mean"] == pytest.approx(0.9)
     assert summary["f1"]["std"] == pytest.approx(0.1)
-
-
-def test_per_subject_rows_count_images_and_share_called_all():
-    rows = M.per_subject(["3", "3", "H4", "H4", "H4"], [1, 1, 0, 0, 0], [0.9, 0.4, 0.1, 0.6, 0.2])
-    assert rows[0] == {"subject": "3", "label": 1, "images": 2, "mean_probability_all": pytest.approx(0.65),
-                       "fraction_called_all": 0.5, "accuracy": 0.5}
-    assert rows[1]["subject"] == "H4" and rows[1]["accuracy"] == pytest.approx(2 / 3)

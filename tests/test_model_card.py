@@ -53,7 +53,7 @@ def _recorded_fold() -> dict:
     """A test set's metrics entry as a run records it: the metrics and the trust entries computed from
     prediction rows of 8 subjects (a temperature of 2 fitted on validation subjects)."""
     from alnet import metrics as M
-    from alnet.trust.entries import test_set_entry
+    from alnet.trust.test_set import test_set_entry
 
     rng = np.random.default_rng(1)
     rows = []
@@ -95,7 +95,7 @@ def test_model_card_ignores_interval_spellings_it_does_not_record():
 
 
 def test_model_card_of_an_uncalibrated_run_says_so_and_has_no_calibration_section():
-    from alnet.trust.fitting import not_fitted
+    from alnet.fitting import not_fitted
 
     fold = {**FOLD, "calibration": {"method": "none", "note": not_fitted()["calibration"]["note"],
                                     "before": {"ece": 0.1, "brier": 0.2, "nll": 0.5}, "after": None}}

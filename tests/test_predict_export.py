@@ -6,12 +6,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import predict_rows
 from typer.testing import CliRunner
 
 from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.infer.export import export_onnx
-from alnet.infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
+from alnet.infer.predict import expand_paths, load_pipeline
+from alnet.schema import PREDICTION_FIELDS
 
 runner = CliRunner()
 
@@ -24,13 +26,13 @@ def test_onnx_gives_the_same_probabilities_as_pytorch_on_real_cells(mini_checkpo
     assert [d.dim_param or d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [
         "batch", 3, 136, 136]  # the batch axis stays symbolic through torch.export
     files = [c.path for c in scan(mini_root).cells]
-    torch_rows, _ = predict_files(load_predictor(mini_checkpoint, precision="32"), files, batch_size=20)
-    onnx_rows, _ = predict_files(load_predictor(path), files, batch_size=7)  # another batch size: dynamic axis
+    torch_rows, _ = predict_rows(load_pipeline(mini_checkpoint, precision="32"), files, batch_size=20)
+    onnx_rows, _ = predict_rows(load_pipeline(path), files, batch_size=7)  # another batch size: dynamic axis
     a = np.array([float(r["probability_all"]) for r in torch_rows])
     b = np.array([float(r["probability_all"]) for r in onnx_rows])
     assert len(a) == len(b) == 52
     np.testing.assert_allclose(b, a, atol=1e-4)  # stated tolerance: 1e-4 in probability, fp32 on both sides
-    assert [r["label"] for r in torch_rows] == [r["label"] for r in onnx_rows]
+    assert [r["predicted"] for r in torch_rows] == [r["predicted"] for r in onnx_rows]
 
 
 def test_predict_preprocesses_any_size_and_format_like_training(mini_checkpoint, mini_root, tmp_path):
@@ -41,11 +43,11 @@ def test_predict_preprocesses_any_size_and_format_like_training(mini_checkpoint,
     source = next((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_1" / "hem").iterdir())
     Image.open(source).save(tmp_path / "cell.png")
     Image.open(source).convert("RGB").resize((300, 300)).save(tmp_path / "small.jpg", quality=95)
-    predictor = load_predictor(mini_checkpoint, precision="32")
-    rows, failed = predict_files(predictor, [source, tmp_path / "cell.png", tmp_path / "small.jpg"])
+    predictor = load_pipeline(mini_checkpoint, precision="32")
+    rows, failed = predict_rows(predictor, [source, tmp_path / "cell.png", tmp_path / "small.jpg"])
     assert not failed
     assert rows[0]["probability_all"] == rows[1]["probability_all"]  # lossless PNG: identical input
-    expected = predictor(load_image(source, Preprocessing(size=136))[0][None])[0]
+    expected = predictor.probabilities(load_image(source, Preprocessing(size=136))[0][None])[0]
     assert float(rows[0]["probability_all"]) == pytest.approx(float(expected), abs=1e-6)
 
 
@@ -62,22 +64,23 @@ def test_predict_command_lists_unreadable_files_and_writes_one_row_per_image(min
     with open(out, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
-    assert set(rows[0]) == {"path", "label", "probability_all", "probability_raw", "status", "reason", "model",
-                            "checkpoint", "note"}
-    assert {r["label"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
+    assert list(rows[0]) == PREDICTION_FIELDS  # one schema for every predictions.csv
+    assert {r["predicted"] for r in rows} <= {"ALL", "HEM"} and rows[0]["model"] == "alnet"
+    assert {r["label"] for r in rows} == {""}  # the true class is not known to predict
+    assert {r["subject"] for r in rows} == {"16", "23", "2", "H10", "H14", "H22"}  # from the C-NMC names
     assert {(r["status"], r["reason"]) for r in rows} == {("ok", "")}  # real cells pass the input gate
     assert all(0 <= float(r["probability_all"]) <= 1 for r in rows)
 
 
 def test_tta_averages_the_four_flips(mini_checkpoint, mini_root):
-    predictor = load_predictor(mini_checkpoint, precision="32")
+    predictor = load_pipeline(mini_checkpoint, precision="32")
     files, _ = expand_paths([str(mini_root / "C-NMC_Leukemia" / "training_data" / "fold_2" / "all" / "*.png")])
     from alnet.data.transforms import Preprocessing, load_image
 
     images = np.stack([load_image(f, Preprocessing(size=136))[0] for f in files[:4]])
     flips = [images, images[:, :, ::-1], images[:, ::-1], images[:, ::-1, ::-1]]
-    expected = np.mean([predictor(np.ascontiguousarray(f)) for f in flips], axis=0)
-    np.testing.assert_allclose(predictor(images, tta=True), expected, rtol=1e-6)
+    expected = np.mean([predictor.probabilities(np.ascontiguousarray(f)) for f in flips], axis=0)
+    np.testing.assert_allclose(predictor.probabilities(images, tta=True), expected, rtol=1e-6)
 
 
 def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, mini_checkpoint, mini_root):
@@ -156,11 +159,11 @@ def test_a_tiny_or_odd_image_is_noted_and_refused_as_not_a_cell(tmp_path, mini_c
 
     Image.new("RGB", (1, 1), (120, 60, 200)).save(tmp_path / "dot.png")
     Image.new("RGB", (5000, 20), (120, 60, 200)).save(tmp_path / "strip.png")
-    rows, failed = predict_files(load_predictor(mini_checkpoint), [tmp_path / "dot.png", tmp_path / "strip.png"])
+    rows, failed = predict_rows(load_pipeline(mini_checkpoint), [tmp_path / "dot.png", tmp_path / "strip.png"])
     assert not failed
     assert "resized from 1x1" in rows[0]["note"] and "very small image" in rows[0]["note"]
     assert "resized from 5000x20" in rows[1]["note"]
-    assert [(r["status"], r["label"], r["probability_all"]) for r in rows] == [("rejected", "", "")] * 2
+    assert [(r["status"], r["predicted"], r["probability_all"]) for r in rows] == [("rejected", "", "")] * 2
     assert all("near-black" in r["reason"] for r in rows)
 
 
@@ -169,8 +172,8 @@ def test_inference_loads_a_checkpoint_as_a_plain_module_without_the_training_cod
     import sys
 
     code = ("import sys; from alnet.checkpoint import load_trained_model; from alnet.infer.predict import "
-            "load_predictor; from alnet.infer.serve import create_app; from alnet.infer.export import export_onnx; "
-            "trained = load_trained_model(sys.argv[1]); load_predictor(sys.argv[1]); "
+            "load_pipeline; from alnet.infer.serve import create_app; from alnet.infer.export import export_onnx; "
+            "trained = load_trained_model(sys.argv[1]); load_pipeline(sys.argv[1]); "
             "print(type(trained.model).__name__, trained.model.training, trained.preprocessing.size); "
             "print(sorted(m for m in sys.modules if m.startswith(('alnet.train', 'lightning'))))")
     done = subprocess.run([sys.executable, "-c", code, str(mini_checkpoint)], capture_output=True, text=True,
@@ -213,7 +216,7 @@ def test_hostile_metadata_in_a_model_file_is_a_one_line_error(tmp_path, mini_che
                 entry.value = value
         onnx.save(model, str(tmp_path / "bad.onnx"))
         with pytest.raises(ValueError, match="bad.onnx: .*preprocessing.*export the model again"):
-            load_predictor(tmp_path / "bad.onnx")
+            load_pipeline(tmp_path / "bad.onnx")
 
     from alnet.checkpoint import CheckpointError, load_trained_model
 
@@ -232,8 +235,7 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
 
     from alnet.config import RunConfig
     from alnet.infer.export import ProbabilityOfAll, export_graph
-    from alnet.models import create_model_from
-    from alnet.trust.features import Penultimate
+    from alnet.models import Penultimate, create_model_from
 
     model = create_model_from(RunConfig(model=name, pretrained=False, image_size=136)).eval()
     wrapper = ProbabilityOfAll(Penultimate(model), "sigmoid").eval()

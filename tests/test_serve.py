@@ -15,11 +15,13 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from conftest import predict_rows
 from fastapi.testclient import TestClient
 from PIL import Image
 
 import alnet.infer.serve as serve
-from alnet.infer.predict import load_predictor, predict_files
+import alnet.infer.uploads as uploads
+from alnet.infer.predict import load_pipeline
 from alnet.infer.serve import MAX_BYTES, create_app
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -35,14 +37,14 @@ def cell(mini_root) -> Path:
     return sorted((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "hem").iterdir())[0]
 
 
-def test_predict_returns_the_label_and_probability_the_cli_gives(client, cell, mini_checkpoint):
+def test_predict_returns_the_call_and_probability_the_cli_gives(client, cell, mini_checkpoint):
     response = client.post("/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["label"] in ("ALL", "HEM") and body["model"] == "alnet" and "gradcam_png" not in body
-    rows, _ = predict_files(load_predictor(mini_checkpoint), [cell])
+    assert body["predicted"] in ("ALL", "HEM") and body["model"] == "alnet" and "gradcam_png" not in body
+    rows, _ = predict_rows(load_pipeline(mini_checkpoint), [cell])
     assert body["probability_all"] == pytest.approx(float(rows[0]["probability_all"]), abs=1e-5)
-    assert body["label"] == rows[0]["label"]
+    assert body["predicted"] == rows[0]["predicted"] and "label" not in body  # `label` is a true class
 
 
 def test_gradcam_comes_back_as_a_png(client, cell):
@@ -124,7 +126,7 @@ def test_many_concurrent_requests_all_get_the_same_answer(server, cell):
 
 def test_decoding_runs_at_most_two_images_at_a_time(server, cell, monkeypatch):
     in_flight, most, guard = 0, 0, threading.Lock()
-    real_load_image = serve.load_image
+    real_load_image = uploads.load_image
 
     def slow_load_image(*args, **kwargs):
         nonlocal in_flight, most
@@ -138,7 +140,7 @@ def test_decoding_runs_at_most_two_images_at_a_time(server, cell, monkeypatch):
             with guard:
                 in_flight -= 1
 
-    monkeypatch.setattr(serve, "load_image", slow_load_image)
+    monkeypatch.setattr(uploads, "load_image", slow_load_image)
     data = cell.read_bytes()
 
     def post(_):
@@ -231,7 +233,7 @@ def test_a_picture_far_larger_than_a_cell_is_refused_from_its_header_without_dec
     Image.new("1", (8000, 8000), 1).save(buffer, format="PNG")  # 64 million pixels in a few kilobytes
     assert len(buffer.getvalue()) < MAX_BYTES
     decoded = []
-    monkeypatch.setattr(serve, "load_image", lambda *a, **k: decoded.append(a))
+    monkeypatch.setattr(uploads, "load_image", lambda *a, **k: decoded.append(a))
     response = client.post("/predict", files={"file": ("big.png", buffer.getvalue(), "image/png")})
     assert response.status_code == 413, response.text
     error = response.json()["error"]
@@ -319,7 +321,7 @@ def test_the_page_classifies_a_real_cell_end_to_end_in_a_browser(server, cell):
     finally:
         browser.quit()
     expected = httpx.post(f"{server}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")}).json()
-    assert label == expected["label"] and probability == pytest.approx(expected["probability_all"], abs=1e-3)
+    assert label == expected["predicted"] and probability == pytest.approx(expected["probability_all"], abs=1e-3)
 
 
 def test_names_from_the_model_file_are_shown_as_text_never_as_markup(mini_checkpoint, tmp_path):
@@ -361,19 +363,19 @@ def test_concurrent_requests_share_forward_passes_and_get_the_answers_of_one_at_
 
 def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_500(mini_checkpoint, cell,
                                                                                 monkeypatch):
-    real = serve.load_predictor
+    real = serve.load_pipeline
 
-    def broken_predictor(path, **gate):
-        predictor = real(path, **gate)
+    def broken_pipeline(path, **gate):
+        pipeline = real(path, **gate)
 
         def fail(batch):
             time.sleep(0.05)
             raise RuntimeError("simulated out of memory")
 
-        predictor.outputs = fail  # the forward pass the service batches
-        return predictor
+        pipeline.network = fail  # the forward pass the service batches
+        return pipeline
 
-    monkeypatch.setattr(serve, "load_predictor", broken_predictor)
+    monkeypatch.setattr(serve, "load_pipeline", broken_pipeline)
     with _serve(create_app(mini_checkpoint, max_batch=4)) as url:
         def post(_):
             return httpx.post(f"{url}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")},
@@ -387,13 +389,13 @@ def test_a_failed_forward_pass_answers_every_request_of_its_batch_with_a_json_50
 
 
 def _slow_decoding(monkeypatch, seconds: float):
-    real_load_image = serve.load_image
+    real_load_image = uploads.load_image
 
     def slow_load_image(*args, **kwargs):
         time.sleep(seconds)
         return real_load_image(*args, **kwargs)
 
-    monkeypatch.setattr(serve, "load_image", slow_load_image)
+    monkeypatch.setattr(uploads, "load_image", slow_load_image)
 
 
 def test_requests_past_the_waiting_limit_are_refused_with_a_json_503(server, cell, monkeypatch):
@@ -417,3 +419,22 @@ def test_a_request_not_classified_in_time_gets_a_json_503(server, cell, monkeypa
     response = httpx.post(f"{server}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")},
                           timeout=60)
     assert response.status_code == 503 and "not classified within" in response.json()["error"]
+
+
+def test_upload_limits_judge_a_picture_from_its_header_before_decoding_it():
+    from fastapi import HTTPException
+    from PIL import Image
+
+    from alnet.data.transforms import Preprocessing
+
+    def encoded(size, kind):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (90, 40, 120)).save(buffer, format=kind)
+        return buffer.getvalue()
+
+    limits = uploads.UploadLimits(max_bytes=10_000, max_pixels=100)
+    for data, status in ((encoded((8, 8), "GIF"), 415), (encoded((20, 20), "PNG"), 413), (b"not an image", 400)):
+        with pytest.raises(HTTPException) as refused:
+            limits.decode("x.img", data, Preprocessing(size=136))
+        assert refused.value.status_code == status and refused.value.detail.startswith("x.img: ")
+    assert limits.decode("x.png", encoded((8, 8), "PNG"), Preprocessing(size=136)).shape == (136, 136, 3)

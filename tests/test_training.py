@@ -16,6 +16,8 @@ from alnet.data.augment import make_augment
 from alnet.data.cache import prepare
 from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing
+from alnet.pipeline import torch_network
+from alnet.schema import PREDICTION_FIELDS
 from alnet.train.batches import PADDING, BatchOrder, CellData, shard, tensors
 from alnet.train.loggers import read_history
 from alnet.train.module import CellClassifier
@@ -73,10 +75,10 @@ def test_offline_doubling_appends_one_augmented_copy_per_training_image(small_pr
 def test_alnet_fits_the_cnmc_mini_training_images(mini_root, tmp_path):
     """Real cells: the training loss falls and the trained model classifies its own training images."""
     quiet_lightning()
-    prepared = prepare(scan(mini_root).cells, tmp_path)
+    prepared = prepare(scan(mini_root).cells, tmp_path, Preprocessing(size=136))
     images, labels = tensors(prepared)
     rows = np.arange(len(prepared.cells))
-    config = RunConfig(epochs=15, batch_size=8, augment=False, bn_momentum=0.5, seed=0)
+    config = RunConfig(epochs=15, batch_size=8, augment=False, bn_momentum=0.5, seed=0, image_size=136)
     module = CellClassifier(asdict(config))
     log = CSVLogger(tmp_path, name="log")
     trainer = L.Trainer(accelerator="cpu", max_epochs=config.epochs, logger=log, enable_checkpointing=False,
@@ -84,12 +86,12 @@ def test_alnet_fits_the_cnmc_mini_training_images(mini_root, tmp_path):
                         limit_val_batches=0, use_distributed_sampler=False)
     data = CellData(images, labels, rows, [], rows, config)
     trainer.fit(module, datamodule=data)
-    trainer.test(module, datamodule=data, verbose=False)
     losses = [float(h["train_loss"]) for h in read_history(tmp_path / "log")]
     assert len(losses) == 15
     assert losses[-1] < 0.5 * losses[0]
-    predicted = module.test_predictions["prob_all"] > 0.5
-    assert (predicted == module.test_predictions["label"]).mean() >= 0.9
+    network = torch_network(module.model, module.precision_path, config.head)
+    predicted = network(images.numpy()).probability_raw > 0.5
+    assert (predicted == labels.numpy()).mean() >= 0.9
 
 
 class CrashAtEpoch(Callback):
@@ -146,7 +148,7 @@ def test_run_directory_holds_config_history_predictions_metrics_and_figures(smal
     assert set(metrics["folds"][0]["confusion"]) == {"tp", "tn", "fp", "fn"}
     assert RunConfig.from_yaml(run / "config.yaml") == config
     rows = (run / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "fold,path,subject,label,probability_all,predicted,probability_raw,status,reason"
+    assert rows[0] == ",".join(PREDICTION_FIELDS)
     for fold in metrics["folds"]:  # the paper protocol has no data never used for testing: uncalibrated, said so
         assert fold["calibration"]["method"] == "none" and "paper protocol" in fold["calibration"]["note"]
         assert fold["calibration"]["after"] is None and fold["review"]["half_width"] is None

@@ -5,9 +5,20 @@ import pytest
 from sklearn.metrics import brier_score_loss, log_loss
 
 from alnet import metrics as M
-from alnet.trust.calibration import apply_temperature, calibration_scores, fit_temperature, negative_log_likelihood
-from alnet.trust.knowledge import checked_calibration, checked_review
-from alnet.trust.review import choose_half_width, flagged, review_entry, risk_coverage, statuses
+from alnet.schema import checked_calibration, checked_review
+from alnet.trust.calibration import (
+    apply_temperature,
+    calibration_scores,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from alnet.trust.review import (
+    choose_half_width,
+    flagged,
+    review_entry,
+    risk_coverage,
+    statuses,
+)
 from alnet.trust.subjects import (
     SubjectMapError,
     bootstrap_interval,
@@ -161,20 +172,33 @@ def test_subjects_come_from_cnmc_file_names_normalised_as_in_the_dataset():
 
 
 def test_subject_rows_count_cells_called_all_rejected_and_flagged_for_review():
-    rows = [{"path": "a", "label": "ALL", "probability_all": "0.9", "status": "ok"},
-            {"path": "b", "label": "HEM", "probability_all": "0.45", "status": "review"},
-            {"path": "c", "label": "", "probability_all": "", "status": "rejected"},
-            {"path": "d", "label": "HEM", "probability_all": "0.1", "status": "ok"}]
-    out = subject_rows(rows, lambda r: "x" if r["path"] in "abc" else "y")
-    assert [r["subject"] for r in out] == ["x", "y"]
-    x = out[0]
+    rows = [{"subject": "x", "predicted": "ALL", "probability_all": "0.9", "status": "ok"},
+            {"subject": "x", "predicted": "HEM", "probability_all": "0.45", "status": "review"},
+            {"subject": "x", "predicted": "", "probability_all": "", "status": "rejected"},  # predict's refusal
+            {"subject": "", "predicted": "HEM", "probability_all": "0.1", "status": "ok"}]
+    out = subject_rows(rows)
+    assert [r["subject"] for r in out] == ["(unknown)", "x"]
+    x = out[1]
     assert (x["cells"], x["cells_all"], x["cells_rejected"], x["cells_review"]) == (3, 1, 1, 1)
     assert float(x["fraction_all"]) == 0.5 and float(x["mean_probability_all"]) == pytest.approx(0.675)
-    assert x["call"] == "ALL"
+    assert x["predicted"] == "ALL" and x["label"] == "" and x["accuracy"] == ""  # no true label known
     low, high = wilson_interval(1, 2)
     assert float(x["fraction_all_low"]) == pytest.approx(low, abs=1e-6) and float(x["fraction_all_high"]) == \
         pytest.approx(high, abs=1e-6)
-    assert out[1]["call"] == "HEM" and out[1]["cells_all"] == 0
+    assert out[0]["predicted"] == "HEM" and out[0]["cells_all"] == 0
+
+
+def test_a_run_s_subject_rows_keep_the_test_set_and_score_every_cell_with_a_probability():
+    rows = [{"fold": "fold_0", "subject": "3", "label": "ALL", "predicted": "ALL", "probability_all": "0.9",
+             "status": "ok"},
+            {"fold": "fold_0", "subject": "3", "label": "ALL", "predicted": "HEM", "probability_all": "0.4",
+             "status": "rejected"},  # a run keeps a refused cell's P(ALL): its metrics count every cell
+            {"fold": "prelim", "subject": "3", "label": "ALL", "predicted": "ALL", "probability_all": "0.7",
+             "status": "review"}]
+    out = subject_rows(rows)
+    assert [(r["fold"], r["subject"], r["cells"]) for r in out] == [("fold_0", "3", 2), ("prelim", "3", 1)]
+    assert out[0]["label"] == "ALL" and float(out[0]["accuracy"]) == 0.5 and out[0]["cells_rejected"] == 1
+    assert float(out[0]["mean_probability_all"]) == pytest.approx(0.65) and out[0]["predicted"] == "ALL"
 
 
 def test_a_subject_map_is_read_as_a_hostile_file(tmp_path, monkeypatch):

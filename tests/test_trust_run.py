@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import predict_rows
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,9 +17,9 @@ from alnet.checkpoint import add_to_checkpoint, load_trained_model
 from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.infer.export import export_onnx
-from alnet.infer.predict import load_predictor, predict_files
+from alnet.infer.predict import load_pipeline
+from alnet.schema import CALIBRATION_KEY, REVIEW_KEY
 from alnet.trust.calibration import negative_log_likelihood
-from alnet.trust.knowledge import checkpoint_entries
 
 runner = CliRunner()
 
@@ -45,7 +46,8 @@ def calibrated_checkpoint(subject_run, tmp_path_factory):
     source = next((subject_run[0] / "checkpoints" / "fold_0").glob("best.ckpt"))
     path = tmp_path_factory.mktemp("calibrated") / "model.ckpt"
     shutil.copy(source, path)
-    add_to_checkpoint(path, checkpoint_entries({"method": "temperature", "temperature": 0.25}, {"half_width": 0.2}))
+    add_to_checkpoint(path, {CALIBRATION_KEY: {"method": "temperature", "temperature": 0.25},
+                             REVIEW_KEY: {"half_width": 0.2}})
     return path
 
 
@@ -115,9 +117,9 @@ def test_predict_serve_and_onnx_agree_on_the_calibrated_probability(calibrated_c
     from alnet.infer.serve import create_app
 
     files = [c.path for c in scan(mini_root).cells]
-    torch_rows, _ = predict_files(load_predictor(calibrated_checkpoint, precision="32"), files, batch_size=16)
+    torch_rows, _ = predict_rows(load_pipeline(calibrated_checkpoint, precision="32"), files, batch_size=16)
     onnx_path = export_onnx(calibrated_checkpoint, tmp_path / "model.onnx")
-    onnx_rows, _ = predict_files(load_predictor(onnx_path), files, batch_size=7)
+    onnx_rows, _ = predict_rows(load_pipeline(onnx_path), files, batch_size=7)
     calibrated = np.array([float(r["probability_all"]) for r in torch_rows])
     raw = np.array([float(r["probability_raw"]) for r in torch_rows])
     np.testing.assert_allclose([float(r["probability_all"]) for r in onnx_rows], calibrated, atol=1e-3)
@@ -128,7 +130,7 @@ def test_predict_serve_and_onnx_agree_on_the_calibrated_probability(calibrated_c
     assert np.abs(calibrated - raw).max() > 0.01
     # Within 0.2 of the threshold: review, label still given.
     for row, p in zip(torch_rows, calibrated):
-        assert row["status"] == ("review" if abs(p - 0.5) < 0.2 else "ok") and row["label"] in ("ALL", "HEM")
+        assert row["status"] == ("review" if abs(p - 0.5) < 0.2 else "ok") and row["predicted"] in ("ALL", "HEM")
     # The ONNX graph computes the calibrated output itself: a consumer without alnet gets it.
     import onnxruntime as ort
 
@@ -144,7 +146,7 @@ def test_predict_serve_and_onnx_agree_on_the_calibrated_probability(calibrated_c
         body = client.post("/predict", files={"file": ("cell.png", buffer.getvalue(), "image/png")}).json()
         assert body["probability_all"] == pytest.approx(float(row["probability_all"]), abs=1e-3)
         assert body["probability_raw"] == pytest.approx(float(row["probability_raw"]), abs=1e-3)
-        assert body["status"] == row["status"] and body["label"] == row["label"]
+        assert body["status"] == row["status"] and body["predicted"] == row["predicted"]
 
 
 @pytest.mark.slow
@@ -162,10 +164,10 @@ def test_predict_by_subject_on_the_real_cells_gives_one_row_per_subject(calibrat
     for row in subjects:
         mine = [c for c in cells if subject_of[Path(c["path"]).resolve()] == row["subject"]]
         assert int(row["cells"]) == 2 == len(mine)
-        assert int(row["cells_all"]) == sum(c["label"] == "ALL" for c in mine)
+        assert int(row["cells_all"]) == sum(c["predicted"] == "ALL" for c in mine)
         assert int(row["cells_review"]) == sum(c["status"] == "review" for c in mine)
         assert float(row["fraction_all_low"]) <= float(row["fraction_all"]) <= float(row["fraction_all_high"])
-        assert row["call"] == ("ALL" if float(row["mean_probability_all"]) > 0.5 else "HEM")
+        assert row["predicted"] == ("ALL" if float(row["mean_probability_all"]) > 0.5 else "HEM")
         assert int(row["cells_rejected"]) == 0
     # A map names the subjects instead; a hostile one is a one-line error.
     mapping = tmp_path / "map.csv"

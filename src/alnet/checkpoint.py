@@ -4,7 +4,8 @@ A checkpoint is Lightning's file: the module's `state_dict` (the model's weights
 `hyper_parameters` with the run's configuration (`config`) and the subjects the model was trained or validated
 on (`seen_subjects`). Added after training, in one rewrite: `input_gate` (what the input gate knows of the
 training cells), `calibration` (the temperature fitted on validation subjects), `review` (the "needs review"
-band) and, for ALNet, `int8` (the activation ranges of its int8 form, `alnet.infer.int8`). Reading one gives a
+band) and, for ALNet, `int8` (the activation ranges of its int8 form, `alnet.int8`); `alnet.fitting` writes
+them and `alnet.schema` names and checks them. Reading one gives a
 plain `nn.Module` in evaluation mode plus what it needs to be used: its preprocessing, the meaning of its
 outputs, its calibration, review band, feature gate and int8 calibration. Nothing from the training code is
 needed.
@@ -26,12 +27,10 @@ from torch import nn
 
 from .data.transforms import Preprocessing
 from .models import ClassifierError, create_model_from, probability_all
-from .trust.features import FeatureGate
-from .trust.knowledge import CALIBRATION_KEY, REVIEW_KEY, checked_calibration, checked_review, checkpoint_entries
+from .schema import CALIBRATION_KEY, INPUT_GATE_KEY, INT8_KEY, REVIEW_KEY, checked_calibration, checked_review
+from .trust.feature_check import FeatureGate
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
-INPUT_GATE = "input_gate"  # top-level key: {"features": FeatureGate state}, written after training
-INT8_KEY = "int8"  # top-level key: the int8 form's calibration (alnet.infer.int8), written after training
 
 
 class CheckpointError(ValueError):
@@ -49,7 +48,7 @@ class TrainedModel:
     calibration: dict | None = None  # {"temperature": T, …} fitted on validation subjects; None: uncalibrated
     review: dict | None = None  # {"half_width": w, …}: calibrated P(ALL) within w of the threshold → review
     input_gate: FeatureGate | None = None  # the feature-space check fitted on its training cells, if any
-    int8: object = None  # the int8 calibration as stored; `alnet.infer.int8.quantized` checks it when it is used
+    int8: object = None  # the int8 calibration as stored; `alnet.int8.quantized` checks it when it is used
 
     @property
     def name(self) -> str:
@@ -87,6 +86,11 @@ def read_checkpoint(path: Path | str) -> dict:
     return checkpoint
 
 
+def model_weights(checkpoint: dict) -> dict:
+    """The network's weights in a checkpoint's content (the Lightning module's `model.` entries)."""
+    return {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(MODEL_PREFIX)}
+
+
 def load_trained_model(path: Path | str) -> TrainedModel:
     """A checkpoint → its network (weights loaded, evaluation mode) and configuration."""
     from .config import ConfigError, RunConfig
@@ -98,15 +102,13 @@ def load_trained_model(path: Path | str) -> TrainedModel:
         config = RunConfig(**hparams["config"]).validate()
         # The checkpoint holds every weight: build the model without reading ImageNet weights first.
         model = create_model_from(config, pretrained=False)
-        weights = {k.removeprefix(MODEL_PREFIX): v for k, v in checkpoint["state_dict"].items()
-                   if k.startswith(MODEL_PREFIX)}
-        model.load_state_dict(weights)
+        model.load_state_dict(model_weights(checkpoint))
         seen = hparams.get("seen_subjects") or []
         if not (isinstance(seen, list) and all(isinstance(subject, str) for subject in seen)):
             raise TypeError("seen_subjects is not a list of subject ids")
         calibration = checked_calibration(checkpoint.get(CALIBRATION_KEY))
         review = checked_review(checkpoint.get(REVIEW_KEY))
-        gate = checkpoint.get(INPUT_GATE) or {}
+        gate = checkpoint.get(INPUT_GATE_KEY) or {}
         feature_gate = FeatureGate.from_state(gate["features"]) if isinstance(gate, dict) and gate.get(
             "features") else None
         if feature_gate is not None and feature_gate.mean.numel() != model.num_features:
@@ -157,15 +159,3 @@ def add_to_checkpoint(path: Path | str, entries: dict) -> None:
         raise CheckpointError(cannot_write.format(type(err).__name__)) from None
     finally:
         temporary.unlink(missing_ok=True)
-
-
-def add_fitted_knowledge(path: Path | str, trust: dict, feature_gate: FeatureGate | None,
-                         int8: dict | None = None) -> None:
-    """What a split fits after training — its calibration and review band (`trust`, from `trust.fitting`), its
-    feature gate and its int8 calibration — into its chosen checkpoint, in one atomic rewrite."""
-    entries = checkpoint_entries(trust.get("calibration"), trust.get("review"))
-    if feature_gate is not None:
-        entries[INPUT_GATE] = {"features": feature_gate.to_state()}
-    if int8 is not None:
-        entries[INT8_KEY] = int8
-    add_to_checkpoint(path, entries)

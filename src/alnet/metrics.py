@@ -6,7 +6,6 @@ The metrics themselves come from torchmetrics' functional API; this module fixes
 from __future__ import annotations
 
 import warnings
-from collections import defaultdict
 
 import numpy as np
 import torch
@@ -22,14 +21,14 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
-from .labels import THRESHOLD
+from .labels import THRESHOLD, label_of
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
 
 
 def columns(rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, P(ALL)) of prediction rows (predictions.csv's `label` and `probability_all`)."""
-    return (np.array([int(r["label"]) for r in rows], dtype=int),
+    return (np.array([label_of(r["label"]) for r in rows], dtype=int),
             np.array([float(r["probability_all"]) for r in rows], dtype=float))
 
 
@@ -125,24 +124,3 @@ def summarize(per_fold: list[dict]) -> dict:
             "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
         }
     return summary
-
-
-def per_subject(subjects, labels, prob_all, threshold: float = THRESHOLD) -> list[dict]:
-    """One row per subject: images, label, mean P(ALL), share of images called ALL, image accuracy."""
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, subject in enumerate(subjects):
-        groups[subject].append(i)
-    labels, prob_all = np.asarray(labels).astype(int), np.asarray(prob_all, dtype=float)
-    rows = []
-    for subject, idx in sorted(groups.items()):
-        called_all = prob_all[idx] > threshold
-        label = int(labels[idx[0]])
-        rows.append({
-            "subject": subject,
-            "label": label,
-            "images": len(idx),
-            "mean_probability_all": float(prob_all[idx].mean()),
-            "fraction_called_all": float(called_all.mean()),
-            "accuracy": float((called_all == (labels[idx] == 1)).mean()),
-        })
-    return rows

@@ -19,7 +19,7 @@ NoGateOption = Annotated[bool, typer.Option(
 
 def image_check_from(gate_file: Path | None, no_gate: bool):
     """The image check's thresholds (None when the gate is off)."""
-    from ..trust.gate import ImageCheck, read_image_check
+    from ..trust.image_check import ImageCheck, read_image_check
 
     if no_gate:
         return None

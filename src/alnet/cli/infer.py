@@ -10,7 +10,7 @@ import typer
 from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result
 from .gate import GateOption, NoGateOption, image_check_from
 
-CALIBRATION_IMAGES = 256  # as alnet.infer.int8 (not imported here: --help stays fast)
+CALIBRATION_IMAGES = 256  # as alnet.int8 (not imported here: --help stays fast)
 FEW_CALIBRATION_IMAGES = 32  # fewer calibration cells than this get a warning
 MAX_CALIBRATION_IMAGES = 4096  # held as uint8: 600 MB at 224 px
 Int8Option = Annotated[bool, typer.Option(
@@ -52,29 +52,27 @@ def explain(
     The input gate runs first, as in `predict`: a picture it refuses (not one cell on black, or unlike the training
     cells) is still shown, with the reason, and its P(ALL) is marked as not counting."""
     from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
-    from ..infer.predict import load_predictor
-    from ..labels import name_of
-    from ..trust.review import REVIEW
-    from ..trust.screen import REJECTED
+    from ..infer.predict import load_pipeline
+    from ..labels import Status
 
     if not (show_feature_maps or show_gradcam):
         fail("nothing to show: add --feature-maps and/or --gradcam")
     checkpoint = _checkpoint_of(target)
-    predictor = load_predictor(checkpoint, accelerator="cpu", image_check=image_check_from(gate, no_gate),
-                               features=not no_gate)
-    trained = predictor.trained
+    pipeline = load_pipeline(checkpoint, accelerator="cpu", image_check=image_check_from(gate, no_gate),
+                             features=not no_gate)
+    trained = pipeline.trained
     try:
         pixels = read_image(image, trained.preprocessing)
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
-    answer = predictor.answer(pixels[None], answer_refused=True)  # the network's answer even for a refused picture
-    probability, (status, reason) = float(answer.probability_all[0]), answer.statuses[0]
-    if status == REJECTED:
-        result(f"{image}: refused by the input gate: {reason}. What the network computes on it is shown, but its "
-               f"P(ALL) = {probability:.3f} does not count ({trained.name}, {checkpoint})")
+    answer = pipeline.answer(pixels[None])[0]
+    if not answer.answered:
+        result(f"{image}: refused by the input gate: {answer.reason}. What the network computes on it is shown, but "
+               f"its P(ALL) = {answer.probability_all:.3f} does not count ({trained.name}, {checkpoint})")
     else:
-        result(f"{image}: P(ALL) = {probability:.3f} → {name_of(probability)}"
-               + (f" (review: {reason})" if status == REVIEW else "") + f" ({trained.name}, {checkpoint})")
+        result(f"{image}: P(ALL) = {answer.probability_all:.3f} → {answer.predicted}"
+               + (f" (review: {answer.reason})" if answer.status is Status.REVIEW else "")
+               + f" ({trained.name}, {checkpoint})")
     out_dir = out_dir or Path(f"explain-{image.stem}")
     written = []
     if show_feature_maps:
@@ -87,26 +85,11 @@ def explain(
         result(f"wrote {path}")
 
 
-def _is_predictions_csv(path: Path, fields: list[str] | None = None) -> bool:
-    """Whether `path` starts with a header alnet writes (`fields`; default: the predictions CSV's, this version's
-    or an earlier one's)."""
-    from ..infer.predict import EARLIER_PREDICTION_FIELDS, PREDICTION_FIELDS
+def _is_ours(path: Path, headers) -> bool:
+    """Whether `path` starts with one of the CSV headers alnet writes (this version's or an earlier one's)."""
+    from ..schema import header_of
 
-    headers = [fields] if fields else [PREDICTION_FIELDS, *EARLIER_PREDICTION_FIELDS]
-    try:
-        with open(path, newline="") as handle:
-            return handle.readline().strip() in {",".join(h) for h in headers}
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    import csv
-
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    return header_of(path) in [list(h) for h in headers]
 
 
 @handles_errors
@@ -139,17 +122,24 @@ def predict(
     no_gate: NoGateOption = False,
     int8: Int8Option = False,
 ):
-    """Classify new cell images: per row the path, label (ALL/HEM), calibrated P(ALL) and the network's own,
-    the status (ok; review when the answer is too close to call or --tta flips disagree, the label still given;
-    rejected by the input gate, no label) with its reason, model, checkpoint and a note.
+    """Classify new cell images: per row the path, the call (`predicted`: ALL/HEM), calibrated P(ALL) and the
+    network's own, the status (ok; review when the answer is too close to call or --tta flips disagree, the call
+    still given; rejected by the input gate, no call) with its reason, model, checkpoint and a note.
 
     An input gate runs first: a picture that is not one cell on a black background, or whose features lie far
-    from the cells the model was trained on, gets status `rejected`, the reason in words and no label.
+    from the cells the model was trained on, gets status `rejected`, the reason in words and no call.
     Exits with status 1 when an input could not be classified (the last line says how many)."""
     from ..infer import isbi
-    from ..infer.predict import PREDICTION_FIELDS, expand_paths, load_predictor, predict_files
-    from ..labels import ALL, NAMES
-    from ..trust.subjects import SUBJECT_FIELDS, SUBJECTS_CSV, read_subject_map, subject_namer, subject_rows
+    from ..infer.predict import expand_paths, load_pipeline, predict_files, prediction_row
+    from ..labels import ALL, NAMES, Status
+    from ..schema import (
+        EARLIER_PREDICTION_HEADERS,
+        EARLIER_SUBJECT_HEADERS,
+        PREDICTION_FIELDS,
+        SUBJECT_FIELDS,
+        write_csv,
+    )
+    from ..trust.subjects import SUBJECTS_CSV, read_subject_map, subject_of, subject_rows
 
     if output_format not in ("csv", "isbi"):
         fail(f"--format {output_format}: unknown; pass csv or isbi")
@@ -170,41 +160,43 @@ def predict(
         side = isbi.refused_csv_of(out_file)
         check_output(side, force, isbi.is_refused_csv(side), tuple(files))
     else:
-        check_output(out_file, force, _is_predictions_csv(out_file), tuple(files))
+        check_output(out_file, force, _is_ours(out_file, [PREDICTION_FIELDS, *EARLIER_PREDICTION_HEADERS]),
+                     tuple(files))
     subjects_out = out_file.parent / SUBJECTS_CSV
     if by_subject:
         if out_file.name == SUBJECTS_CSV:
             fail(f"{out_file}: --by-subject writes {SUBJECTS_CSV} beside --out; give --out another name")
-        check_output(subjects_out, force, _is_predictions_csv(subjects_out, SUBJECT_FIELDS), tuple(files))
+        check_output(subjects_out, force, _is_ours(subjects_out, [SUBJECT_FIELDS, *EARLIER_SUBJECT_HEADERS]),
+                     tuple(files))
     mapping = read_subject_map(subjects_map) if subjects_map is not None else None
-    predictor = load_predictor(model, image_check=image_check_from(gate, no_gate), features=not no_gate, int8=int8)
+    pipeline = load_pipeline(model, image_check=image_check_from(gate, no_gate), features=not no_gate, int8=int8)
     with progress_bar("classifying") as bar:
         task = bar.add_task("predict", total=len(files))
-        # A submission needs an answer on every line: refused images keep the model's label there.
-        rows, failed = predict_files(predictor, files, batch_size, tta,
-                                     progress=lambda done, total: bar.update(task, completed=done),
-                                     answer_refused=submission)
+        results, failed = predict_files(pipeline, files, batch_size, tta,
+                                        progress=lambda done, total: bar.update(task, completed=done))
     print_problems([f"{path}: cannot decode ({error}); skipped" for path, error in failed], "unreadable file(s)")
-    if predictor.fallbacks:
-        console.print(f"{predictor.fallbacks} image(s) reached the end of a range the int8 form was calibrated on "
-                      "and went through the network without int8 (before the input gate's feature check)",
+    fallbacks = sum(r.answer.int8_fallback for r in results)
+    if fallbacks:
+        console.print(f"{fallbacks} image(s) reached the end of a range the int8 form was calibrated on and went "
+                      "through the network without int8 (before the input gate's feature check)",
                       highlight=False, soft_wrap=True, markup=False)
-    if not rows:
+    if not results:
         fail(f"none of the {len(files)} image(s) could be classified; {out_file} was not written", code=1)
     if submission:
         try:
-            lines, refused = isbi.submission_lines(rows, files, failed)
+            lines, refused = isbi.submission_lines(results, files, failed)
         except isbi.SubmissionError as err:
             fail(f"{err}; {out_file} was not written", code=1)
         side = isbi.write_submission(lines, refused, out_file)
         result(f"{len(lines)} image(s) 1 … {len(lines)} → {out_file} ({lines.count('1')} ALL, {lines.count('0')} "
-               f"HEM); {len(refused)} refused by the input gate, written with the model's label and listed in {side}")
+               f"HEM); {len(refused)} refused by the input gate, written with the model's call and listed in {side}")
         return
-    _write_csv(out_file, rows, PREDICTION_FIELDS)
-    n_all = sum(r["label"] == NAMES[ALL] for r in rows)
+    rows = [prediction_row(r, pipeline, subject_of(r.path, mapping)) for r in results]
+    write_csv(out_file, rows, PREDICTION_FIELDS)
+    n_all = sum(r["predicted"] == NAMES[ALL] for r in rows)
     noted = sum(bool(r["note"]) for r in rows)
-    review = sum(r.get("status") == "review" for r in rows)
-    refused = sum(r["status"] == "rejected" for r in rows)
+    review = sum(r["status"] == Status.REVIEW for r in rows)
+    refused = sum(r["status"] == Status.REJECTED for r in rows)
     answered = len(rows) - refused
     result(f"{answered} image(s) classified ({n_all} ALL, {answered - n_all} HEM"
            + (f"; {review} flagged for review" if review else "")
@@ -212,11 +204,11 @@ def predict(
            + (f", {refused} refused as not a cell (see `reason`)" if refused else "") + f" → {out_file}"
            + (f"; {len(failed)} could not be read" if failed else ""))
     if by_subject:
-        subject_of, unknown = subject_namer(mapping)
-        per_subject = subject_rows(rows, subject_of)
-        _write_csv(subjects_out, per_subject, SUBJECT_FIELDS)
+        per_subject = subject_rows(rows)
+        write_csv(subjects_out, per_subject, SUBJECT_FIELDS)
+        unknown = sum(not r["subject"] for r in rows)
         if unknown:
-            console.print(f"[yellow]{len(unknown)} image(s) with no subject (not named UID_<subject>_… "
+            console.print(f"[yellow]{unknown} image(s) with no subject (not named UID_<subject>_… "
                           f"{'and not in ' + str(subjects_map) if mapping is not None else 'and no --subjects'}"
                           "): counted under (unknown)[/]", highlight=False, soft_wrap=True)
         result(f"{len(per_subject)} subject(s) → {subjects_out}")
@@ -267,10 +259,11 @@ def quantize(
     import numpy as np
     import torch
 
-    from ..checkpoint import INT8_KEY, add_to_checkpoint, load_trained_model, writable_checkpoint
+    from ..checkpoint import add_to_checkpoint, load_trained_model, writable_checkpoint
     from ..data.transforms import load_image
-    from ..infer.int8 import calibrate, supports_int8
     from ..infer.predict import expand_paths
+    from ..int8 import calibrate, supports_int8
+    from ..schema import INT8_KEY
 
     checkpoint = _checkpoint_of(target)
     trained = load_trained_model(checkpoint)
@@ -380,7 +373,7 @@ def serve(
     """Serve the model: a page at /, POST /predict, GET /health, OpenAPI docs at /docs.
 
     A picture the input gate refuses (not one cell on black, or unlike the training cells) is answered with
-    422 and {"error", "reason"}, never with a label."""
+    422 and {"error", "reason"}, never with a call."""
     import uvicorn
 
     from ..infer.serve import create_app, port_in_use

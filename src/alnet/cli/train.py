@@ -193,8 +193,7 @@ def evaluate(
     The input gate screens every test cell as `predict` would; the metrics still cover every cell, and each test
     set's `input_gate` says how many the gate refused and why."""
     from ..config import RunConfig
-    from ..train.evaluate import evaluate_checkpoint, evaluate_run
-    from ..train.module import module_from_checkpoint
+    from ..train.evaluate import checkpoint_pipeline, evaluate_checkpoint, evaluate_run
     from ..train.rundir import RunDir
 
     image_check = image_check_from(gate, no_gate)
@@ -209,10 +208,9 @@ def evaluate(
                                image_check, gate=not no_gate)
         out_file = out_file or run.evaluation
     else:
-        module = module_from_checkpoint(target)
-        prepared = prepare_data(data, cache, workers, module.config.preprocessing, progress=progress)
-        metrics = evaluate_checkpoint(module, prepared, split, include_seen, log=say, image_check=image_check,
-                                      gate=not no_gate)
+        pipeline = checkpoint_pipeline(target, image_check, gate=not no_gate)
+        prepared = prepare_data(data, cache, workers, pipeline.preprocessing, progress=progress)
+        metrics = evaluate_checkpoint(pipeline, prepared, split, include_seen, log=say)
     print_metrics(metrics, f"evaluation of {target}")
     if out_file is not None:
         import json

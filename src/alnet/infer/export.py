@@ -1,7 +1,7 @@
 """`alnet export`: a checkpoint → an ONNX model that outputs P(ALL) (calibrated), the network's own P(ALL) and
 the penultimate features, with its preprocessing, calibration, review band and input gate in the metadata.
 
-`--int8` writes the checkpoint's int8 form (`alnet.infer.int8`) instead, as a QDQ graph (QuantizeLinear →
+`--int8` writes the checkpoint's int8 form (`alnet.int8`) instead, as a QDQ graph (QuantizeLinear →
 DequantizeLinear around int8 weights and uint8 activations) that onnxruntime runs with its int8 kernels."""
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_trained_model
+from ..int8 import quantized
 from ..labels import THRESHOLD
-from ..models import model_spec, probability_all
+from ..models import Penultimate, model_spec, probability_all
+from ..schema import ONNX_METADATA
 from ..trust.calibration import apply_temperature_torch
-from ..trust.features import Penultimate
-from .int8 import quantized
-from .predict import ONNX_METADATA
 
 OPSET = 18  # the torch.export-based exporter's own opset; older ones would need a version conversion
 # torch.export cannot trace quantized tensors; the TorchScript-based exporter writes PyTorch's int8 operators as
@@ -136,13 +135,13 @@ def export_onnx(checkpoint: Path | str, out: Path | str, opset: int = OPSET, int
         graph = onnx.load(str(out))
     for key, value in {
         ONNX_METADATA["model"]: trained.name,
-        "alnet_checkpoint": str(Path(checkpoint).resolve()),
+        ONNX_METADATA["checkpoint"]: str(Path(checkpoint).resolve()),
         ONNX_METADATA["preprocessing"]: trained.preprocessing.to_json(),
-        "alnet_output": f"probability_all: P(ALL) per image, calibrated when alnet_calibration says so; ALL when > "
-                        f"{THRESHOLD}; probability_raw: the network's own P(ALL); features: penultimate, for the "
-                        f"input gate ({ONNX_METADATA['input_gate']})" + ("; beyond_range: an activation reached an "
-                                                                         "end of its int8 range: refuse" if int8
-                                                                         else ""),
+        ONNX_METADATA["output"]: (
+            f"probability_all: P(ALL) per image, calibrated when alnet_calibration says so; ALL when > {THRESHOLD}; "
+            f"probability_raw: the network's own P(ALL); features: penultimate, for the input gate "
+            f"({ONNX_METADATA['input_gate']})"
+            + ("; beyond_range: an activation reached an end of its int8 range: refuse" if int8 else "")),
         ONNX_METADATA["calibration"]: json.dumps(trained.calibration),
         ONNX_METADATA["review"]: json.dumps(trained.review),
         ONNX_METADATA["int8"]: INT8_NOTE if int8 else "no",

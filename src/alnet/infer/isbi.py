@@ -4,20 +4,20 @@ submission file").
 The challenge's evaluation read one line per image of the final test set, `1` (ALL) or `0` (HEM), in the
 numeric order of the file names `1.bmp … N.bmp` (`isbi_valid.predict`). Every image needs a line, so the names
 are checked before the model runs: each must be a number, no number twice, none left out. Images the input
-gate refuses (prediction rows whose `status` is `rejected`) still get the model's label, since the file has
+gate refuses (answers whose status is `rejected`) still get the model's call, since the file has
 no way to say "no answer", and are listed in a side CSV so that nobody mistakes them for confident answers.
 """
 
 from __future__ import annotations
 
-import csv
 import re
 from itertools import islice
 from pathlib import Path
 
-from ..labels import ALL, NAMES, is_all
+from ..labels import label_of
+from ..schema import REFUSED_FIELDS, header_of, write_csv
 
-REFUSED_FIELDS = ["line", "path", "label", "probability_all", "status", "reason"]
+EARLIER_REFUSED_FIELDS = ["line", "path", "label", "probability_all", "status", "reason"]  # still ours
 _NUMBER = re.compile(r"^[1-9][0-9]{0,8}$")  # 1 … 999,999,999; no sign, no leading zero
 _MAX_CHECK_BYTES = 64 * 2**20  # a submission file larger than this is not one alnet wrote
 
@@ -49,40 +49,26 @@ def submission_order(files: list[Path]) -> list[Path]:
     return [by_number[n] for n in sorted(by_number)]
 
 
-def is_refused(row: dict) -> bool:
-    return (row.get("status") or "").strip() == "rejected"
-
-
-def _label_bit(row: dict) -> str:
-    """1 (ALL) or 0 (HEM): the row's label, else (a refused row may carry none) its P(ALL) by the decision rule."""
-    label = (row.get("label") or "").strip()
-    if label:
-        return "1" if label == NAMES[ALL] else "0"
-    probability = (row.get("probability_all") or "").strip()
-    if probability:
-        return "1" if is_all(float(probability)) else "0"
-    raise SubmissionError(f"{row.get('path')}: the model gave no answer for this image; the submission needs "
-                          "one, so pass a model whose predictions keep the label of refused images")
-
-
-def submission_lines(rows: list[dict], ordered: list[Path], failed: list[tuple[Path, str]]) -> tuple[list[str],
-                                                                                                  list[dict]]:
-    """The file's lines in image order, and the refused rows (with their line number). Unreadable images make
-    the submission impossible: a one-line error that names the first."""
+def submission_lines(results: list, ordered: list[Path], failed: list[tuple[Path, str]]) -> tuple[list[str],
+                                                                                          list[dict]]:
+    """The file's lines in image order (each picture's call, refused ones included: the file has no way to say
+    "no answer"), and the refused pictures (`REFUSED_FIELDS`, with their line number). `results`:
+    `alnet.infer.predict.Predicted`. Unreadable images make the submission impossible: a one-line error that
+    names the first."""
     if failed:
         path, error = failed[0]
         raise SubmissionError(f"{path}: cannot decode ({error}); the submission needs one line per image, so "
                               f"replace it{f' (and {len(failed) - 1} more unreadable)' if len(failed) > 1 else ''}"
                               " and run again")
-    by_path = {row["path"]: row for row in rows}
+    by_path = {result.path: result.answer for result in results}
     lines, refused = [], []
     for number, path in enumerate(ordered, 1):
-        row = by_path[str(path)]
-        lines.append(_label_bit(row))
-        if is_refused(row):
-            refused.append({"line": number, "path": row["path"], "label": row.get("label", ""),
-                            "probability_all": row.get("probability_all", ""), "status": row.get("status", ""),
-                            "reason": row.get("reason", "")})
+        answer = by_path[path]
+        lines.append(str(label_of(answer.predicted)))
+        if not answer.answered:
+            refused.append({"line": number, "path": str(path), "predicted": answer.predicted,
+                            "probability_all": f"{answer.probability_all:.6f}", "status": answer.status.value,
+                            "reason": answer.reason})
     return lines, refused
 
 
@@ -95,10 +81,7 @@ def write_submission(lines: list[str], refused: list[dict], out: Path) -> Path:
     """The submission file and, always (so an old list is never left beside a new file), its side CSV."""
     out.write_text("".join(f"{line}\n" for line in lines))
     side = refused_csv_of(out)
-    with open(side, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=REFUSED_FIELDS)
-        writer.writeheader()
-        writer.writerows(refused)
+    write_csv(side, refused, REFUSED_FIELDS)
     return side
 
 
@@ -113,10 +96,4 @@ def is_submission_file(path: Path) -> bool:
 
 
 def is_refused_csv(path: Path) -> bool:
-    if not path.is_file():  # never open a FIFO to find out
-        return False
-    try:
-        with open(path, newline="") as handle:
-            return handle.readline().strip() == ",".join(REFUSED_FIELDS)
-    except (OSError, UnicodeDecodeError):
-        return False
+    return header_of(path) in (REFUSED_FIELDS, EARLIER_REFUSED_FIELDS)

@@ -39,8 +39,8 @@ from ..checkpoint import TrainedModel, load_trained_model, read_checkpoint
 from ..data.transforms import as_batch, load_image
 from ..labels import THRESHOLD
 from ..models import probability_all
+from ..schema import checked_calibration
 from ..trust.calibration import apply_temperature_torch
-from ..trust.knowledge import checked_calibration
 from .export import OPSET as ONNX_OPSET
 from .export import export_graph
 
@@ -64,7 +64,7 @@ class Calibration:
 
 
 def calibration_of(stored) -> Calibration | None:
-    """The calibration a checkpoint stores under `calibration` (`trust.knowledge`), or None when it has none
+    """The calibration a checkpoint stores under `calibration` (`alnet.schema`), or None when it has none
     (nothing stored, or the paper protocol's {"method": "none", "temperature": None}). Any other form is a
     PackageError: never silently packaged uncalibrated."""
     if stored is None:

@@ -12,7 +12,7 @@ from . import alnet, hybrid, transfer
 from .alnet import ALNet
 from .head import HEADS, probability_all
 from .hybrid import ClassifierError, HybridNet, split_model_list
-from .spec import CellModel, ModelSpec
+from .spec import CellModel, ModelSpec, Penultimate, penultimate
 from .transfer import TransferNet, WeightsError
 
 _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (*alnet.SPECS, *transfer.SPECS)}
@@ -60,6 +60,7 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["ALNet", "CellModel", "ClassifierError", "HEADS", "HybridNet", "ModelSpec", "TransferNet", "WeightsError",
+__all__ = ["ALNet", "CellModel", "ClassifierError", "HEADS", "HybridNet", "ModelSpec", "Penultimate", "TransferNet",
+           "WeightsError", "penultimate",
            "available_models", "create_model", "create_model_from", "is_model", "model_spec", "probability_all",
            "split_model_list", "trainable_parameters"]

@@ -132,7 +132,7 @@ class ALNet(CellModel):
         A BatchNorm in evaluation mode is x·a + b per channel. Every convolution after one has valid padding, so
         each of its outputs reads real inputs only and conv(x·a + b) = conv'(x) with the kernel scaled by a per
         input channel and b's contribution added to the bias; CL3's BatchNorm folds into fc1 the same way,
-        through the channel-major flatten. The int8 model (`alnet.infer.int8`) starts from this copy: no
+        through the channel-major flatten. The int8 model (`alnet.int8`) starts from this copy: no
         BatchNorm is left to quantize on its own."""
         folded = copy.deepcopy(self).float().cpu().eval()
         for cluster, after in ((folded.cl1, folded.cl2.conv1), (folded.cl2, folded.cl3.conv1),

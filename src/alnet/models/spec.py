@@ -74,3 +74,20 @@ class CellModel(nn.Module):
             for hook in hooks:
                 hook.remove()
         return captured
+
+
+def penultimate(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, penultimate features) in one pass, by the model contract (the contract above)."""
+    features = model.forward_features(x)
+    return model.forward_head(features), model.forward_head(features, pre_logits=True).flatten(1)
+
+
+class Penultimate(nn.Module):
+    """`penultimate` as a module: what the exporters and the int8 model trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return penultimate(self.model, x)

@@ -7,7 +7,7 @@ answers. `render_model_card` is pure (facts in, Markdown out); `card_facts` and 
 that read a run directory and write the file.
 
 The trust entries of metrics.json (`intervals`: subject-bootstrap intervals of accuracy and AUC, `calibration`,
-`subject_level`; `alnet.trust.entries`) are rendered when present and skipped when not (older runs).
+`subject_level`; `alnet.trust.test_set`) are rendered when present and skipped when not (older runs).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import numpy as np  # noqa: E402
 from .. import metrics as M  # noqa: E402
 from ..labels import ALL, HEM, NAMES, THRESHOLD  # noqa: E402
 from ..trust.calibration import reliability  # noqa: E402
-from ..trust.entries import raw_probabilities  # noqa: E402
 from ..trust.review import risk_coverage  # noqa: E402
+from ..trust.test_set import raw_probabilities  # noqa: E402
 from .tables import number  # noqa: E402
 
 COLOURS = {ALL: "#c0392b", HEM: "#2e6fb7"}

@@ -31,8 +31,6 @@ from ..models import create_model_from, model_spec
 from ..models.hybrid import make_search
 
 CV_FOLDS = 3
-HYBRID_NOTE = ("not calibrated: a hybrid's exported graph has no calibration step, so its probabilities are the "
-               "classifier's own")
 
 
 class HybridError(ValueError):
@@ -123,8 +121,8 @@ def fit_classifier(parts, x_train, y_train, x_val, y_val, seed: int):
 
 
 def fit_split(job, split, seen_subjects: list[str]):
-    """Fit the hybrid of `job.config` on `split`: (the model, test predictions, history rows, details, the input
-    gate, its reason per test image)."""
+    """Fit the hybrid of `job.config` on `split`: (the model, history rows, details, the backbone features of every
+    row, the precision path they were computed with)."""
     from .module import CellClassifier
 
     config = job.config
@@ -136,7 +134,7 @@ def fit_split(job, split, seen_subjects: list[str]):
     used = load_trained_backbones(model, config, split, test_subjects, job.log)
     module = CellClassifier(asdict(config), seen_subjects, model=model)
     start = time.perf_counter()
-    needed = np.unique(np.r_[split.train, split.val, split.test])
+    needed = np.unique(np.r_[split.train, split.val])  # the test cells are answered by the pipeline, from images
     if config.augment or config.double_offline:
         job.log(f"{split.name}: a hybrid fits on un-augmented features; the augmentation settings are not used")
     job.log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
@@ -144,7 +142,7 @@ def fit_split(job, split, seen_subjects: list[str]):
     features = cached.numpy()
     feature_seconds = time.perf_counter() - start
     labels = job.labels.numpy().astype(int)
-    train, val, test = (np.sort(np.asarray(rows, dtype=np.int64)) for rows in (split.train, split.val, split.test))
+    train, val = (np.sort(np.asarray(rows, dtype=np.int64)) for rows in (split.train, split.val))
     # The paper protocol's validation part is its test part: never used for choosing.
     choose_on = val if config.protocol == "subject" else np.array([], dtype=np.int64)
     start = time.perf_counter()
@@ -156,19 +154,10 @@ def fit_split(job, split, seen_subjects: list[str]):
     history = {"epoch": 1, **_scores("train", labels[train], model.predict_proba(features[train]))}
     history.update(_scores("val", labels[val], model.predict_proba(features[val])) if len(val)
                    else {"val_loss": float("nan"), "val_accuracy": float("nan")})
-    predictions = {"index": test, "prob_all": model.predict_proba(features[test]).astype(np.float64),
-                   "label": labels[test]}
-    # The input gate, as for every model: fitted on the training cells' features, threshold from validation
-    # cells that are not test cells (else cross-fitted on the training cells); screens the test cells.
-    from ..trust.screen import InputGate, fit_gate, screen_rows
-
-    gate = InputGate(features=fit_gate(model, job.images, train, np.setdiff1d(val, test),
-                                       [job.cells[i].subject for i in train], seed=config.seed, cached=cached))
-    reasons = screen_rows(gate, model, job.images, test, cached=cached)
     details = {"fold": split.name, "parameters": {k: _plain(v) for k, v in point.items()}, "chosen_by": how,
                "feature_seconds": feature_seconds, "fit_seconds": fit_seconds, "features": int(features.shape[1]),
                "features_from": used}
-    return model, predictions, [history], details, gate, reasons
+    return model, [history], details, cached, module.precision_path
 
 
 def _scores(prefix: str, y: np.ndarray, p: np.ndarray) -> dict:
@@ -198,30 +187,29 @@ def check_config(config) -> None:
 
 
 def fit_and_write(job, split) -> tuple[list[dict], list[dict], dict]:
-    """`run._train_split` for a hybrid: fit, save the fitted checkpoint, write the fold's files, as a CNN's."""
-    from ..trust.fitting import not_fitted
+    """`run._train_split` for a hybrid: fit, save the fitted checkpoint, then the end-of-training stage and the
+    test pass as for a CNN (`alnet.fitting`), and write the fold's files."""
+    from ..fitting import fit_after_training
+    from ..pipeline import answer_rows
+    from ..schema import HISTORY_FIELDS, PREDICTION_FIELDS, write_csv
     from .results import prediction_rows
-    from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, write_csv
     from .trainer import is_main_process
 
     seen = sorted({job.cells[i].subject for i in np.r_[split.train, split.val]})
-    model, predictions, history, details, gate, reasons = fit_split(job, split, seen)
+    model, history, details, cached, runs_as = fit_split(job, split, seen)
     history = [{"fold": split.name, **h} for h in history]
-    # Not calibrated (yet): the merged ONNX graph of a hybrid has no temperature step, so a temperature here
-    # would make `predict` on the checkpoint and on the export disagree.
-    trust = not_fitted(HYBRID_NOTE)
-    rows = prediction_rows(split.name, job.cells, predictions, trust, reasons)
+    run = job.run
+    checkpoint = run.fitted_checkpoint(split.name)
+    fitted = fit_after_training(model, job.images, job.cells, split, job.config, runs_as, cached=cached)
+    answers = answer_rows(fitted.pipeline(model, job.config, runs_as, checkpoint), job.images, split.test)
+    rows = prediction_rows(split.name, job.cells, split.test, answers, job.config.model, checkpoint)
     if is_main_process():
-        from ..checkpoint import add_fitted_knowledge
-
-        run = job.run
-        checkpoint = run.fitted_checkpoint(split.name)
         save_fitted(checkpoint, model, job.config, seen, history, details)
-        add_fitted_knowledge(checkpoint, trust, gate.features)
+        fitted.store(checkpoint)
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         run.write_json(run.fold_classifier(split.name), details)
-        run.write_json(run.fold_trust(split.name), trust)
+        run.write_json(run.fold_trust(split.name), fitted.trust)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
         run.record_chosen(split.name, checkpoint)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
-    return rows, history, trust
+    return rows, history, fitted.trust

@@ -11,9 +11,10 @@ from ..config import RunConfig
 from ..data.cache import Prepared
 from ..metrics import METRICS
 from ..models import create_model_from, model_spec, trainable_parameters
+from ..schema import read_csv, write_csv
 from .loggers import Tracking
 from .run import RunError, config_changes, train_run
-from .rundir import ComparisonDir, RunDir, read_csv, write_csv
+from .rundir import ComparisonDir, RunDir
 
 CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in METRICS), "prelim_accuracy",
                "training_seconds", "images_per_s", "pretrained", "run_dir"]

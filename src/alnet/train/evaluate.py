@@ -3,49 +3,31 @@ out the subjects it was trained or validated on, so a model is never scored on p
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from .. import metrics as M
+from ..checkpoint import load_trained_model
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.protocols import make_splits
-from ..trust.gate import ImageCheck
-from ..trust.screen import InputGate, screen_rows
-from .batches import CellData, tensors
-from .module import CellClassifier, module_from_checkpoint
+from ..pipeline import Pipeline, answer_rows
+from ..trust.image_check import ImageCheck
+from .batches import tensors
 from .results import fold_metrics, json_safe, prediction_rows, summarize_run
 from .run import RunError
 from .rundir import RunDir
-from .trainer import make_trainer, quiet_lightning
 
 SPLITS = ("prelim", "train", "all")
 
 
-def test_rows(module: CellClassifier, images: torch.Tensor, labels: torch.Tensor, rows: np.ndarray) -> dict:
-    """P(ALL) for `rows` with a trained module (one process, the configured precision)."""
-    quiet_lightning()
-    config = module.config
-    module.use_channels_last()
-    single = RunConfig(**{**asdict(config), "devices": 1, "strategy": "auto"})
-    trainer = make_trainer(single, [], Path.cwd(), progress=False, validate=False)
-    empty = np.array([], dtype=np.int64)
-    trainer.test(module, dataloaders=CellData(images, labels, empty, empty, rows, single).test_dataloader(),
-                 verbose=False)
-    return module.test_predictions
-
-
-def screen(module: CellClassifier, images: torch.Tensor, rows: np.ndarray, image_check: ImageCheck | None,
-           gate: bool = True) -> list[str | None] | None:
-    """The input gate's reason per row (None: accepted), as `predict` would refuse them; None without a gate."""
-    if not gate:
-        return None
-    features = getattr(module, "input_gate", None)
-    return screen_rows(InputGate(image_check, features), module.model, images, rows)
+def checkpoint_pipeline(checkpoint: Path, image_check: ImageCheck | None, gate: bool) -> Pipeline:
+    """The checkpoint's pipeline as `predict` builds it, on the precision and device the run was trained with.
+    Without the gate (`gate` off) nothing is refused."""
+    return Pipeline.from_trained(load_trained_model(checkpoint), image_check=image_check if gate else None,
+                                 features=gate)
 
 
 def evaluate_run(run_dir: Path | str, prepared: Prepared, image_check: ImageCheck | None = ImageCheck(),
@@ -58,24 +40,23 @@ def evaluate_run(run_dir: Path | str, prepared: Prepared, image_check: ImageChec
         raise RunError(f"{run}: the run used {recorded} images, this dataset has {len(prepared.cells)}; "
                        "evaluate on the dataset the run was trained on")
     splits = make_splits(config.protocol, prepared.cells, config.seed, config.val_fraction)
-    images, labels = tensors(prepared)
+    images, _ = tensors(prepared)
     predictions, trust = {}, {}
     for split in splits:
         chosen = run.chosen_checkpoint(split.name)
         if chosen is None:
             raise RunError(f"{run}: fold {split.name} has not finished; finish it with `alnet train --resume {run}`")
-        module = module_from_checkpoint(chosen)
-        trust[split.name] = module.trust  # the calibration and review band stored in the checkpoint
-        tested = test_rows(module, images, labels, split.test)
-        predictions[split.name] = prediction_rows(split.name, prepared.cells, tested, module.trust,
-                                                  screen(module, images, tested["index"], image_check, gate))
+        pipeline = checkpoint_pipeline(chosen, image_check, gate)
+        trust[split.name] = {"calibration": pipeline.calibration, "review": pipeline.review}
+        predictions[split.name] = prediction_rows(split.name, prepared.cells, split.test,
+                                                  answer_rows(pipeline, images, split.test), config.model, chosen)
     return summarize_run(config, splits, predictions, world_size=1, trust=trust)
 
 
-def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str = "auto", include_seen: bool = False,
-                        log: Callable[[str], None] = print, image_check: ImageCheck | None = ImageCheck(),
-                        gate: bool = True) -> dict:
-    """Test one checkpoint on the labelled images of a dataset, leaving out the subjects it was trained on."""
+def evaluate_checkpoint(pipeline: Pipeline, prepared: Prepared, split: str = "auto", include_seen: bool = False,
+                        log: Callable[[str], None] = print) -> dict:
+    """Test one checkpoint (its pipeline: `checkpoint_pipeline`) on the labelled images of a dataset, leaving out
+    the subjects it was trained on."""
     cells = prepared.cells
     labelled = [i for i, c in enumerate(cells) if c.label is not None]
     if split == "auto":
@@ -83,7 +64,7 @@ def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str =
     if split not in SPLITS:
         raise RunError(f"unknown split {split!r}: use {', '.join(SPLITS)}")
     rows = [i for i in labelled if split == "all" or cells[i].split == split]
-    seen = set(module.hparams.get("seen_subjects") or [])  # training + validation subjects
+    seen = set(pipeline.trained.seen_subjects)  # training + validation subjects
     if not include_seen:
         kept = [i for i in rows if cells[i].subject not in seen]
         if len(kept) < len(rows):
@@ -92,12 +73,12 @@ def evaluate_checkpoint(module: CellClassifier, prepared: Prepared, split: str =
         rows = kept
     if not rows:
         raise RunError(f"no labelled {split} images to evaluate on (after leaving out subjects seen in training)")
-    images, labels = tensors(prepared)
-    trust = getattr(module, "trust", None)  # the checkpoint's calibration and review band
-    tested = test_rows(module, images, labels, np.array(rows))
-    predictions = prediction_rows(split, cells, tested, trust,
-                                  screen(module, images, tested["index"], image_check, gate))
+    images, _ = tensors(prepared)
+    trust = {"calibration": pipeline.calibration, "review": pipeline.review}
+    predictions = prediction_rows(split, cells, rows, answer_rows(pipeline, images, np.array(rows)),
+                                  pipeline.model_name, pipeline.source)
+    config = pipeline.trained.config
     entry = {"fold": split, "note": "subjects seen in training included" if include_seen else
-             "subjects seen in training left out", **fold_metrics(predictions, trust, module.config.seed)}
-    return json_safe({"protocol": "evaluation", "model": module.config.model, "note": entry["note"],
+             "subjects seen in training left out", **fold_metrics(predictions, trust, config.get("seed", 0))}
+    return json_safe({"protocol": "evaluation", "model": pipeline.model_name, "note": entry["note"],
                       "folds": [entry], "summary": M.summarize([entry]), "world_size": 1})

@@ -129,24 +129,6 @@ class CellClassifier(L.LightningModule):
         self._val_row = {}
         log_epoch(self.loggers, row)
 
-    # evaluation ---------------------------------------------------------------------------------------------
-    def on_test_epoch_start(self) -> None:
-        self._outputs = []
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(self.to_input(batch["image"]))
-        prob = self.probability_all(logits)
-        self._outputs.append(torch.stack([batch["index"].double(), prob.double(), batch["label"].double()], 1))
-
-    def on_test_epoch_end(self) -> None:
-        mine = torch.cat(self._outputs) if self._outputs else torch.zeros((0, 3), dtype=torch.float64,
-                                                                          device=self.device)
-        gathered = self.all_gather(mine)  # every rank has the same number of rows (padding included)
-        rows = gathered.reshape(-1, 3).cpu().numpy()
-        rows = rows[rows[:, 0] >= 0]
-        index, first = np.unique(rows[:, 0].astype(np.int64), return_index=True)
-        self.test_predictions = {"index": index, "prob_all": rows[first, 1], "label": rows[first, 2].astype(int)}
-
     def configure_optimizers(self):
         c = self.config
         trainable = [p for p in self.parameters() if p.requires_grad]  # a frozen backbone is left out
@@ -182,15 +164,4 @@ def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
     """A new module for training, laid out as the precision path wants it."""
     module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
     module.use_channels_last()
-    return module
-
-
-def module_from_checkpoint(path) -> CellClassifier:
-    """A trained module from a checkpoint file, on the CPU, in evaluation mode (for `evaluate`)."""
-    from ..checkpoint import load_trained_model
-
-    trained = load_trained_model(path)
-    module = CellClassifier(trained.config, trained.seen_subjects, model=trained.model).eval()
-    module.trust = {"calibration": trained.calibration, "review": trained.review}  # applied to its predictions
-    module.input_gate = trained.input_gate  # the feature-space check fitted on its training cells, if any
     return module

@@ -3,43 +3,34 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from .. import metrics as M
 from ..config import RunConfig
 from ..data.cnmc import Cell
 from ..data.protocols import Split
-from ..labels import is_all
-from ..trust import entries as trust_report
-from ..trust.calibration import apply_temperature
-from ..trust.review import statuses
-from ..trust.screen import REJECTED, count_reasons
+from ..labels import NAMES, Status
+from ..pipeline import Answer
+from ..trust import test_set as trust_report
+from ..trust.input_gate import count_reasons
 
 
-def prediction_rows(split_name: str, cells: list[Cell], predictions: dict, trust: dict | None = None,
-                    reasons: list[str | None] | None = None) -> list[dict]:
-    """One predictions.csv row per tested image, from a module's `test_predictions`: `probability_all`
-    calibrated with the split's temperature (when it has one), `probability_raw` the network's own, and the
-    `status`: `rejected` with the input gate's reason (`reasons`, None: accepted) before `review` from the
-    split's band (`trust`: what `trust.fitting` fitted). A refused image keeps its row, so nothing drops out."""
-    trust = trust or {}
-    reasons = reasons or [None] * len(predictions["index"])
-    temperature = (trust.get("calibration") or {}).get("temperature")
-    calibrated = apply_temperature(predictions["prob_all"], temperature)
-    flags = statuses(calibrated, (trust.get("review") or {}).get("half_width"))
-    flags = [(REJECTED, gate) if gate else flag for gate, flag in zip(reasons, flags)]
-    return [
-        {"fold": split_name, "path": str(cells[i].path), "subject": cells[i].subject, "label": int(label),
-         "probability_all": f"{p:.6f}", "predicted": int(is_all(p)), "probability_raw": f"{raw:.6f}",
-         "status": status, "reason": reason}
-        for i, p, raw, label, (status, reason)
-        in zip(predictions["index"], calibrated, predictions["prob_all"], predictions["label"], flags)
-    ]
+def prediction_rows(split_name: str, cells: list[Cell], rows, answers: list[Answer], model: str,
+                    checkpoint: Path | str) -> list[dict]:
+    """predictions.csv rows (`alnet.schema.PREDICTIONS`) of a test set: one per tested cell, refused ones
+    included with their P(ALL) and call, so that nothing drops out of the metrics unseen."""
+    return [{"fold": split_name, "path": str(cells[i].path), "subject": cells[i].subject,
+             "label": NAMES[cells[i].label], "predicted": answer.predicted,
+             "probability_all": f"{answer.probability_all:.6f}", "probability_raw": f"{answer.probability_raw:.6f}",
+             "status": answer.status.value, "reason": answer.reason, "model": model, "checkpoint": str(checkpoint),
+             "note": ""}
+            for i, answer in zip(rows, answers)]
 
 
 def fold_metrics(rows: list[dict], trust: dict | None = None, seed: int = 0) -> dict:
     """The metrics over every tested image (refused ones included, so that nothing drops out unseen), the
     trust entries (calibration, intervals, subject level, review) and what the input gate refused and why."""
-    refused = [r["reason"] for r in rows if r.get("status") == REJECTED]
+    refused = [r["reason"] for r in rows if r.get("status") == Status.REJECTED]
     return {**M.evaluate(*M.columns(rows)), **trust_report.test_set_entry(rows, trust, seed),
             "input_gate": {"images": len(rows), "rejected": len(refused), "reasons": count_reasons(refused)}}
 
@@ -73,13 +64,3 @@ def summarize_run(config: RunConfig, splits: list[Split], predictions: dict[str,
     if prelim is not None:
         result["prelim"] = prelim
     return json_safe(result)
-
-
-def subject_rows(predictions: dict[str, list[dict]]) -> list[dict]:
-    """subjects.csv: per test set and subject, images, mean P(ALL), share called ALL, accuracy."""
-    rows = []
-    for fold, fold_rows in predictions.items():
-        labels, probs = M.columns(fold_rows)
-        for row in M.per_subject([r["subject"] for r in fold_rows], labels, probs):
-            rows.append({"fold": fold, **row})
-    return rows

@@ -18,22 +18,23 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from ..checkpoint import CheckpointError, add_fitted_knowledge, read_checkpoint
+from ..checkpoint import CheckpointError, model_weights, read_checkpoint
 from ..config import RunConfig
 from ..data.cache import Prepared
 from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
-from ..infer.int8 import calibrate, calibration_images, supports_int8
+from ..fitting import fit_after_training
 from ..models import WeightsError, create_model_from, model_spec
-from ..trust.fitting import fit_on_validation, not_fitted
-from ..trust.screen import InputGate, fit_gate, screen_rows
+from ..pipeline import answer_rows
+from ..schema import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, read_csv, read_predictions, write_csv
+from ..trust.subjects import subject_rows
 from .batches import CellData, tensors, world
 from .classical import check_config as check_hybrid
 from .loggers import Tracking, flat_params, make_loggers, read_history
 from .module import build_module
-from .results import prediction_rows, subject_rows, summarize_run
-from .rundir import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, RunDir, read_csv, write_csv
+from .results import prediction_rows, summarize_run
+from .rundir import RunDir
 from .trainer import is_main_process, make_trainer, quiet_lightning
 
 
@@ -67,8 +68,8 @@ def _split_summary(split: Split, cells: list[Cell]) -> dict:
 
 
 def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
-    """Train one split, calibrate and test its chosen checkpoint; returns (prediction rows, history rows, what
-    was fitted on the validation subjects)."""
+    """Train one split, then the end-of-training stage (`alnet.fitting`) on its chosen checkpoint and the test
+    pass; returns (prediction rows, history rows, what was fitted on the validation subjects)."""
     config, run = job.config, job.run
     if model_spec(config.model).hybrid:  # fitted on frozen features, not trained by Lightning
         from .classical import fit_and_write
@@ -95,7 +96,7 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     if module.uses_cached_features:
         # Frozen backbone, no augmentation: every epoch would see the same features, so compute them once and
         # train the head on them (this is what makes the paper's 1,600-epoch baselines cheap).
-        needed = np.unique(np.r_[split.train, split.val, split.test])
+        needed = np.unique(np.r_[split.train, split.val])  # the test pass answers from the images
         job.log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
         inputs = module.extract_features(job.images, needed)
         module.on_features = True
@@ -115,38 +116,23 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     best = keep[-1].best_model_path
     chosen = checkpoints / Path(best).name if best else last
     try:
-        read_checkpoint(chosen)
+        module.model.load_state_dict(model_weights(read_checkpoint(chosen)))  # the chosen epoch's weights
     except CheckpointError as err:
         raise RunError(f"{err}; to retrain fold {split.name}, delete {checkpoints}") from None
-    trust = not_fitted()
-    if config.protocol == "subject" and len(split.val) > 0:
-        # Calibration and the review band learn from the validation subjects only, with the chosen weights.
-        trainer.test(module, dataloaders=data.val_dataloader(), ckpt_path=str(chosen), verbose=False,
-                     weights_only=True)
-        val = module.test_predictions
-        trust = fit_on_validation(val["label"], val["prob_all"], [job.cells[i].subject for i in val["index"]])
-    trainer.test(module, datamodule=data, ckpt_path=str(chosen), verbose=False, weights_only=True)
-    # The input gate learns the chosen model's training cells, then screens the test cells as `predict` would.
-    # Its threshold comes from validation cells only where they are not the test cells (the paper protocol
-    # validates on its test part): otherwise from the training cells, cross-fitted.
-    held_out = np.setdiff1d(split.val, split.test)
-    features_of = {"cached": inputs if module.on_features else None, "autocast": module.precision_path.autocast}
-    gate = InputGate(features=fit_gate(module.model, job.images, split.train, held_out,
-                                       [job.cells[i].subject for i in split.train], seed=config.seed, **features_of))
-    reasons = screen_rows(gate, module.model, job.images, module.test_predictions["index"], **features_of)
-    rows = prediction_rows(split.name, job.cells, module.test_predictions, trust, reasons)
+    fitted = fit_after_training(module.model, job.images, job.cells, split, config, module.precision_path,
+                                cached=inputs if module.on_features else None, int8=is_main_process())
+    # The test cells are answered by the pipeline `alnet predict` uses, with what was just fitted.
+    answers = answer_rows(fitted.pipeline(module.model, config, module.precision_path, chosen), job.images,
+                          split.test)
+    rows = prediction_rows(split.name, job.cells, split.test, answers, config.model, chosen)
     if is_main_process():
         run.fold(split.name).mkdir(parents=True, exist_ok=True)
         write_csv(run.fold_history(split.name), history, HISTORY_FIELDS)
-        # The int8 form (ALNet) learns its activation ranges from training cells, as they come into the model.
-        int8 = calibrate(module.model, calibration_images(job.images, split.train, seed=config.seed)) if (
-            supports_int8(module.model) and len(split.train)) else None
-        # What predict, serve and export use beside the weights.
-        add_fitted_knowledge(chosen, trust, gate.features, int8)
-        run.write_json(run.fold_trust(split.name), trust)
+        fitted.store(chosen)  # what predict, serve and export use beside the weights
+        run.write_json(run.fold_trust(split.name), fitted.trust)
         run.record_chosen(split.name, chosen)
         write_csv(run.fold_predictions(split.name), rows, PREDICTION_FIELDS)  # written last: marks the fold done
-    return rows, history, trust
+    return rows, history, fitted.trust
 
 
 def train_run(
@@ -214,7 +200,7 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     for split in splits:
         if job.resume and run.fold_predictions(split.name).is_file():
             job.log(f"{split.name}: already finished, kept")
-            predictions[split.name] = read_csv(run.fold_predictions(split.name))
+            predictions[split.name] = read_predictions(run.fold_predictions(split.name))
             history += read_csv(run.fold_history(split.name))
             if run.fold_trust(split.name).is_file():
                 trust[split.name] = run.read_json(run.fold_trust(split.name))
@@ -279,7 +265,7 @@ def write_outputs(run: RunDir, result: dict, predictions: dict[str, list[dict]],
 
     write_csv(run.predictions, [r for rows in predictions.values() for r in rows], PREDICTION_FIELDS)
     write_csv(run.history, history, HISTORY_FIELDS)
-    write_csv(run.subjects, subject_rows(predictions), SUBJECT_FIELDS)
+    write_csv(run.subjects, subject_rows([r for rows in predictions.values() for r in rows]), SUBJECT_FIELDS)
     run.write_json(run.metrics, result)
     write_run_figures(run.figures, predictions, history)
     write_model_card(run)

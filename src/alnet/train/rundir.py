@@ -4,9 +4,8 @@
     RUN/data.json            where the data and the cache were, images used and skipped
     RUN/splits.json          images and subjects on each side of every split
     RUN/history.csv          per fold and epoch: train/val loss and accuracy
-    RUN/predictions.csv      per test image: fold, path, subject, label, probability_all (calibrated), predicted,
-                             probability_raw, status (ok | review), reason
-    RUN/subjects.csv         per test subject: images, mean P(ALL), share called ALL, accuracy
+    RUN/predictions.csv      per test image (columns: alnet.schema.PREDICTIONS)
+    RUN/subjects.csv         per test set and subject (columns: alnet.schema.SUBJECTS)
     RUN/metrics.json         protocol, folds, summary (mean ± std over folds), prelim (when used)
     RUN/report.html          one self-contained page; RUN/figures/*.png
     RUN/model_card.md        intended use, data, results, limitations (the CLAIM checklist's items)
@@ -23,29 +22,12 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import time
 from pathlib import Path
 
-HISTORY_FIELDS = ["fold", "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy"]
-PREDICTION_FIELDS = ["fold", "path", "subject", "label", "probability_all", "predicted", "probability_raw", "status",
-                     "reason"]
-SUBJECT_FIELDS = ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"]
 FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
-
-
-def write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def default_run_dir(protocol: str) -> Path:

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..labels import THRESHOLD, is_all
+from ..labels import THRESHOLD, Status, is_all
 
 DEFAULT_COVERAGE = 0.9  # the share of validation cells answered without review
-OK, REVIEW = "ok", "review"
 
 
 def margin(prob) -> np.ndarray:
@@ -60,8 +59,9 @@ def disagreeing(variants, cells: int) -> np.ndarray:
     return calls.any(axis=0) & ~calls.all(axis=0)
 
 
-def statuses(prob_calibrated, half_width: float | None, variants=None) -> list[tuple[str, str]]:
-    """(status, reason) per cell: ("ok", "") or ("review", why in words)."""
+def statuses(prob_calibrated, half_width: float | None, variants=None) -> list[tuple[Status, str]]:
+    """(status, reason) per cell: (OK, "") or (REVIEW, why in words); `alnet.pipeline` puts the input gate's
+    REJECTED before them."""
     prob = np.asarray(prob_calibrated, dtype=np.float64)
     split = disagreeing(variants, len(prob))
     calls_all = None if variants is None else is_all(np.asarray(variants)).sum(axis=0)
@@ -72,7 +72,7 @@ def statuses(prob_calibrated, half_width: float | None, variants=None) -> list[t
             reasons.append(f"P(ALL) {p:.3f} is within {half_width:.3f} of the threshold {THRESHOLD}")
         if split[i]:
             reasons.append(f"test-time flips disagree ({int(calls_all[i])} of {len(variants)} call ALL)")
-        out.append((REVIEW, "; ".join(reasons)) if reasons else (OK, ""))
+        out.append((Status.REVIEW, "; ".join(reasons)) if reasons else (Status.OK, ""))
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import metrics as M
 from ..data.cnmc import subject_id
-from ..labels import NAMES, THRESHOLD, is_all
+from ..labels import ALL, NAMES, THRESHOLD, Status, is_all, name_of
 
 BOOTSTRAP_RESAMPLES = 1000
 CONFIDENCE = 0.95
@@ -28,8 +28,6 @@ MAX_MAP_BYTES = 16 * 2**20  # a subject map of a million cells is about this siz
 MAX_SUBJECT_CHARS = 100
 _UID = re.compile(r"^UID_(H?)(\d+)_", re.IGNORECASE)  # the C-NMC file-name prefix, e.g. UID_h3_… or UID_57_…
 SUBJECTS_CSV = "subjects.csv"
-SUBJECT_FIELDS = ["subject", "cells", "cells_all", "fraction_all", "fraction_all_low", "fraction_all_high",
-                  "mean_probability_all", "call", "cells_rejected", "cells_review"]
 
 
 class SubjectMapError(ValueError):
@@ -140,28 +138,33 @@ def subject_level(subjects, labels, prob_calibrated, seed: int = 0, resamples: i
     }
 
 
-# `alnet predict --by-subject` ---------------------------------------------------------------------------------
-def subject_rows(rows: list[dict], subject_of: Callable[[dict], str]) -> list[dict]:
-    """subjects.csv rows from predict rows (`label`, `probability_all`, `status`): per subject the cells, those
-    called ALL, the share called ALL with its 95 % Wilson interval, the mean P(ALL), the subject's call, and the
-    cells rejected or flagged for review. Rejected cells have no label and count only as rejected."""
-    by_subject: dict[str, list[dict]] = defaultdict(list)
+# subjects.csv ---------------------------------------------------------------------------------------------------
+def subject_rows(rows: list[dict]) -> list[dict]:
+    """subjects.csv rows (`alnet.schema.SUBJECTS`) from predictions.csv rows, for a run's test sets and for
+    `alnet predict --by-subject` alike: per test set (`fold`) and subject the cells, those called ALL among the
+    cells with a P(ALL) (a run keeps refused cells' P(ALL) for its metrics; `predict` gives them none), the share
+    called ALL with its 95 % Wilson interval, the mean P(ALL), the subject's call, the accuracy where the label
+    is known, and the cells rejected or flagged for review."""
+    by_subject: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
-        by_subject[subject_of(row)].append(row)
+        by_subject[(row.get("fold") or "", row.get("subject") or UNKNOWN_SUBJECT)].append(row)
     out = []
-    for subject in sorted(by_subject):
-        cells = by_subject[subject]
-        answered = [r for r in cells if r.get("status", "ok") != "rejected" and r.get("label")]
-        n_all = sum(r["label"] == NAMES[1] for r in answered)
-        low, high = wilson_interval(n_all, len(answered))
-        mean = float(np.mean([float(r["probability_all"]) for r in answered])) if answered else float("nan")
+    for (fold, subject), cells in sorted(by_subject.items()):
+        scored = [r for r in cells if r.get("probability_all")]
+        called_all = np.array([r["predicted"] == NAMES[ALL] for r in scored], dtype=bool)
+        n_all = int(called_all.sum())
+        low, high = wilson_interval(n_all, len(scored))
+        mean = float(np.mean([float(r["probability_all"]) for r in scored])) if scored else float("nan")
+        labels = {r.get("label") or "" for r in cells}
+        label = labels.pop() if len(labels) == 1 else ""
+        accuracy = float((called_all == (label == NAMES[ALL])).mean()) if label and scored else float("nan")
         out.append({
-            "subject": subject, "cells": len(cells), "cells_all": n_all,
-            "fraction_all": _fmt(n_all / len(answered) if answered else float("nan")),
-            "fraction_all_low": _fmt(low), "fraction_all_high": _fmt(high),
-            "mean_probability_all": _fmt(mean), "call": (NAMES[1] if is_all(mean) else NAMES[0]) if answered else "",
-            "cells_rejected": sum(r.get("status") == "rejected" for r in cells),
-            "cells_review": sum(r.get("status") == "review" for r in cells),
+            "fold": fold, "subject": subject, "label": label, "cells": len(cells), "cells_all": n_all,
+            "fraction_all": _fmt(n_all / len(scored) if scored else float("nan")),
+            "fraction_all_low": _fmt(low), "fraction_all_high": _fmt(high), "mean_probability_all": _fmt(mean),
+            "predicted": name_of(mean) if scored else "", "accuracy": _fmt(accuracy),
+            "cells_rejected": sum(r.get("status") == Status.REJECTED for r in cells),
+            "cells_review": sum(r.get("status") == Status.REVIEW for r in cells),
         })
     return out
 
@@ -210,16 +213,8 @@ def read_subject_map(path: Path | str) -> dict[Path, str]:
     return mapping
 
 
-def subject_namer(mapping: dict[Path, str] | None) -> tuple[Callable[[dict], str], set[str]]:
-    """A function giving a predict row's subject (from `mapping` when given, else from the C-NMC file name; else
-    UNKNOWN_SUBJECT) and the set it fills with the paths that got UNKNOWN_SUBJECT."""
-    unknown: set[str] = set()
-
-    def subject_of(row: dict) -> str:
-        found = mapping.get(Path(row["path"]).resolve()) if mapping is not None else subject_from_name(row["path"])
-        if found is None:
-            unknown.add(row["path"])
-            return UNKNOWN_SUBJECT
-        return found
-
-    return subject_of, unknown
+def subject_of(path: Path | str, mapping: dict[Path, str] | None) -> str:
+    """A picture's subject: from `mapping` (`read_subject_map`) when given, else from its C-NMC file name; "" when
+    neither says (subjects.csv counts those under UNKNOWN_SUBJECT)."""
+    found = mapping.get(Path(path).resolve()) if mapping is not None else subject_from_name(path)
+    return found or ""

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
-from .components import component_sizes
-
+EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # pixels touching by a corner belong to one object
 GRID = 64  # the check looks at a GRID×GRID box-filtered copy: fast, and blind to single-pixel specks
 
 
@@ -91,16 +91,18 @@ def measure(pixels: np.ndarray, check: ImageCheck = ImageCheck()) -> dict:
         (GRID, GRID), Image.Resampling.BOX))
     brightest = small.max(axis=2)
     foreground = brightest > check.dark_level
-    sizes, labels = component_sizes(foreground)
+    labels, count = ndimage.label(foreground, structure=EIGHT_CONNECTED)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    largest = labels == int(np.argmax(sizes)) + 1 if count else np.zeros_like(foreground)
     stats = {"background": float(1 - foreground.mean()),
              "saturated": float((pixels.min(axis=2) >= check.saturation_level).mean()),
-             "objects": int(len(sizes)), "object_share": float(sizes[0] / sizes.sum()) if len(sizes) else 0.0,
+             "objects": int(count), "object_share": float(sizes.max() / sizes.sum()) if count else 0.0,
              "centre_offset": float("nan")}
-    if len(sizes):
-        rows, cols = np.nonzero(labels == 1)
+    if count:
+        rows, cols = np.nonzero(largest)
         centre = (GRID - 1) / 2
         stats["centre_offset"] = float(np.hypot(rows.mean() - centre, cols.mean() - centre) / GRID)
-    stats["texture"] = _texture(brightest.astype(np.float64), labels == 1)
+    stats["texture"] = _texture(brightest.astype(np.float64), largest)
     return stats
 
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.transforms import to_float
-from ..trust.features import Penultimate
+from .data.transforms import to_float
+from .models import Penultimate
 
 ENGINE = "onednn"
 CALIBRATION_IMAGES = 256

@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from ..data.transforms import to_float
-from .features import FeatureGate, fit_feature_gate, penultimate
-from .gate import ImageCheck, image_reason
-
-REJECTED = "rejected"  # a prediction row's `status`, beside review.py's OK and REVIEW
+from ..models import penultimate
+from .feature_check import FeatureGate, fit_feature_gate
+from .image_check import ImageCheck, image_reason
 
 
 @dataclass(frozen=True)
@@ -83,13 +82,3 @@ def fit_gate(model: nn.Module, images: torch.Tensor, train: np.ndarray, val: np.
     train_features = network_features(model, images, train, cached=cached, **kwargs)
     val_features = network_features(model, images, val, cached=cached, **kwargs) if len(val) else None
     return fit_feature_gate(train_features, val_features, subjects, seed=seed)
-
-
-def screen_rows(gate: InputGate, model: nn.Module, images: torch.Tensor, rows: np.ndarray,
-                cached: torch.Tensor | None = None, **kwargs) -> list[str | None]:
-    """The gate's reason (None: accepted) for each of `rows` of the uint8 cache `images`."""
-    reasons = gate.image_reasons(images[torch.from_numpy(np.asarray(rows, dtype=np.int64))].numpy())
-    if gate.features is not None and len(rows):
-        features = network_features(model, images, rows, cached=cached, **kwargs)
-        reasons = [r or f for r, f in zip(reasons, gate.feature_reasons(features))]
-    return reasons

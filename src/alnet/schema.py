@@ -1,0 +1,249 @@
+"""What each file alnet writes holds, in one place: the columns of every CSV, the entries a checkpoint carries
+beyond its weights, and the metadata of an exported ONNX model (docs/design.md, "File schemas").
+
+A column name means one thing in every file: `label` is always the true class (empty where it is not known),
+`predicted` the model's call, `probability_all` the calibrated P(ALL), `status` one of `labels.Status`. Each file
+is checked once, where it is read; a file a user hands in may be hostile, so every check names the file and the
+fix in one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .labels import NAMES, Status, label_of
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # as the design document's tables say it: text, integer, number, class, status
+    meaning: str
+
+
+def _columns(table: str) -> tuple[Column, ...]:
+    """A table of `name  type  meaning` lines (two spaces or more between the first three fields)."""
+    return tuple(Column(*re.split(r"\s{2,}", line.strip(), maxsplit=2)) for line in table.strip().splitlines())
+
+
+def _names(columns: tuple[Column, ...]) -> list[str]:
+    return [c.name for c in columns]
+
+
+def markdown_table(columns: tuple[Column, ...]) -> str:
+    """A file's columns as the design document shows them (a test checks that it does)."""
+    return "\n".join(["| column | type | meaning |", "|---|---|---|",
+                      *(f"| `{c.name}` | {c.type} | {c.meaning} |" for c in columns)])
+
+
+# predictions.csv: a run's test cells (`fold`, `subject`, `label` known; refused cells keep their P(ALL), since the
+# metrics count every cell) and `alnet predict`'s pictures (`model`, `checkpoint`, `note`; a refused picture has
+# no call and no P(ALL)). Same columns, same meaning.
+PREDICTIONS = _columns("""
+fold             text    the test set (run) — empty for `alnet predict`
+path             text    the image file
+subject          text    the patient (C-NMC name, or `--subjects`); empty when not known
+label            class   the true class, ALL or HEM; empty when not known
+predicted        class   the model's call, ALL when probability_all > 0.5; empty when refused (predict)
+probability_all  number  P(ALL), calibrated with the model's temperature when it has one
+probability_raw  number  the network's own P(ALL)
+status           status  ok, review (the call is given, look at it) or rejected (the input gate refused it)
+reason           text    why review or rejected, in words; empty when ok
+model            text    the model's name (`alnet (int8)` for the int8 form)
+checkpoint       text    the checkpoint or ONNX file that answered
+note             text    what had to be done to the image (e.g. resized from 600x600)
+""")
+PREDICTION_FIELDS = _names(PREDICTIONS)
+# Headers of `alnet predict` CSVs written by earlier versions: still recognised as ours, so --out may replace them.
+EARLIER_PREDICTION_HEADERS = (
+    ["path", "label", "probability_all", "model", "checkpoint", "note"],
+    ["path", "label", "probability_all", "model", "checkpoint", "note", "status", "reason"],
+    ["path", "label", "probability_all", "probability_raw", "status", "reason", "model", "checkpoint", "note"],
+)
+
+# subjects.csv: one row per subject (and test set), whoever writes it (`alnet train`, `alnet predict --by-subject`).
+SUBJECTS = _columns("""
+fold                  text     the test set (run) — empty for `alnet predict`
+subject               text     the patient; `(unknown)` for pictures with no subject (predict)
+label                 class    the patient's true class; empty when not known
+cells                 integer  pictures of this subject
+cells_all             integer  cells called ALL, of those with a P(ALL)
+fraction_all          number   cells_all over the cells with a P(ALL)
+fraction_all_low      number   95 % Wilson interval of fraction_all, lower end
+fraction_all_high     number   95 % Wilson interval of fraction_all, upper end
+mean_probability_all  number   mean calibrated P(ALL) of the cells with one
+predicted             class    the subject's call: ALL when mean_probability_all > 0.5
+accuracy              number   share of the subject's cells called right; empty when the label is not known
+cells_rejected        integer  cells the input gate refused
+cells_review          integer  cells flagged for review
+""")
+SUBJECT_FIELDS = _names(SUBJECTS)
+EARLIER_SUBJECT_HEADERS = (
+    ["subject", "cells", "cells_all", "fraction_all", "fraction_all_low", "fraction_all_high", "mean_probability_all",
+     "call", "cells_rejected", "cells_review"],
+    ["fold", "subject", "label", "images", "mean_probability_all", "fraction_called_all", "accuracy"],
+)
+
+# <out>.refused.csv beside a challenge submission file: the refused pictures and what was written for them.
+REFUSED = _columns("""
+line             integer  the line of the submission file
+path             text     the image file
+predicted        class    the call written on that line
+probability_all  number   its P(ALL)
+status           status   rejected
+reason           text     why the input gate refused it
+""")
+REFUSED_FIELDS = _names(REFUSED)
+
+HISTORY = _columns("""
+fold            text     the split
+epoch           integer  1, 2, …
+train_loss      number   mean training loss of the epoch
+train_accuracy  number   training accuracy of the epoch (augmented images)
+val_loss        number   validation loss after the epoch; empty without validation cells
+val_accuracy    number   validation accuracy after the epoch
+""")
+HISTORY_FIELDS = _names(HISTORY)
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
+
+
+def _cell(value) -> object:
+    """A value as written into a CSV: text that a spreadsheet would take as a formula gets a leading quote
+    (numbers, negative ones included, stay numbers)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def write_csv(path: Path | str, rows: list[dict], fields: list[str]) -> None:
+    """Every CSV alnet writes goes through here: the schema's columns in order, formulas neutralised."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+
+
+def read_csv(path: Path | str) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def header_of(path: Path) -> list[str] | None:
+    """The first line of a CSV as column names, or None when it cannot be read as one (never opens a FIFO)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with open(path, newline="") as handle:
+            return handle.readline().strip().split(",")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def read_predictions(path: Path | str) -> list[dict]:
+    """A run's predictions.csv (or a fold's), this version's or an earlier one's: `label` and `predicted` as class
+    names (earlier runs wrote 1/0), every column of PREDICTIONS present."""
+    rows = read_csv(path)
+    out = []
+    for line, row in enumerate(rows, 2):
+        try:
+            for key in ("label", "predicted"):
+                known = label_of(row.get(key) or "")
+                row[key] = NAMES[known] if known is not None else ""
+            Status(row.get("status") or Status.OK.value)
+        except ValueError as err:
+            raise ValueError(f"{path}, line {line}: {err}; it is not a predictions.csv alnet wrote") from None
+        out.append({field: row.get(field) or "" for field in PREDICTION_FIELDS})
+    return out
+
+
+# Checkpoint entries beyond the weights -------------------------------------------------------------------------
+# Top-level keys, plain containers and tensors only, so the file stays loadable with torch.load(weights_only=True).
+CALIBRATION_KEY = "calibration"  # {"method": "temperature", "temperature": T, "fitted_on", …} or None
+REVIEW_KEY = "review"  # {"threshold", "half_width", "target_coverage", "validation_coverage", "fitted_on"} or None
+INPUT_GATE_KEY = "input_gate"  # {"features": FeatureGate.to_state()}
+INT8_KEY = "int8"  # the int8 form's calibration (alnet.int8.calibrate); checked by alnet.int8.quantized
+TEMPERATURE_RANGE = (1e-3, 1e3)
+HALF_WIDTH_RANGE = (0.0, 0.5)
+
+
+def _number(value, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise TypeError(f"{value!r} is not a number in [{low}, {high}]")
+    return float(value)
+
+
+def checked_calibration(value) -> dict | None:
+    """A stored `calibration`, or None when there is none; TypeError when it is malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("calibration is not a mapping")
+    if value.get("temperature") is None:
+        return None  # stored as "not calibrated", with a note
+    return {**value, "temperature": _number(value["temperature"], *TEMPERATURE_RANGE)}
+
+
+def checked_review(value) -> dict | None:
+    """A stored `review` band, or None; TypeError when it is malformed."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError("review is not a mapping")
+    return {**value, "half_width": _number(value.get("half_width"), *HALF_WIDTH_RANGE)}
+
+
+# ONNX metadata --------------------------------------------------------------------------------------------------
+# Keys `alnet export` writes into the graph's metadata_props (values are strings; JSON where structured).
+ONNX_METADATA = {"model": "alnet_model", "checkpoint": "alnet_checkpoint", "preprocessing": "alnet_preprocessing",
+                 "output": "alnet_output",
+                 "calibration": "alnet_calibration", "review": "alnet_review", "input_gate": "alnet_input_gate",
+                 "int8": "alnet_int8"}
+
+
+@dataclass(frozen=True)
+class OnnxMetadata:
+    """What an exported model says of itself, checked: the preprocessing, the temperature, the review band, the
+    feature gate (or None) and whether it is the int8 form."""
+
+    model: str
+    preprocessing: object  # data.transforms.Preprocessing
+    calibration: dict | None
+    review: dict | None
+    input_gate: object  # trust.feature_check.FeatureGate | None
+    int8: bool
+
+    @classmethod
+    def read(cls, meta: dict[str, str], path: Path) -> "OnnxMetadata":
+        from .data.transforms import Preprocessing
+        from .trust.feature_check import FeatureGate
+
+        again = "export the model again with `alnet export`"
+        if ONNX_METADATA["preprocessing"] not in meta:
+            raise ValueError(f"{path}: not an ONNX model written by `alnet export` (no preprocessing metadata)")
+
+        def parsed(key: str, check, what: str):
+            if ONNX_METADATA[key] not in meta:
+                return None
+            try:
+                return check(meta[ONNX_METADATA[key]])
+            except (TypeError, ValueError, RecursionError) as err:  # JSON thousands deep is a RecursionError
+                raise ValueError(f"{path}: unreadable {what} in its metadata ({type(err).__name__}); {again}") \
+                    from None
+
+        return cls(model=str(meta.get(ONNX_METADATA["model"], "?"))[:100],
+                   preprocessing=parsed("preprocessing", Preprocessing.from_json, "preprocessing"),
+                   calibration=parsed("calibration", lambda text: checked_calibration(json.loads(text)),
+                                      "calibration"),
+                   review=parsed("review", lambda text: checked_review(json.loads(text)), "review band"),
+                   input_gate=parsed("input_gate", FeatureGate.from_json, "input gate"),
+                   int8=meta.get(ONNX_METADATA["int8"], "").startswith("yes"))

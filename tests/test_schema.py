@@ -1,0 +1,69 @@
+"""One schema per file: the same columns whoever writes it, formulas neutralised, and files written by the earlier
+version still read."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from alnet.config import RunConfig
+from alnet.data.cnmc import scan
+from alnet.data.protocols import make_splits
+from alnet.schema import PREDICTION_FIELDS, SUBJECT_FIELDS, read_csv, read_predictions, write_csv
+from alnet.train.results import summarize_run
+from alnet.trust.subjects import subject_rows
+
+EARLIER = Path(__file__).parent / "data" / "earlier-version"
+
+
+def test_every_csv_neutralises_text_a_spreadsheet_would_run_as_a_formula(tmp_path):
+    rows = [{"subject": "=cmd|' /C calc'!A0", "path": "+SUM(1+1).png", "reason": "@x", "note": "\tx",
+             "probability_all": "-0.5", "predicted": "ALL"}]
+    write_csv(tmp_path / "p.csv", rows, PREDICTION_FIELDS)
+    back = read_csv(tmp_path / "p.csv")[0]
+    assert back["subject"] == "'=cmd|' /C calc'!A0" and back["path"] == "'+SUM(1+1).png"
+    assert back["reason"] == "'@x" and back["note"] == "'\tx"
+    assert back["probability_all"] == "-0.5" and back["predicted"] == "ALL"  # numbers and words stay as they are
+
+
+def test_a_run_of_the_earlier_version_reads_back_to_the_metrics_it_reported(mini_root):
+    run = EARLIER / "run"
+    config = RunConfig.from_yaml(run / "config.yaml")
+    splits = make_splits(config.protocol, scan(mini_root).cells, config.seed, config.val_fraction)
+    predictions = {s.name: read_predictions(run / "folds" / s.name / "predictions.csv") for s in splits}
+    assert {r["label"] for rows in predictions.values() for r in rows} == {"ALL", "HEM"}  # 1/0 read as classes
+    assert all(list(r) == PREDICTION_FIELDS for rows in predictions.values() for r in rows)
+    trust = {s.name: json.loads((run / "folds" / s.name / "trust.json").read_text()) for s in splits}
+    again = summarize_run(config, splits, predictions, 1, trust)
+    recorded = json.loads((run / "metrics.json").read_text())
+    for fold, before in zip(again["folds"], recorded["folds"]):
+        for key in ("accuracy", "auc", "f1", "images", "confusion", "calibration", "review", "subject_level"):
+            assert json.dumps(fold[key], sort_keys=True) == json.dumps(before[key], sort_keys=True), key
+    # subjects.csv now has one set of columns; the earlier run's per-subject figures come out the same
+    earlier = {(r["fold"], r["subject"]): r for r in read_csv(run / "subjects.csv")}
+    rows = subject_rows([r for fold in predictions.values() for r in fold])
+    assert len(rows) == len(earlier) and list(rows[0]) == SUBJECT_FIELDS
+    for row in rows:
+        before = earlier[(row["fold"], row["subject"])]
+        assert row["cells"] == int(before["images"]) and row["label"] == ("ALL" if before["label"] == "1" else "HEM")
+        assert float(row["mean_probability_all"]) == pytest.approx(float(before["mean_probability_all"]), abs=1e-6)
+        assert float(row["accuracy"]) == pytest.approx(float(before["accuracy"]), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_predict_replaces_the_csvs_its_earlier_version_wrote_without_force(mini_checkpoint, mini_root, tmp_path):
+    from typer.testing import CliRunner
+
+    from alnet.cli import app
+
+    out = tmp_path / "predictions.csv"
+    out.write_bytes((EARLIER / "predict-predictions.csv").read_bytes())
+    (tmp_path / "subjects.csv").write_bytes((EARLIER / "predict-subjects.csv").read_bytes())
+    cells = mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0"
+    result = CliRunner().invoke(app, ["predict", str(mini_checkpoint), str(cells), "--out", str(out), "--by-subject"])
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as handle:
+        assert next(csv.reader(handle)) == PREDICTION_FIELDS
+    with open(tmp_path / "subjects.csv", newline="") as handle:
+        assert next(csv.reader(handle)) == SUBJECT_FIELDS
