@@ -107,7 +107,7 @@ def test_ledoit_wolf_shrinkage_matches_scikit_learn():
 
 
 def test_the_precision_is_the_inverse_of_the_shrunk_covariance_with_fewer_cells_than_features_or_more():
-    from alnet.trust.feature_check import _fit
+    from alnet.trust.feature_check import _distances_to_fit, _fit
 
     generator = torch.Generator().manual_seed(2)
     for cells, features in ((30, 200), (200, 30)):  # the Woodbury path and the direct one
@@ -116,6 +116,9 @@ def test_the_precision_is_the_inverse_of_the_shrunk_covariance_with_fewer_cells_
         _, covariance = ledoit_wolf(x)
         np.testing.assert_allclose((precision @ covariance).numpy(), np.eye(features), atol=1e-8)
         np.testing.assert_allclose(mean.numpy(), x.double().mean(0).numpy())
+        others = torch.randn(7, features, generator=generator)  # distances without the precision matrix agree
+        np.testing.assert_allclose(_distances_to_fit(x, others).numpy(), mahalanobis(others, mean, precision).numpy(),
+                                   rtol=1e-5)
 
 
 def test_the_feature_gate_refuses_features_far_from_the_training_cells():
@@ -311,3 +314,20 @@ def test_a_refused_image_is_rejected_before_review_and_an_accepted_one_close_to_
     answer = calibrated.answer(images[:1])[0]
     assert answer.probability_raw == pytest.approx(0.55) and answer.status is Status.OK
     assert answer.probability_all == pytest.approx(1 / (1 + (0.45 / 0.55) ** 0.5))
+
+
+def test_a_network_output_that_is_not_a_probability_or_not_one_per_picture_gets_no_answer(mini_root):
+    from alnet.labels import Status
+    from alnet.pipeline import NetworkOutputs, Pipeline
+    from alnet.trust.input_gate import InputGate
+
+    cells = np.stack([load_image(path, Preprocessing(size=136))[0] for path in _real_cells(mini_root)[:3]])
+    broken = Pipeline(lambda batch: NetworkOutputs(np.array([np.nan, 1.5, 0.3], np.float32), None), "fake",
+                      Preprocessing(size=136), Path("damaged.ckpt"), gate=InputGate())
+    answers = broken.answer(cells)
+    assert [a.status for a in answers] == [Status.REJECTED, Status.REJECTED, Status.OK]
+    assert "not a probability" in answers[0].reason and "damaged" in answers[1].reason
+    shifted = Pipeline(lambda batch: NetworkOutputs(np.full(2 * len(batch), 0.5, np.float32), None), "fake",
+                       Preprocessing(size=136), Path("odd.onnx"), gate=InputGate())
+    with pytest.raises(ValueError, match="odd.onnx: the model gave outputs of shapes"):
+        shifted.answer(cells)

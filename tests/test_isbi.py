@@ -35,6 +35,7 @@ def test_images_are_ordered_by_the_number_in_their_name_not_as_text():
 @pytest.mark.parametrize("names, message", [
     (("1.bmp", "cell.bmp"), r"final/cell\.bmp: not named <number>\.<ext>"),
     (("1.bmp", "02.bmp"), r"final/02\.bmp: not named <number>\.<ext>"),
+    (("1.bmp", "2\n.bmp"), r"not named <number>\.<ext>"),  # a line break is not part of a number
     (("1.bmp", "2.bmp", "2.png"), r"final/2\.png: image number 2 given twice \(also final/2\.bmp\)"),
     (("1.bmp", "2.bmp", "5.bmp"), r"images numbered up to 5 but 2 number\(s\) missing \(3, 4\)"),
     (("2.bmp",), r"1 number\(s\) missing \(1\)"),
@@ -76,13 +77,17 @@ def test_predict_writes_one_line_per_image_in_the_order_of_the_numbers(mini_chec
     table = tmp_path / "predictions.csv"
     assert runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--out", str(table)]
                          ).exit_code == 0
-    label_of = {Path(row["path"]).stem: row["label"] for row in csv.DictReader(table.open())}
-    assert lines == ["1" if label_of[str(n)] == "ALL" else "0" for n in range(1, 13)]
+    call_of = {Path(row["path"]).stem: row["predicted"] for row in csv.DictReader(table.open())}
+    assert lines == ["1" if call_of[str(n)] == "ALL" else "0" for n in range(1, 13)]
     assert (tmp_path / "isbi_valid.refused.csv").read_text().strip() == ",".join(isbi.REFUSED_FIELDS)
 
+    # A file of 0/1 lines has no header to tell alnet's from a list of true labels: replaced only with --force.
     again = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
                                 "--out", str(out)])
-    assert again.exit_code == 0, again.output  # its own file is replaced
+    assert again.exit_code == 2 and "--force" in again.output and out.read_text().splitlines() == lines
+    again = runner.invoke(app, ["predict", str(mini_checkpoint), str(final_test_set), "--format", "isbi",
+                                "--out", str(out), "--force"])
+    assert again.exit_code == 0, again.output
 
 
 def test_images_the_gate_refuses_are_written_and_listed_beside_the_submission(mini_checkpoint, final_test_set,

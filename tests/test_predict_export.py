@@ -249,3 +249,12 @@ def test_every_registered_model_exports_through_torch_export_and_matches_pytorch
     np.testing.assert_allclose(onnx_raw, raw, atol=1e-5)  # no temperature here: equal to the calibrated ones
     np.testing.assert_allclose(probabilities, onnx_raw, atol=1e-7)
     np.testing.assert_allclose(onnx_features, features, rtol=1e-4, atol=1e-4)  # what the input gate measures
+
+
+def test_brackets_and_escape_sequences_in_file_names_are_printed_as_text(mini_checkpoint, mini_root, tmp_path):
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), "[/yellow]nope", "\x1b[31mred*.png",
+                                 str(_a_cell(mini_root)), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "[/yellow]nope: matches no image file" in result.output
+    assert "\x1b" not in result.output and "\\x1b[31mred*.png" in result.output

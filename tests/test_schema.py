@@ -67,3 +67,30 @@ def test_predict_replaces_the_csvs_its_earlier_version_wrote_without_force(mini_
         assert next(csv.reader(handle)) == PREDICTION_FIELDS
     with open(tmp_path / "subjects.csv", newline="") as handle:
         assert next(csv.reader(handle)) == SUBJECT_FIELDS
+
+
+def test_a_predictions_csv_that_is_not_one_is_a_one_line_error_naming_it(tmp_path):
+    cases = {"no-columns.csv": "a,b\n1,2\n", "word.csv": "path,label,probability_all\nx.png,ALL,abc\n",
+             "latin1.csv": "path,label,probability_all\n".encode() + b"\xe9.png,ALL,0.5\n",
+             "huge.csv": "path,label,probability_all\n" + "x" * 200_000 + ",ALL,0.5\n",
+             "label.csv": "path,label,probability_all\nx.png,maybe,0.5\n"}
+    for name, content in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(ValueError, match=f"{name}.*not a predictions.csv alnet wrote"):
+            read_predictions(path)
+    excel = tmp_path / "excel.csv"  # saved by a spreadsheet: UTF-8 with a byte-order mark
+    excel.write_bytes("\ufefffold,path,label,probability_all\nfold_0,x.png,ALL,0.7\n".encode())
+    assert read_predictions(excel)[0]["fold"] == "fold_0"
+
+
+def test_hostile_numbers_in_a_model_s_metadata_are_refused_not_raised():
+    from alnet.schema import OnnxMetadata
+
+    base = {"alnet_preprocessing": '{"size": 136, "crop": 1}'}
+    for key, value in (("alnet_preprocessing", '{"size": Infinity, "crop": 1}'),
+                       ("alnet_calibration", '{"temperature": 1' + "0" * 400 + "}"),
+                       ("alnet_review", '{"half_width": 1' + "0" * 400 + "}"),
+                       ("alnet_input_gate", '{"dimensions": Infinity}')):
+        with pytest.raises(ValueError, match="model.onnx: unreadable .* export the model again"):
+            OnnxMetadata.read({**base, key: value}, Path("model.onnx"))

@@ -185,23 +185,27 @@ def test_predict_by_subject_on_the_real_cells_gives_one_row_per_subject(calibrat
 
 
 @pytest.mark.slow
-def test_a_hostile_review_band_in_an_onnx_file_is_a_one_line_error(calibrated_checkpoint, mini_root, tmp_path):
+def test_a_hostile_review_band_or_preprocessing_in_an_onnx_file_is_a_one_line_error(calibrated_checkpoint, mini_root,
+                                                                                     tmp_path):
     import onnx
 
     path = export_onnx(calibrated_checkpoint, tmp_path / "model.onnx")
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["alnet_calibration"])["temperature"] == 0.25
     assert json.loads(meta["alnet_review"])["half_width"] == 0.2
-    for value in ('{"half_width": 3}', "[" * 100_000 + "]" * 100_000, "not json"):
+    for key, value, message in (("alnet_review", '{"half_width": 3}', "unreadable review band"),
+                                ("alnet_review", "[" * 100_000 + "]" * 100_000, "unreadable review band"),
+                                ("alnet_review", "not json", "unreadable review band"),
+                                ("alnet_preprocessing", '{"size": 64, "crop": 1}', "metadata says 64 px pictures")):
         graph = onnx.load(str(path))
         for entry in graph.metadata_props:
-            if entry.key == "alnet_review":
+            if entry.key == key:
                 entry.value = value
         hostile = tmp_path / "hostile.onnx"
         onnx.save(graph, str(hostile))
         result = runner.invoke(app, ["predict", str(hostile), str(next(mini_root.rglob("*.bmp"))), "--out",
                                      str(tmp_path / "p.csv")])
-        assert result.exit_code == 2 and "unreadable review band" in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def load_trained_model(path: Path | str) -> TrainedModel:
             raise ValueError(f"input gate for {feature_gate.mean.numel()} features, model has {model.num_features}")
     except ClassifierError as err:  # a hybrid's classifier refused by the trusted-types check
         raise CheckpointError(f"{path}: {err}") from None
-    except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+    except (ConfigError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as err:
         raise CheckpointError(f"{path}: not an alnet checkpoint this version can read ({type(err).__name__}); "
                               "pass a .ckpt written by `alnet train`") from None
     return TrainedModel(model.float().eval(), hparams["config"], path, list(seen), calibration, review, feature_gate,

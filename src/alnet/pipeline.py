@@ -35,6 +35,8 @@ from .trust.review import statuses
 if TYPE_CHECKING:
     from .checkpoint import TrainedModel
 
+# Why a picture gets no answer when the network's output is not a probability (a damaged model: NaN, or beyond [0, 1]).
+NOT_A_PROBABILITY = "no answer: the model's output for this picture is not a probability; the model file may be damaged"
 # Why an int8 ONNX model refuses a picture it may have clipped (the checkpoint answers those without int8).
 BEYOND_INT8_RANGES = ("unlike the cells the model was trained on: its activations leave the ranges this int8 model "
                       "was calibrated on, and an ONNX file cannot fall back to the network without int8 (use the "
@@ -111,9 +113,9 @@ class Pipeline:
         if n == 0:
             return []
         image_reasons = self.gate.image_reasons(pictures)
-        passes = [self.network(pictures)]
+        passes = [self._checked(self.network(pictures), n)]
         if tta:
-            passes += [self.network(np.ascontiguousarray(flipped))
+            passes += [self._checked(self.network(np.ascontiguousarray(flipped)), n)
                        for flipped in (pictures[:, :, ::-1], pictures[:, ::-1], pictures[:, ::-1, ::-1])]
         calibrated_each = np.stack([apply_temperature(p.probability_raw, self.temperature) for p in passes])
         calibrated = calibrated_each.mean(axis=0)
@@ -127,10 +129,21 @@ class Pipeline:
         answers = []
         for i in range(n):
             # The gate's verdict comes before review: a refused picture is not a cell to look at more closely.
-            refused = image_reasons[i] or feature_reasons[i] or (BEYOND_INT8_RANGES if beyond[i] else None)
+            refused = (image_reasons[i] or feature_reasons[i] or (BEYOND_INT8_RANGES if beyond[i] else None)
+                       or (None if 0 <= raw[i] <= 1 else f"{NOT_A_PROBABILITY} ({raw[i]})"))
             status, reason = (Status.REJECTED, refused) if refused else review[i]
             answers.append(Answer(float(calibrated[i]), float(raw[i]), Status(status), reason, bool(fallback[i])))
         return answers
+
+    def _checked(self, outputs: NetworkOutputs, n: int) -> NetworkOutputs:
+        """One value per picture, or a ValueError naming the model file: a network that answers another shape
+        would hand one picture's answer to another."""
+        shapes = [np.shape(outputs.probability_raw)] + [np.shape(flags)[:1] for flags in (
+            outputs.features, outputs.beyond_range, outputs.fallback) if flags is not None]
+        if shapes[0] != (n,) or any(shape != (n,) for shape in shapes[1:]):
+            raise ValueError(f"{self.source}: the model gave outputs of shapes {shapes} for {n} pictures, not one "
+                             "value per picture; export it again with `alnet export`")
+        return outputs
 
     def probabilities(self, pictures: np.ndarray, tta: bool = False) -> np.ndarray:
         """Calibrated P(ALL) of every picture (refused ones too): for timing and comparisons."""

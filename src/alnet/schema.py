@@ -113,14 +113,14 @@ HISTORY_FIELDS = _names(HISTORY)
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
 
 
+PLAIN_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")  # as alnet writes numbers: -0.5, 1e-07
+
+
 def _cell(value) -> object:
     """A value as written into a CSV: text that a spreadsheet would take as a formula gets a leading quote
-    (numbers, negative ones included, stay numbers)."""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
+    (plain numbers, negative ones included, stay numbers)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not PLAIN_NUMBER.fullmatch(value):
+        return "'" + value
     return value
 
 
@@ -138,30 +138,39 @@ def read_csv(path: Path | str) -> list[dict]:
 
 
 def header_of(path: Path) -> list[str] | None:
-    """The first line of a CSV as column names, or None when it cannot be read as one (never opens a FIFO)."""
+    """The first line of a CSV as column names (at most 4 KiB of it), or None when it cannot be read as one (never
+    opens a FIFO)."""
     if not Path(path).is_file():
         return None
     try:
-        with open(path, newline="") as handle:
-            return handle.readline().strip().split(",")
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return handle.readline(4096).strip().split(",")
     except (OSError, UnicodeDecodeError):
         return None
 
 
 def read_predictions(path: Path | str) -> list[dict]:
     """A run's predictions.csv (or a fold's), this version's or an earlier one's: `label` and `predicted` as class
-    names (earlier runs wrote 1/0), every column of PREDICTIONS present."""
-    rows = read_csv(path)
-    out = []
-    for line, row in enumerate(rows, 2):
-        try:
-            for key in ("label", "predicted"):
-                known = label_of(row.get(key) or "")
-                row[key] = NAMES[known] if known is not None else ""
-            Status(row.get("status") or Status.OK.value)
-        except ValueError as err:
-            raise ValueError(f"{path}, line {line}: {err}; it is not a predictions.csv alnet wrote") from None
-        out.append({field: row.get(field) or "" for field in PREDICTION_FIELDS})
+    names (earlier runs wrote 1/0), every column of PREDICTIONS present; a ValueError naming the file and line for
+    anything else."""
+    fix = "it is not a predictions.csv alnet wrote; delete the fold's folder to run it again"
+    out, line = [], 1
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"path", "label", "probability_all"} - set(reader.fieldnames or [])
+            if missing:
+                raise ValueError(f"no {', '.join(sorted(missing))} column")
+            for line, row in enumerate(reader, 2):
+                for key in ("label", "predicted"):
+                    known = label_of(row.get(key) or "")
+                    row[key] = NAMES[known] if known is not None else ""
+                Status(row.get("status") or Status.OK.value)
+                if not (0 <= float(row["probability_all"]) <= 1):
+                    raise ValueError(f"probability_all {row['probability_all']} is not a probability")
+                out.append({field: row.get(field) or "" for field in PREDICTION_FIELDS})
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}, line {line}: {str(err)[:200]}; {fix}") from None
     return out
 
 
@@ -176,9 +185,9 @@ HALF_WIDTH_RANGE = (0.0, 0.5)
 
 
 def _number(value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
-        raise TypeError(f"{value!r} is not a number in [{low}, {high}]")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+            or not math.isfinite(value):  # the range first: an int of 400 digits has no float, it is out of range
+        raise TypeError(f"{str(value)[:40]} is not a number in [{low}, {high}]")
     return float(value)
 
 
@@ -236,7 +245,7 @@ class OnnxMetadata:
                 return None
             try:
                 return check(meta[ONNX_METADATA[key]])
-            except (TypeError, ValueError, RecursionError) as err:  # JSON thousands deep is a RecursionError
+            except (TypeError, ValueError, RecursionError, OverflowError) as err:  # JSON thousands deep: Recursion
                 raise ValueError(f"{path}: unreadable {what} in its metadata ({type(err).__name__}); {again}") \
                     from None
 

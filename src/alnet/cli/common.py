@@ -17,22 +17,35 @@ console = Console(stderr=True)  # messages, progress, problems
 out = Console()  # results: tables and what was written where
 
 
+def printable(text: str) -> str:
+    """Text as it may reach a terminal: control characters from file names (an escape sequence, a carriage return)
+    are shown as escapes (\\x1b), never sent; line breaks stay."""
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in str(text))
+
+
 def fail(message: str, code: int = 2) -> None:
     """`error: <message>` on stderr and exit: status 2 for a usage or input error, 1 for work that failed."""
     from rich.markup import escape  # a message may hold brackets (pip install 'alnet[mlflow]'): not markup
 
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(printable(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=code)
 
 
 def say(message: str) -> None:
     """A progress message on stderr, printed as it is (no markup, no wrapping inside paths)."""
-    console.print(message, highlight=False, soft_wrap=True, markup=False)
+    console.print(printable(message), highlight=False, soft_wrap=True, markup=False)
+
+
+def warn(message: str) -> None:
+    """A warning on stderr, in yellow; the message is never taken as markup (file names may hold brackets)."""
+    from rich.text import Text
+
+    console.print(Text(printable(message), style="yellow"), highlight=False, soft_wrap=True)
 
 
 def result(message: str) -> None:
     """A line of the command's result on stdout."""
-    out.print(message, highlight=False, soft_wrap=True, markup=False)
+    out.print(printable(message), highlight=False, soft_wrap=True, markup=False)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

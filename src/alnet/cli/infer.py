@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result
+from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result, warn
 from .gate import GateOption, NoGateOption, image_check_from
 
 CALIBRATION_IMAGES = 256  # as alnet.int8 (not imported here: --help stays fast)
@@ -148,7 +148,7 @@ def predict(
     files, missing = expand_paths(paths)
     for item in missing:
         reason = "not an image file (BMP, PNG, JPEG or TIFF)" if Path(item).is_file() else "matches no image file"
-        console.print(f"[yellow]{item}: {reason}; skipped[/]", highlight=False, soft_wrap=True)
+        warn(f"{item}: {reason}; skipped")
     if not files:
         fail("no images to classify; pass image files, folders or globs")
     by_subject = by_subject or subjects_map is not None
@@ -156,7 +156,8 @@ def predict(
         if by_subject:
             fail("--by-subject writes subjects.csv beside a predictions CSV; use it with --format csv")
         files = isbi.submission_order(files)  # names checked before the model runs
-        check_output(out_file, force, isbi.is_submission_file(out_file), tuple(files))
+        # 0/1 lines have no header to tell alnet's file from a user's list of true labels: any file needs --force.
+        check_output(out_file, force, False, tuple(files))
         side = isbi.refused_csv_of(out_file)
         check_output(side, force, isbi.is_refused_csv(side), tuple(files))
     else:
@@ -208,9 +209,9 @@ def predict(
         write_csv(subjects_out, per_subject, SUBJECT_FIELDS)
         unknown = sum(not r["subject"] for r in rows)
         if unknown:
-            console.print(f"[yellow]{unknown} image(s) with no subject (not named UID_<subject>_… "
-                          f"{'and not in ' + str(subjects_map) if mapping is not None else 'and no --subjects'}"
-                          "): counted under (unknown)[/]", highlight=False, soft_wrap=True)
+            warn(f"{unknown} image(s) with no subject (not named UID_<subject>_… "
+                 f"{'and not in ' + str(subjects_map) if mapping is not None else 'and no --subjects'}"
+                 "): counted under (unknown)")
         result(f"{len(per_subject)} subject(s) → {subjects_out}")
     if failed:
         raise typer.Exit(code=1)
@@ -290,9 +291,8 @@ def quantize(
     if read == 0:
         fail("none of the images could be read; nothing was calibrated")
     if read < FEW_CALIBRATION_IMAGES:
-        console.print(f"[yellow]only {read} cell(s) to calibrate on: ranges seen on so few may not cover new cells "
-                      f"(those are then answered without int8); {CALIBRATION_IMAGES} training cells are usual[/]",
-                      highlight=False, soft_wrap=True)
+        warn(f"only {read} cell(s) to calibrate on: ranges seen on so few may not cover new cells (those are then "
+             f"answered without int8); {CALIBRATION_IMAGES} training cells are usual")
     entry = calibrate(trained.model, torch.from_numpy(images[:read]))
     add_to_checkpoint(checkpoint, {INT8_KEY: entry})
     result(f"calibrated the int8 form of {checkpoint} on {entry['images']} cell(s); use it with `alnet predict "

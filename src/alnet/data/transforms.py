@@ -54,7 +54,7 @@ class Preprocessing:
         try:
             data = json.loads(text)
             size, crop = int(data["size"]), float(data["crop"])
-        except (ValueError, KeyError, TypeError) as err:
+        except (ValueError, KeyError, TypeError, OverflowError) as err:  # int(inf) is an OverflowError
             raise ValueError(f"unreadable preprocessing ({type(err).__name__})") from None
         if not (32 <= size <= MAX_SIZE and 0.05 <= crop <= 1):
             raise ValueError(f"preprocessing out of range (size {size}, crop {crop})")

@@ -19,7 +19,6 @@ from ..schema import REFUSED_FIELDS, header_of, write_csv
 
 EARLIER_REFUSED_FIELDS = ["line", "path", "label", "probability_all", "status", "reason"]  # still ours
 _NUMBER = re.compile(r"^[1-9][0-9]{0,8}$")  # 1 … 999,999,999; no sign, no leading zero
-_MAX_CHECK_BYTES = 64 * 2**20  # a submission file larger than this is not one alnet wrote
 
 
 class SubmissionError(ValueError):
@@ -31,7 +30,7 @@ def submission_order(files: list[Path]) -> list[Path]:
     number given twice and a number missing."""
     by_number: dict[int, Path] = {}
     for path in files:
-        if not _NUMBER.match(path.stem):
+        if not _NUMBER.fullmatch(path.stem):  # fullmatch: `$` would let "4\n" through as 4
             raise SubmissionError(f"{path}: not named <number>.<ext> (1.bmp … N.bmp as in the final test set); "
                                   "the submission file follows the numbers, so pass only the test set's images")
         number = int(path.stem)
@@ -83,16 +82,6 @@ def write_submission(lines: list[str], refused: list[dict], out: Path) -> Path:
     side = refused_csv_of(out)
     write_csv(side, refused, REFUSED_FIELDS)
     return side
-
-
-def is_submission_file(path: Path) -> bool:
-    """Whether `path` looks like a submission file alnet wrote (lines of 0 and 1 only), so it may be replaced."""
-    try:
-        if not path.is_file() or path.stat().st_size > _MAX_CHECK_BYTES:
-            return False
-        return set(path.read_text(encoding="ascii").split()) <= {"0", "1"}
-    except (OSError, UnicodeDecodeError):
-        return False
 
 
 def is_refused_csv(path: Path) -> bool:

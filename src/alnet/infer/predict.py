@@ -78,7 +78,12 @@ def _onnx_pipeline(path: Path) -> Pipeline:
     if meta.int8 and (beyond_output is None or beyond_output.type != "tensor(bool)" or len(beyond_output.shape) != 1):
         raise ValueError(f"{path}: an int8 model without a one-per-image boolean beyond_range output, so nothing would "
                          "flag the pictures it clips; export it again with `alnet export --int8`")
-    input_name = session.get_inputs()[0].name
+    declared_input = session.get_inputs()[0]
+    sides = [d for d in declared_input.shape[2:] if isinstance(d, int)]
+    if any(side != meta.preprocessing.size for side in sides):
+        raise ValueError(f"{path}: its metadata says {meta.preprocessing.size} px pictures, its graph takes "
+                         f"{declared_input.shape}; export the model again with `alnet export`")
+    input_name = declared_input.name
     names = list(declared)
     # The graph applies its temperature itself (first output); the pipeline applies it to the network's own P(ALL)
     # as for a checkpoint. A graph without that output gives only its answer, taken as it is.
@@ -91,9 +96,10 @@ def _onnx_pipeline(path: Path) -> Pipeline:
         if beyond is not None and np.shape(beyond) != (len(pictures),):
             raise ValueError(f"{path}: its beyond_range output does not give one value per image; export the model "
                              "again with `alnet export --int8`")
-        raw = found["probability_raw" if has_raw else names[0]]
-        return NetworkOutputs(np.asarray(raw, dtype=np.float32).reshape(-1), found.get("features"),
-                              None if beyond is None else np.asarray(beyond, dtype=bool).reshape(-1))
+        raw = np.asarray(found["probability_raw" if has_raw else names[0]], dtype=np.float32)
+        if raw.ndim == 2 and raw.shape[1] == 1:  # N×1, as a bioimage.io-style graph answers
+            raw = raw[:, 0]
+        return NetworkOutputs(raw, found.get("features"), None if beyond is None else np.asarray(beyond, dtype=bool))
 
     return Pipeline(network, meta.model, meta.preprocessing, path, meta.calibration if has_raw else None,
                     meta.review, InputGate(None, meta.input_gate), "int8" if meta.int8 else "")

@@ -65,7 +65,7 @@ class FeatureGate:
             gate = cls(mean.float(), precision.float(), float(state["threshold"]), float(state["quantile"]),
                        float(state["margin"]), float(state["reference"]), str(state["held_out"])[:200],
                        int(state["cells"]))
-        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as err:  # 10**400 or inf: Overflow
             raise ValueError(f"unreadable feature gate ({type(err).__name__}: {err})") from None
         if not (math.isfinite(gate.threshold) and gate.threshold > 0 and torch.isfinite(gate.mean).all()
                 and torch.isfinite(gate.precision).all()):
@@ -95,7 +95,7 @@ class FeatureGate:
                 arrays[key] = torch.from_numpy(
                     np.frombuffer(base64.b64decode(encoded, validate=True), dtype="<f4").astype(np.float32))
             state = {**state, "mean": arrays["mean"], "precision": arrays["precision"].reshape(d, d)}
-        except (KeyError, TypeError, ValueError, binascii.Error) as err:
+        except (KeyError, TypeError, ValueError, binascii.Error, OverflowError) as err:
             raise ValueError(f"unreadable feature gate ({type(err).__name__})") from None
         return cls.from_state(state)
 
@@ -137,8 +137,9 @@ def _fit(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, d = x.shape
     if n >= d:
         return mean, torch.linalg.inv(a * x.T @ x + c * torch.eye(d, dtype=x.dtype))
-    small = c * torch.eye(n, dtype=x.dtype) + a * x @ x.T
-    return mean, (torch.eye(d, dtype=x.dtype) - a * x.T @ torch.linalg.solve(small, x)) / c
+    precision = x.T @ torch.linalg.solve(c * torch.eye(n, dtype=x.dtype) + a * x @ x.T, x)
+    precision.mul_(-a).diagonal().add_(1.0)  # in place: d×d float64 is 134 MB at VGG16's 4,096 features
+    return mean, precision.div_(c)
 
 
 def _cross_fitted(features: torch.Tensor, groups: list[str] | None, folds: int, seed: int) -> torch.Tensor:
@@ -158,9 +159,22 @@ def _cross_fitted(features: torch.Tensor, groups: list[str] | None, folds: int, 
     out = torch.empty(n)
     for k in assignment.unique():
         held = assignment == k
-        mean, precision = _fit(features[~held])
-        out[held] = mahalanobis(features[held], mean, precision)
+        out[held] = _distances_to_fit(features[~held], features[held])
     return out
+
+
+def _distances_to_fit(fitted_on: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """`mahalanobis(features, *_fit(fitted_on))` without the d×d precision matrix when the fit has fewer cells than
+    features: by Woodbury, δᵀPδ = (|δ|² − a·(Xδ)ᵀ(c·I + a·XXᵀ)⁻¹(Xδ))/c."""
+    mean, x, a, c = _shrinkage(fitted_on)
+    n, d = x.shape
+    if n >= d:
+        return mahalanobis(features, *_fit(fitted_on))
+    diff = features.double() - mean
+    projected = diff @ x.T
+    inside = torch.linalg.solve(c * torch.eye(n, dtype=x.dtype) + a * x @ x.T, projected.T).T
+    squared = ((diff * diff).sum(1) - a * (projected * inside).sum(1)) / c
+    return squared.clamp(min=0).sqrt().float()
 
 
 def fit_feature_gate(train: torch.Tensor, val: torch.Tensor | None = None, groups: list[str] | None = None,
