@@ -185,3 +185,11 @@ def test_a_yaml_bomb_is_refused_without_expanding_it(tmp_path):
     with pytest.raises(ConfigError, match="model must be text") as err:
         RunConfig.from_yaml(bomb)
     assert len(str(err.value)) < 500
+
+
+def test_synth_refuses_a_dataset_larger_than_the_free_space_before_writing_anything(tmp_path):
+    out = tmp_path / "synthetic"
+    result = CliRunner().invoke(app, ["synth", str(out), "--n-subjects", "10000", "--cells-per-subject", "1000"])
+    assert result.exit_code == 2 and "GiB free" in result.output and not out.exists()
+    result = CliRunner().invoke(app, ["synth", str(out), "--n-subjects", "100000000"])
+    assert result.exit_code == 2 and not out.exists()

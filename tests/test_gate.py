@@ -331,3 +331,13 @@ def test_a_network_output_that_is_not_a_probability_or_not_one_per_picture_gets_
                        Preprocessing(size=136), Path("odd.onnx"), gate=InputGate())
     with pytest.raises(ValueError, match="odd.onnx: the model gave outputs of shapes"):
         shifted.answer(cells)
+
+
+def test_a_tiny_yaml_file_that_expands_to_gigabytes_is_refused_in_one_short_line(tmp_path):
+    parts = ["&a [x, x, x, x, x, x, x, x, x, x]"] + [f"&{name} [{', '.join(['*' + last] * 10)}]"
+                                                 for last, name in zip("abcdefg", "bcdefgh")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(f"min_background: [{', '.join(parts)}]\n")  # 10^9 strings if printed whole
+    with pytest.raises(GateError, match="bomb.yaml: min_background must be a number from 0 to 1") as refused:
+        read_image_check(bomb)
+    assert len(str(refused.value)) < 200

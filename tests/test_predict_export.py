@@ -258,3 +258,24 @@ def test_brackets_and_escape_sequences_in_file_names_are_printed_as_text(mini_ch
     assert result.exit_code == 0, result.output
     assert "[/yellow]nope: matches no image file" in result.output
     assert "\x1b" not in result.output and "\\x1b[31mred*.png" in result.output
+
+
+def test_one_file_named_several_ways_is_one_row(tmp_path, mini_root, monkeypatch):
+    import shutil
+
+    shutil.copy(_a_cell(mini_root), tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    files, missing = expand_paths(["../a.png", str(tmp_path / "a.png"), "../sub/../a.png", str(tmp_path)])
+    assert files == [Path("../a.png")] and missing == []
+
+
+def test_a_picture_too_large_to_be_one_cell_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    from alnet.data.transforms import MAX_PIXELS, Preprocessing, load_image
+
+    Image.new("1", (9000, 9000)).save(tmp_path / "huge.png")  # a few kB on disk, 81 million pixels
+    assert 9000 * 9000 > MAX_PIXELS
+    with pytest.raises(ValueError, match="9000x9000 pixels is over the limit"):
+        load_image(tmp_path / "huge.png", Preprocessing(size=136))

@@ -236,3 +236,10 @@ def test_calibration_and_review_read_from_a_checkpoint_are_checked():
     for bad in ({"half_width": 0.7}, {}, "wide"):
         with pytest.raises(TypeError):
             checked_review(bad)
+
+
+def test_a_subject_map_may_not_name_a_subject_as_subjects_csv_names_pictures_without_one(tmp_path):
+    mapping = tmp_path / "map.csv"
+    mapping.write_text("path,subject\na.png,(unknown)\n")
+    with pytest.raises(SubjectMapError, match=r"map.csv, line 2: \(unknown\) is how subjects.csv counts"):
+        read_subject_map(mapping)

@@ -25,6 +25,8 @@ from .common import (
     scan_dataset,
 )
 
+SYNTHETIC_IMAGE_BYTES = 610_000  # one image `synth` writes: a 450×450 BMP, 608,454 bytes with its header
+
 DataRoot = Annotated[Path, typer.Argument(help="Folder holding a C-NMC dataset (Kaggle or TCIA layout).")]
 
 
@@ -82,19 +84,30 @@ def prepare(
 @handles_errors
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Where to write the synthetic dataset (Kaggle layout).")],
-    n_subjects: Annotated[int, typer.Option(help="Subjects per class in the training folds.")] = 6,
-    cells_per_subject: Annotated[int, typer.Option(help="Images per subject.")] = 10,
-    folds: Annotated[int, typer.Option(help="Subject-disjoint training folds.")] = 3,
-    prelim_subjects: Annotated[int, typer.Option(help="Subjects per class in the labelled preliminary test set.")]
-    = 2,
-    final_images: Annotated[int, typer.Option(help="Images in the unlabelled final test set.")] = 6,
+    n_subjects: Annotated[int, typer.Option(min=1, max=10_000, help="Subjects per class in the training folds.")]
+    = 6,
+    cells_per_subject: Annotated[int, typer.Option(min=1, max=1_000, help="Images per subject.")] = 10,
+    folds: Annotated[int, typer.Option(min=1, max=10, help="Subject-disjoint training folds.")] = 3,
+    prelim_subjects: Annotated[int, typer.Option(
+        min=0, max=10_000, help="Subjects per class in the labelled preliminary test set.")] = 2,
+    final_images: Annotated[int, typer.Option(min=0, max=100_000, help="Images in the unlabelled final test set.")]
+    = 6,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ):
     """Write a SYNTHETIC dataset in the exact C-NMC layout (for demos and tests; not real cells)."""
+    import shutil
+
     from ..data.synthetic import write_dataset
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):  # never mix into real data
         fail(f"{out_dir}: exists and is not an empty folder; pick a new or empty folder for the synthetic dataset")
+    images = 2 * (n_subjects + prelim_subjects) * cells_per_subject + final_images
+    needed = images * SYNTHETIC_IMAGE_BYTES
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > 0.9 * free:
+        fail(f"{out_dir}: {images:,} images need about {needed / 2**30:.1f} GiB and {existing} has "
+             f"{free / 2**30:.1f} GiB free; ask for fewer subjects or cells, or free some space")
     write_dataset(out_dir, n_subjects, cells_per_subject, folds, prelim_subjects, final_images, seed)
     result(f"wrote a synthetic C-NMC dataset to {out_dir}: {2 * n_subjects * cells_per_subject} training "
            f"images of {2 * n_subjects} subjects in {folds} folds, {2 * prelim_subjects * cells_per_subject} "

@@ -33,6 +33,7 @@ WIDE_MODES = {"I;16", "I;16B", "I;16L", "I"}
 FULL_16_BIT = 65535
 
 MAX_SIZE = 4096  # the largest side a model input may ask for (a cell image is 450 px)
+MAX_PIXELS = 64_000_000  # the largest picture decoded (8000×8000): about 200 MB as RGB, the most a decode holds
 
 DESCRIPTION = ("RGB image; centre crop to a square of `crop` × the short side; resize to size×size (Pillow "
                "bilinear, reducing_gap 1.0); float32 N×3×H×W in [0, 1] (value / 255). Model-specific "
@@ -76,6 +77,9 @@ def load_image(source: Path | BinaryIO, preprocessing: Preprocessing) -> tuple[n
     """Decode one image → size×size×3 uint8, with notes on what had to be converted. Raises on unreadable files."""
     notes = []
     with Image.open(source) as image:
+        if image.size[0] * image.size[1] > MAX_PIXELS:  # judged from the header, before anything is decoded
+            raise ValueError(f"{image.size[0]}x{image.size[1]} pixels is over the limit of {MAX_PIXELS:,} (a C-NMC "
+                             "cell image is 450x450); crop the cell out of the picture first")
         if image.size != EXPECTED_SIZE:
             notes.append(f"resized from {image.size[0]}x{image.size[1]}")
         if image.mode != "RGB":

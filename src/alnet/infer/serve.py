@@ -48,7 +48,7 @@ from ..labels import Status
 from ..pipeline import Answer, Pipeline
 from ..trust.image_check import ImageCheck
 from .batcher import BatcherClosed, MicroBatcher
-from .predict import load_pipeline
+from .predict import MAX_BATCH_BYTES, load_pipeline
 from .uploads import CLOSE, KINDS, MAX_BYTES, MAX_PIXELS, MISSING_FILE, UploadLimits, size_in_words
 
 DECODES_IN_FLIGHT = 2  # decoded pictures held at once, whatever the number of concurrent requests
@@ -159,6 +159,8 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
     form (`alnet.int8`)."""
     pipeline = load_pipeline(Path(checkpoint), image_check=image_check, features=features, int8=int8)
     limits = UploadLimits(max_bytes, max_pixels)
+    # A batch holds at most MAX_BATCH_BYTES of model input, whatever picture size the model asks for.
+    max_batch = max(1, min(max_batch, MAX_BATCH_BYTES // (4 * 3 * pipeline.preprocessing.size ** 2)))
     service = Service(pipeline, limits, max_batch, max_wait_ms)
 
     @asynccontextmanager

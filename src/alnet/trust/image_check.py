@@ -6,6 +6,7 @@ model involved. The thresholds are `ImageCheck`'s fields, derived from the real 
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -54,8 +55,14 @@ class ImageCheck:
         return self
 
 
+_SHORT = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 3, 3, 30, 30
+
+
 def _short(value) -> str:
-    text = repr(value)
+    """At most 40 characters of a value from a file, however large it is (YAML aliases nest a value thousands of
+    times in a few hundred bytes, so a full repr() is never made)."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -78,7 +85,7 @@ def read_image_check(path: Path | str) -> ImageCheck:
     if not isinstance(data, dict):
         raise GateError(f"{path}: gate settings must be `name: value` lines, not a {type(data).__name__}")
     known = {f.name for f in fields(ImageCheck)}
-    unknown = [str(k)[:40] for k in data if k not in known]
+    unknown = [_short(k) for k in data if k not in known]
     if unknown:
         raise GateError(f"{path}: unknown gate setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return ImageCheck(**data).validate(str(path))

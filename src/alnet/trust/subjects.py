@@ -203,6 +203,9 @@ def read_subject_map(path: Path | str) -> dict[Path, str]:
             if len(subject) > MAX_SUBJECT_CHARS or not subject.isprintable():
                 raise SubjectMapError(f"{path}, line {line}: a subject id must be printable and at most "
                                       f"{MAX_SUBJECT_CHARS} characters")
+            if subject == UNKNOWN_SUBJECT:
+                raise SubjectMapError(f"{path}, line {line}: {UNKNOWN_SUBJECT} is how subjects.csv counts pictures "
+                                      "with no subject; give this one a name, or leave its line out")
             key = (base / image).resolve()
             if mapping.get(key, subject) != subject:
                 raise SubjectMapError(f"{path}, line {line}: {image} is given two subjects ({mapping[key]!r} and "
