@@ -193,3 +193,17 @@ def test_synth_refuses_a_dataset_larger_than_the_free_space_before_writing_anyth
     assert result.exit_code == 2 and "GiB free" in result.output and not out.exists()
     result = CliRunner().invoke(app, ["synth", str(out), "--n-subjects", "100000000"])
     assert result.exit_code == 2 and not out.exists()
+
+
+def test_compare_and_tune_never_replace_files_of_their_names_that_alnet_did_not_write(mini_root, tmp_path):
+    from alnet.train.rundir import BEST_YAML_HEADER, foreign_files
+
+    for command, name in (("compare", "report.html"), ("tune", "best.yaml")):
+        out = tmp_path / command
+        out.mkdir()
+        (out / name).write_text("my own notes\n")
+        result = runner.invoke(app, [command, "--data", str(mini_root), "--out", str(out), "--no-progress"])
+        assert result.exit_code == 2 and f"{name}: not written by alnet {command}" in result.output, result.output
+        assert (out / name).read_text() == "my own notes\n"
+    (tmp_path / "tune" / "best.yaml").write_text(BEST_YAML_HEADER + "\nmodel: alnet\n")  # its own: kept for reruns
+    assert foreign_files(tmp_path / "tune") == []

@@ -341,3 +341,17 @@ def test_a_tiny_yaml_file_that_expands_to_gigabytes_is_refused_in_one_short_line
     with pytest.raises(GateError, match="bomb.yaml: min_background must be a number from 0 to 1") as refused:
         read_image_check(bomb)
     assert len(str(refused.value)) < 200
+
+
+def test_explain_replaces_only_the_pngs_it_wrote_itself(mini_checkpoint, mini_root, tmp_path):
+    from PIL import Image
+
+    cell = _real_cells(mini_root)[0]
+    mine = tmp_path / "gradcam.png"
+    Image.new("RGB", (8, 8), "red").save(mine)  # the user's own figure of that name
+    result = runner.invoke(app, ["explain", str(mini_checkpoint), str(cell), "--gradcam", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--force" in result.output and Image.open(mine).size == (8, 8)
+    forced = ["explain", str(mini_checkpoint), str(cell), "--gradcam", "--out", str(tmp_path), "--force"]
+    assert runner.invoke(app, forced).exit_code == 0 and Image.open(mine).size != (8, 8)
+    again = runner.invoke(app, forced[:-1])  # its own file: replaced without --force
+    assert again.exit_code == 0, again.output

@@ -106,6 +106,23 @@ def test_a_hostile_classifier_is_refused_in_one_line_and_never_run(tmp_path):
     assert not marker.exists()
 
 
+def test_a_classifier_archive_that_would_unpack_to_gigabytes_is_refused_before_anything_is_unpacked(tmp_path):
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("schema.json", "{}")
+        with archive.open("zeros.npy", "w", force_zip64=True) as member:  # 1.1 GB of zeros, ~1 MB compressed
+            for _ in range(1100):
+                member.write(bytes(2**20))
+    bomb = {"format": "skops", "data": buffer.getvalue()}
+    assert len(bomb["data"]) < 5 * 2**20
+    path, _, _ = _fitted_checkpoint(tmp_path / "bomb.ckpt", bomb)
+    with pytest.raises(CheckpointError, match="would unpack to 1,153,433,602 bytes"):
+        load_trained_model(path)
+
+
 # training on the real cells --------------------------------------------------------------------------------------
 def _auc_by_hand(labels, probabilities):
     positives = [p for y, p in zip(labels, probabilities) if y == 1]

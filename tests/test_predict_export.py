@@ -279,3 +279,12 @@ def test_a_picture_too_large_to_be_one_cell_is_refused_from_its_header(tmp_path)
     assert 9000 * 9000 > MAX_PIXELS
     with pytest.raises(ValueError, match="9000x9000 pixels is over the limit"):
         load_image(tmp_path / "huge.png", Preprocessing(size=136))
+
+
+def test_export_never_writes_through_a_link_even_with_force(tmp_path, mini_checkpoint):
+    victim = tmp_path / "other-run.ckpt"
+    victim.write_bytes(b"another run's checkpoint")
+    (tmp_path / "link.onnx").symlink_to(victim)
+    result = runner.invoke(app, ["export", str(mini_checkpoint), "--onnx", str(tmp_path / "link.onnx"), "--force"])
+    assert result.exit_code == 2 and "is a link" in result.output
+    assert victim.read_bytes() == b"another run's checkpoint"

@@ -111,6 +111,13 @@ def test_a_changed_byte_and_a_deleted_file_are_both_named(damaged, tmp_path):
     stranger.write_text("keep me\n")
     refused = runner.invoke(app, ["verify", str(damaged), "--report", str(stranger)])
     assert refused.exit_code == 2 and stranger.read_text() == "keep me\n"
+    image = next(damaged.rglob("*.bmp"))  # --force never turns a dataset image into a report
+    before = image.read_bytes()
+    refused = runner.invoke(app, ["verify", str(damaged), "--report", str(image), "--force"])
+    assert refused.exit_code == 2 and "inside the dataset" in refused.output and image.read_bytes() == before
+    os.mkfifo(tmp_path / "pipe.csv")  # a pipe would block the writer forever
+    refused = runner.invoke(app, ["verify", str(damaged), "--report", str(tmp_path / "pipe.csv"), "--force"])
+    assert refused.exit_code == 2 and "not a regular file" in refused.output
 
 
 def test_quick_compares_names_and_sizes_only(damaged):

@@ -156,10 +156,15 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], bold_rows
 
 def check_output(out: Path, force: bool, written_by_us: bool, inputs: tuple[Path, ...] = (),
                  parent_must_exist: bool = True) -> None:
-    """Refuse an output path that would destroy something alnet did not write: an input, a folder, a file of
-    another kind (unless --force), or one in a folder that does not exist. Checked before any work starts."""
+    """Refuse an output path that would destroy something alnet did not write: a link (even with --force: writing
+    through it would replace another file), an input, a folder, a file of another kind (unless --force), or one in
+    a folder that does not exist. Checked before any work starts."""
+    if out.is_symlink():  # --force must not write through a link onto whatever it points at (another run's file)
+        fail(f"{out}: is a link (to {os.readlink(out)}); pass the path of a file, not of a link")
     if out.is_dir():
         fail(f"{out}: is a folder; pass a file name")
+    if out.exists() and not out.is_file():  # a FIFO or a device: writing would hang or go elsewhere
+        fail(f"{out}: is not a regular file (a pipe or a device); pass the path of a file")
     if parent_must_exist and not out.parent.is_dir():
         fail(f"{out.parent}: no such folder for --out; create it first or pick another path")
     if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):

@@ -146,6 +146,8 @@ def verify(
     from ..data.verify import verify as check_copy
 
     if report is not None:
+        if report.absolute().resolve().is_relative_to(data_root.absolute().resolve()):
+            fail(f"{report}: inside the dataset being checked; write the report somewhere else")
         check_output(report, force, _written_by_verify(report))
     with progress_bar("hashing files", disable=not progress or quick) as bar:
         task = bar.add_task("hash", total=None)

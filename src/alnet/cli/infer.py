@@ -43,7 +43,9 @@ def explain(
         help="Layer name(s) to show (default: the model's first and sixth layer; for Grad-CAM its late "
         "convolution).")] = None,
     out_dir: Annotated[Optional[Path], typer.Option(
-        "--out", help="Where the PNGs go (default explain-<image>/).")] = None,
+        "--out", help="Where the PNGs go (default explain-<image>/); a PNG of the same name is replaced only when "
+        "explain wrote it, or with --force.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace PNGs in --out that explain did not write.")] = False,
     gate: GateOption = None,
     no_gate: NoGateOption = False,
 ):
@@ -51,7 +53,16 @@ def explain(
 
     The input gate runs first, as in `predict`: a picture it refuses (not one cell on black, or unlike the training
     cells) is still shown, with the reason, and its P(ALL) is marked as not counting."""
-    from ..infer.explain import default_feature_layers, feature_maps, gradcam, plot_feature_maps, read_image
+    from ..infer.explain import (
+        GRADCAM_FILE,
+        default_feature_layers,
+        feature_maps,
+        feature_maps_file,
+        gradcam,
+        plot_feature_maps,
+        read_image,
+        written_by_explain,
+    )
     from ..infer.predict import load_pipeline
     from ..labels import Status
 
@@ -65,6 +76,12 @@ def explain(
         pixels = read_image(image, trained.preprocessing)
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
+    out_dir = out_dir or Path(f"explain-{image.stem}")
+    layers = (layer or default_feature_layers(trained.name)) if show_feature_maps else []
+    for name in [feature_maps_file(each) for each in layers] + ([GRADCAM_FILE] if show_gradcam else []):
+        # checked before any work, as every output of alnet
+        check_output(out_dir / name, force, written_by_explain(out_dir / name), inputs=(image,),
+                      parent_must_exist=False)
     answer = pipeline.answer(pixels[None])[0]
     if not answer.answered:
         result(f"{image}: refused by the input gate: {answer.reason}. What the network computes on it is shown, but "
@@ -73,10 +90,8 @@ def explain(
         result(f"{image}: P(ALL) = {answer.probability_all:.3f} → {answer.predicted}"
                + (f" (review: {answer.reason})" if answer.status is Status.REVIEW else "")
                + f" ({trained.name}, {checkpoint})")
-    out_dir = out_dir or Path(f"explain-{image.stem}")
     written = []
     if show_feature_maps:
-        layers = layer or default_feature_layers(trained.name)
         written += plot_feature_maps(feature_maps(trained.model, pixels, layers), out_dir)
     if show_gradcam:
         written.append(gradcam(trained.model, trained.name, pixels, out_dir,

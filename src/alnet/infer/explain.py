@@ -14,11 +14,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ..data.transforms import Preprocessing, as_batch, load_image  # noqa: E402
 from ..labels import ALL, NAMES  # noqa: E402
 from ..models import model_spec  # noqa: E402
+
+GRADCAM_FILE = "gradcam.png"
+WRITTEN_BY = {"Software": "alnet explain"}  # a PNG text entry: how explain knows a file in --out is its own
+
+
+def feature_maps_file(layer: str) -> str:
+    return f"feature_maps_{layer.replace('.', '_')}.png"
+
+
+def written_by_explain(path: Path) -> bool:
+    """Whether `path` is a PNG explain wrote (its text entry says so), so that it may be replaced."""
+    if not path.is_file():  # never open a FIFO to find out
+        return False
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.text.get("Software") == WRITTEN_BY["Software"]
+    except Exception:
+        return False
 
 
 def read_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
@@ -52,8 +71,8 @@ def plot_feature_maps(maps: dict[str, torch.Tensor], out: Path, max_channels: in
         shown = f" (first {channels})" if channels < activation.shape[0] else ""
         fig.suptitle(f"{name}: {activation.shape[0]} maps of {activation.shape[1]}×{activation.shape[2]}{shown}")
         fig.tight_layout()
-        path = out / f"feature_maps_{name.replace('.', '_')}.png"
-        fig.savefig(path, dpi=100)
+        path = out / feature_maps_file(name)
+        fig.savefig(path, dpi=100, metadata=WRITTEN_BY)
         plt.close(fig)
         written.append(path)
     return written
@@ -88,7 +107,7 @@ def gradcam(model: nn.Module, model_name: str, pixels: np.ndarray, out: Path, la
     """Grad-CAM beside the input image; writes gradcam.png into `out`."""
     overlay, layer = gradcam_overlay(model, model_name, pixels, layer, target)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "gradcam.png"
+    path = out / GRADCAM_FILE
     side_by_side(pixels, overlay, ("input (as the model sees it)", f"Grad-CAM for {NAMES[target]} at {layer}"),
                  path, height=4.2, dpi=100)
     return path
@@ -103,5 +122,5 @@ def side_by_side(pixels: np.ndarray, overlay: np.ndarray, titles: tuple[str, str
         ax.set_title(title)
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, metadata=WRITTEN_BY)
     plt.close(fig)

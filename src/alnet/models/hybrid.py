@@ -39,6 +39,11 @@ PCA = "pca"
 ENSEMBLE_SEPARATOR = ","  # backbones whose features are concatenated
 PART_SEPARATOR = "+"
 
+# What a stored classifier may unpack to: a k-NN keeps its training features (10,661 C-NMC cells × 6,144 features
+# of an AlexNet + ResNet-50 ensemble, float64, is 524 MB), a PCA its components; a larger archive is not one alnet
+# wrote.
+MAX_CLASSIFIER_BYTES = 2**30
+MAX_CLASSIFIER_MEMBERS = 100_000
 # Types a saved classifier may contain besides skops' own defaults (numpy, builtins, scikit-learn estimators it
 # deems safe). Exactly what the pipelines built by `make_search` hold; anything else in a file is refused.
 TRUSTED_TYPES = [
@@ -131,12 +136,31 @@ def classifier_to_state(pipeline) -> dict:
     return {"format": "skops", "data": sio.dumps(pipeline)}
 
 
+def _check_archive_sizes(data: bytes) -> None:
+    """A skops file is a zip archive: every member's declared size and their total are bounded before anything is
+    decompressed (zipfile never reads past a member's declared size), so a few MB cannot unpack to gigabytes."""
+    import io
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ClassifierError(f"its classifier cannot be read ({type(err).__name__})") from None
+    total = sum(member.file_size for member in members)
+    if len(members) > MAX_CLASSIFIER_MEMBERS or total > MAX_CLASSIFIER_BYTES:
+        raise ClassifierError(f"its classifier would unpack to {total:,} bytes in {len(members):,} part(s), over "
+                              f"alnet's limit of {MAX_CLASSIFIER_BYTES:,} bytes in {MAX_CLASSIFIER_MEMBERS:,}; "
+                              "refused, nothing was loaded")
+
+
 def classifier_from_state(state) -> object:
     """The pipeline stored by `classifier_to_state`, loaded with the trusted types only."""
     import skops.io as sio
 
     if not (isinstance(state, dict) and state.get("format") == "skops" and isinstance(state.get("data"), bytes)):
         raise ClassifierError("its classifier is not stored as alnet stores one (skops bytes)")
+    _check_archive_sizes(state["data"])
     try:
         untrusted = sorted(set(sio.get_untrusted_types(data=state["data"])) - set(TRUSTED_TYPES))
     except Exception as err:  # not a skops archive at all

@@ -14,7 +14,7 @@ from ..models import create_model_from, model_spec, trainable_parameters
 from ..schema import read_csv, write_csv
 from .loggers import Tracking
 from .run import RunError, config_changes, train_run
-from .rundir import ComparisonDir, RunDir
+from .rundir import ComparisonDir, RunDir, foreign_files
 
 CSV_COLUMNS = ["model", "trainable_parameters", *METRICS, *(f"{m}_std" for m in METRICS), "prelim_accuracy",
                "training_seconds", "images_per_s", "pretrained", "run_dir"]
@@ -41,6 +41,10 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
     """Train and test each model; returns (Table 8 rows, Table 9 rows). A finished model's run is kept, so an
     interrupted comparison continues where it stopped. `tracking`: the experiment logger of every run."""
     comparison = ComparisonDir(out)
+    foreign = foreign_files(comparison.path)
+    if foreign:
+        raise RunError(f"{foreign[0]}: not written by alnet compare, and compare would replace it; move it aside or "
+                       "compare into another --out")
     comparison.path.mkdir(parents=True, exist_ok=True)
     rows, table9, note = [], [], ""
     for done, name in enumerate(models):

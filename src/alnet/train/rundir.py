@@ -30,6 +30,37 @@ from pathlib import Path
 FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
 
 
+BEST_YAML_HEADER = "# written by `alnet tune`: the best point of its search, a configuration for `alnet train`"
+# How the files alnet writes into a comparison or search folder begin: a file of that name that begins otherwise is
+# someone else's, and is never replaced.
+OWN_BEGINNINGS = {
+    "comparison.csv": ("model,trainable_parameters,",),
+    "comparison.md": ("# Model comparison (",),
+    "report.html": ('<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+                    'content="width=device-width,initial-scale=1"><title>',),
+    "trials.csv": ("trial,",),
+    "best.yaml": (BEST_YAML_HEADER,),
+}
+
+
+def foreign_files(folder: Path) -> list[Path]:
+    """The files in `folder` named as alnet's outputs there (OWN_BEGINNINGS) that alnet did not write."""
+    found = []
+    for name, beginnings in OWN_BEGINNINGS.items():
+        path = folder / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            found.append(path)
+        elif path.is_file():
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    start = handle.read(256)
+            except (OSError, UnicodeDecodeError):
+                start = ""
+            if not start.startswith(beginnings):
+                found.append(path)
+    return found
+
+
 def default_run_dir(protocol: str) -> Path:
     """runs/<protocol>-<time>. DDP relaunches the command in more processes: they inherit the name chosen here."""
     default = Path("runs") / f"{protocol}-{time.strftime('%Y%m%d-%H%M%S')}"

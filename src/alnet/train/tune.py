@@ -26,6 +26,7 @@ from ..models import model_spec
 from .batches import CellData, tensors
 from .loggers import Tracking, flat_params, make_loggers
 from .module import build_module
+from .rundir import BEST_YAML_HEADER, foreign_files
 from .study import STALE_SECONDS, Heartbeat, fail_stale_trials, open_storage, shown
 from .trainer import make_trainer, quiet_lightning
 
@@ -141,6 +142,10 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
         raise ConfigError(f"{base.model}: a hybrid chooses its own small grid on the validation subjects during "
                           "`alnet train`; tune searches the CNNs' training settings")
     out = Path(out)
+    foreign = foreign_files(out)
+    if foreign:
+        raise ConfigError(f"{foreign[0]}: not written by alnet tune, and tune would replace it; move it aside or "
+                          "search into another --out")
     out.mkdir(parents=True, exist_ok=True)
     split = validation_split(prepared, base.val_fraction, base.seed)
     if sampler == "grid":
@@ -204,6 +209,7 @@ def tune(grid: Path | str, prepared: Prepared, out: Path | str, base: RunConfig,
     best_config = RunConfig(**{**asdict(base), **best.params}).validate()
     written = out / f".best.yaml.{os.getpid()}"  # written whole, then renamed: workers finish together
     best_config.to_yaml(written)
+    written.write_text(BEST_YAML_HEADER + "\n" + written.read_text())
     os.replace(written, out / "best.yaml")
     written = out / f".trials.csv.{os.getpid()}"
     with open(written, "w", newline="") as handle:
