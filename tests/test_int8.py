@@ -17,7 +17,7 @@ from alnet.cli import app
 from alnet.data.cnmc import scan
 from alnet.infer.predict import load_pipeline
 from alnet.infer.serve import create_app
-from alnet.int8 import CALIBRATION_IMAGES, Int8Error, quantized, weights_fingerprint
+from alnet.int8 import CALIBRATION_IMAGES, Int8Error, _checksum, quantized, weights_fingerprint
 from alnet.models.alnet import ALNet
 
 runner = CliRunner()
@@ -128,7 +128,10 @@ def test_quantize_calibrates_a_checkpoint_that_has_no_int8_form_yet(checkpoint_c
 
 
 DAMAGE = ["not a dict", "wrong shape", "not finite", "absurd range", "min above max", "sparse", "missing shift",
-          "shift too large", "extra key", "other engine", "edited value", "other weights"]
+          "shift too large", "extra key", "other engine", "edited value", "other weights",
+          # edits whose checksum is recomputed (it is plain sha256): the proof cells catch them
+          "ranges 9999, checksum recomputed", "logit shift, checksum recomputed", "proof replaced by black",
+          "earlier version without proof"]
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
@@ -160,6 +163,19 @@ def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precisio
         entry["engine"] = "fbgemm"
     elif damage == "edited value":  # well formed, plausible, and not what calibration measured
         entry["logit_shift"] = torch.tensor([0.5, -0.5])
+    elif damage == "ranges 9999, checksum recomputed":
+        entry["ranges"] = {name: torch.full_like(value, 9999.0 if name.endswith("max_val") else 0.0)
+                           for name, value in ranges.items()}
+        entry["checksum"] = _checksum(entry)
+    elif damage == "logit shift, checksum recomputed":
+        entry["logit_shift"] = torch.tensor([5.0, -5.0])
+        entry["checksum"] = _checksum(entry)
+    elif damage == "proof replaced by black":
+        entry["proof"] = torch.zeros_like(entry["proof"])
+        entry["checksum"] = _checksum(entry)
+    elif damage == "earlier version without proof":
+        del entry["proof"], entry["proof_error"]
+        entry["checksum"] = "0" * 64
     else:  # a whole, valid calibration of another fold's weights, copied in
         other = mini_checkpoint.parents[1] / "fold_1" / mini_checkpoint.name
         entry = torch.load(other, map_location="cpu", weights_only=True)[INT8_KEY]
@@ -170,8 +186,11 @@ def test_a_damaged_int8_calibration_is_a_one_line_error_and_leaves_full_precisio
     message = result.output.strip()
     assert message.startswith("error:") and "\n" not in message
     assert str(checkpoint_copy) in message and "alnet quantize" in message
-    if damage in ("edited value", "other weights"):
-        assert ("edited or damaged" if damage == "edited value" else "other weights") in message
+    expected = {"edited value": "edited or damaged", "other weights": "other weights",
+                "ranges 9999, checksum recomputed": "does not answer as the network does",
+                "logit shift, checksum recomputed": "does not answer as the network does",
+                "proof replaced by black": "not cells", "earlier version without proof": "earlier version"}
+    assert expected.get(damage, "") in message
     with pytest.raises(Int8Error):
         load_pipeline(checkpoint_copy, int8=True)
     assert len(predict_rows(load_pipeline(checkpoint_copy), _real_cells(mini_root)[:2])[0]) == 2

@@ -16,7 +16,7 @@ ALLOWED = {
     "trust": {"labels", "metrics", "data", "models"},
     "schema": {"labels", "data", "trust"},
     "checkpoint": {"config", "data", "models", "schema", "trust"},
-    "int8": {"data", "models"},
+    "int8": {"data", "models", "trust"},
     "pipeline": {"checkpoint", "data", "device", "int8", "labels", "models", "trust"},
     "fitting": {"checkpoint", "config", "data", "device", "int8", "models", "pipeline", "schema", "trust"},
     "report": {"config", "labels", "metrics", "models", "schema", "trust"},

@@ -27,7 +27,7 @@ from .data.cnmc import Cell
 from .data.protocols import Split
 from .data.transforms import Preprocessing
 from .device import Precision
-from .int8 import calibrate, calibration_images, supports_int8
+from .int8 import Int8Error, calibrate, calibration_images, supports_int8
 from .models import model_spec
 from .pipeline import Pipeline, torch_network
 from .schema import CALIBRATION_KEY, INPUT_GATE_KEY, INT8_KEY, REVIEW_KEY
@@ -117,7 +117,12 @@ def fit_after_training(model: nn.Module, images: torch.Tensor, cells: list[Cell]
     feature_gate = fit_gate(model, images, split.train, np.setdiff1d(split.val, split.test),
                             [cells[i].subject for i in split.train], seed=config.seed, cached=cached,
                             autocast=runs_as.autocast)
-    # The int8 form learns its activation ranges from training cells, as they come into the model.
-    int8_entry = calibrate(model, calibration_images(images, split.train, seed=config.seed)) if (
-        int8 and supports_int8(model) and len(split.train)) else None
+    # The int8 form learns its activation ranges from training cells, as they come into the model. A network its
+    # int8 form cannot follow gets none: `--int8` then says so, and `alnet quantize` says why.
+    int8_entry = None
+    if int8 and supports_int8(model) and len(split.train):
+        try:
+            int8_entry = calibrate(model, calibration_images(images, split.train, seed=config.seed))
+        except Int8Error:
+            int8_entry = None
     return Fitted(trust["calibration"], trust["review"], feature_gate, int8_entry)

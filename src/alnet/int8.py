@@ -45,6 +45,9 @@ INPUT_SCALE = 1 / 255  # a preprocessed picture holds k/255: quantized with this
 HEADROOM = 1.25  # activation ranges: the calibration cells' range × this, so that those cells never reach an end
 MAX_SHIFT = 5.0  # a bias correction beyond this many units is damage, not rounding (ALNet's: about 0.1–0.2)
 MAX_RANGE = 1e4  # ALNet's activations stay within tens; a stored range beyond this is damage
+PROOF_IMAGES = 8  # calibration cells kept in the entry: the int8 form must reproduce the network on them
+MAX_PROOF_ERROR = 1.0  # logits; int8 rounding moves ALNet's by about 0.1–0.3, so more is not this network's int8
+PROOF_TOLERANCE = 0.05  # logits: another CPU's int8 kernels round a little differently from the calibrating one's
 
 # torch.ao.quantization warns that it will move to torchao; the API works as documented in the torch we pin.
 warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated", category=DeprecationWarning)
@@ -199,19 +202,40 @@ def calibrate(model: nn.Module, images: torch.Tensor) -> dict:
         int8_logits, int8_features = int8(batch)
         logit_shift = logit_shift + (logits - int8_logits).sum(0)
         feature_shift = feature_shift + (features - int8_features).sum(0)
+    int8.logit_shift.copy_(logit_shift / len(images))
+    int8.feature_shift.copy_(feature_shift / len(images))
+    from .trust.image_check import image_reason
+
+    cells = [i for i in range(len(images)) if image_reason(images[i].numpy()) is None][:PROOF_IMAGES]
+    if not cells:
+        raise Int8Error("none of the calibration pictures is one cell on black (the input gate's image check); "
+                        "calibrate on the cells the model was trained on")
+    proof = images[cells].clone()
+    error = _proof_error(reference, int8, proof)
+    if error > MAX_PROOF_ERROR:
+        raise Int8Error(f"the int8 form moves this network's logits by {error:.2f} on its own calibration cells (at "
+                        f"most {MAX_PROOF_ERROR} is usable); run it without --int8")
     entry = {"engine": ENGINE, "images": len(images), "headroom": HEADROOM, "weights": weights_fingerprint(model),
-             "ranges": ranges, "logit_shift": logit_shift / len(images),
-             "feature_shift": feature_shift / len(images)}
+             "ranges": ranges, "logit_shift": int8.logit_shift.clone(), "feature_shift": int8.feature_shift.clone(),
+             "proof": proof, "proof_error": error}
     return {**entry, "checksum": _checksum(entry)}
+
+
+@torch.no_grad()
+def _proof_error(reference: nn.Module, int8: "Int8Network", proof: torch.Tensor) -> float:
+    """The largest difference between the int8 form's logits and the network's own on the proof cells."""
+    x = to_float(proof)
+    return float((reference(x)[0] - int8(x)[0]).abs().max())
 
 
 def _checksum(entry: dict) -> str:
     """sha256 of everything in an entry but its checksum: an edited or damaged calibration does not match."""
     digest = hashlib.sha256()
-    for key in ("engine", "images", "headroom", "weights"):
+    for key in ("engine", "images", "headroom", "weights", "proof_error"):
         digest.update(f"{key}={entry[key]!r};".encode())
     _hash_tensors(digest, {**{f"ranges.{name}": value for name, value in entry["ranges"].items()},
-                           "logit_shift": entry["logit_shift"], "feature_shift": entry["feature_shift"]})
+                           "logit_shift": entry["logit_shift"], "feature_shift": entry["feature_shift"],
+                           "proof": entry["proof"]})
     return digest.hexdigest()
 
 
@@ -237,6 +261,9 @@ def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Te
     if entry is None:
         raise Int8Error(f"{source}: holds no int8 calibration; add one with `alnet quantize {source} --data "
                         "TRAINING_CELLS`")
+    if isinstance(entry, dict) and "proof" not in entry:
+        raise Int8Error(f"{source}: its int8 calibration was written by an earlier version of alnet, without the "
+                        f"cells that prove it; {again}")
     if not (isinstance(entry, dict) and entry.get("engine") == ENGINE and isinstance(entry.get("ranges"), dict)
             and isinstance(entry.get("images"), int) and isinstance(entry.get("headroom"), float)
             and all(isinstance(entry.get(key), str) for key in ("weights", "checksum"))
@@ -245,7 +272,9 @@ def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Te
             and all(bool(entry["ranges"][key] <= entry["ranges"][key.replace("min_val", "max_val")])
                     for key in expected if key.endswith("min_val"))
             and all(_tensor_fits(entry.get(key), torch.zeros(width), MAX_SHIFT)
-                    for key, width in (("logit_shift", 2), ("feature_shift", model.num_features)))):
+                    for key, width in (("logit_shift", 2), ("feature_shift", model.num_features)))
+            and _is_proof(entry.get("proof")) and isinstance(entry.get("proof_error"), float)
+            and 0 <= entry["proof_error"] <= MAX_PROOF_ERROR):
         raise Int8Error(f"{source}: its int8 calibration is damaged or from another version of alnet; {again}")
     if entry["checksum"] != _checksum(entry):
         raise Int8Error(f"{source}: its int8 calibration was edited or damaged (checksum); {again}")
@@ -263,4 +292,32 @@ def quantized(model: nn.Module, entry: object, source: str = "the checkpoint", n
     prepared = _prepared(model.fold_batchnorm())
     entry = _checked_entry(model, entry, _ranges(prepared), source, name)
     prepared.load_state_dict({**prepared.state_dict(), **entry["ranges"]})
-    return Int8Network(_converted(prepared), entry["logit_shift"], entry["feature_shift"]).eval()
+    int8 = Int8Network(_converted(prepared), entry["logit_shift"], entry["feature_shift"]).eval()
+    _prove(model, int8, entry, source)
+    return int8
+
+
+def _is_proof(proof: object) -> bool:
+    return (isinstance(proof, torch.Tensor) and proof.layout == torch.strided and proof.dtype == torch.uint8
+            and proof.dim() == 4 and 1 <= len(proof) <= PROOF_IMAGES and proof.shape[3] == 3
+            and 32 <= proof.shape[1] == proof.shape[2] <= 4096)
+
+
+def _prove(model: nn.Module, int8: Int8Network, entry: dict, source: str) -> None:
+    """The int8 form must reproduce the network (these weights, in full precision) on the cells stored with it,
+    within the error measured when it was calibrated: a calibration edited to answer otherwise (ranges that crush
+    every activation, a shifted logit), even with its checksum recomputed, does not. The cells must be cells."""
+    from .trust.image_check import image_reason
+
+    again = f"calibrate it again with `alnet quantize {source} --data TRAINING_CELLS`"
+    if any(image_reason(picture) is not None for picture in entry["proof"].numpy()):
+        raise Int8Error(f"{source}: its int8 calibration is proved on pictures that are not cells; {again}")
+    try:
+        error = _proof_error(Penultimate(model.fold_batchnorm()).eval(), int8, entry["proof"])
+    except RuntimeError as err:  # proof pictures of another size than the network takes
+        raise Int8Error(f"{source}: its int8 calibration's proof cells do not fit the network "
+                        f"({type(err).__name__}); {again}") from None
+    if not error <= 1.5 * entry["proof_error"] + PROOF_TOLERANCE:
+        raise Int8Error(f"{source}: its int8 form moves the network's logits by {error:.2f} on the cells it was "
+                        f"calibrated on, where {entry['proof_error']:.2f} was measured: it does not answer as the "
+                        f"network does; {again}")
