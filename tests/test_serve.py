@@ -91,9 +91,9 @@ def _free_port() -> int:
 
 @contextmanager
 def _serve(app):
-    """The real thing: uvicorn on a loopback port, in a thread."""
+    """The real thing: uvicorn on a loopback port, in a thread, with the settings `alnet serve` gives it."""
     port = _free_port()
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, **serve.uvicorn_settings()))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -438,3 +438,28 @@ def test_upload_limits_judge_a_picture_from_its_header_before_decoding_it():
             limits.decode("x.img", data, Preprocessing(size=136))
         assert refused.value.status_code == status and refused.value.detail.startswith("x.img: ")
     assert limits.decode("x.png", encoded((8, 8), "PNG"), Preprocessing(size=136)).shape == (136, 136, 3)
+
+
+def test_idle_half_sent_requests_are_closed_and_never_keep_the_service_from_others(server, cell, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(serve, "HEADER_SECONDS", 0.5)  # read when a connection is made: the running server sees it
+    host, port = server.removeprefix("http://").split(":")
+    idle = []
+    for _ in range(serve._connection_limit() + 20):  # more than the service keeps open
+        sock = socket.create_connection((host, int(port)))
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")  # and never the rest of the headers
+        idle.append(sock)
+    answered = httpx.post(f"{server}/predict", files={"file": (cell.name, cell.read_bytes(), "image/bmp")},
+                          timeout=30)
+    time.sleep(1.5)
+    closed = 0
+    for sock in idle:
+        sock.settimeout(5)
+        try:
+            closed += sock.recv(1) == b""
+        except OSError:
+            closed += 1
+        sock.close()
+    assert answered.status_code == 200, answered.text  # idle ones made room for it
+    assert closed == len(idle)  # and the service let go of every one of them

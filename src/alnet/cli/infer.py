@@ -391,11 +391,11 @@ def serve(
     422 and {"error", "reason"}, never with a call."""
     import uvicorn
 
-    from ..infer.serve import create_app, port_in_use
+    from ..infer.serve import create_app, port_in_use, uvicorn_settings
 
     if port_in_use(host, port):
         fail(f"{host}:{port} is already in use (another server?); stop it or pick another --port")
     application = create_app(checkpoint, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              image_check=image_check_from(gate, no_gate), features=not no_gate, int8=int8)
     result(f"serving {checkpoint}{' (int8)' if int8 else ''} at http://{host}:{port}/ (API docs at /docs)")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.run(application, host=host, port=port, **uvicorn_settings())

@@ -43,6 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..labels import Status
 from ..pipeline import Answer, Pipeline
@@ -58,6 +59,10 @@ REQUESTS_IN_FLIGHT = 64  # received uploads waiting for decoding or the model: b
 ANSWER_SECONDS = 60  # a received upload must be answered within this time
 MAX_BATCH = 16  # images per forward pass: past ~16 a CPU gains little speed and each answer waits longer
 MAX_WAIT_MS = 5.0  # how long a forming batch waits for requests still being decoded
+HEADER_SECONDS = 10  # a connection must send its request line and headers within this time (checked every 10 s)
+KEEP_ALIVE_SECONDS = 5  # an idle kept-alive connection is closed after this time
+MAX_HEADER_BYTES = 16 * 2**10  # request line and headers
+MAX_CONNECTIONS = 256  # open connections at once (fewer when the process may open few files)
 PAGE = resources.files(__package__).joinpath("page.html")
 
 
@@ -186,6 +191,54 @@ def create_app(checkpoint: Path | str, max_bytes: int = MAX_BYTES, max_pixels: i
         return await service.predict(request, gradcam)
 
     return app
+
+
+def _connection_limit() -> int:
+    """At most this many open connections: well below the process's file limit, so that sockets held open by idle
+    or slow clients never leave the service without a file for the next client, a picture or the model."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(MAX_CONNECTIONS, (soft if soft != resource.RLIM_INFINITY else 4096) // 2))
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two bounds it lacks: a connection waiting for a request (its line and
+    headers) longer than HEADER_SECONDS is closed, and beyond `_connection_limit()` open connections the one that
+    has waited longest without a request is closed to make room. A request being received or answered is left
+    alone (the handlers bound those)."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._since = self.loop.time()
+        self._waiting = self.loop.call_later(HEADER_SECONDS, self._check_waiting)
+        if len(self.connections) > _connection_limit():
+            # Over the limit: the connection that has waited longest without a request makes room; when every
+            # one is busy with a request, the new one is turned away.
+            idle = [c for c in self.connections if isinstance(c, GuardedH11Protocol) and c._idle() and c is not self]
+            (min(idle, key=lambda c: c._since).transport if idle else transport).close()
+
+    def _idle(self) -> bool:
+        """No request under way: waiting for a request line and headers that may never come."""
+        return not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete)
+
+    def _check_waiting(self) -> None:
+        if self._idle():
+            self.transport.close()
+        elif not self.transport.is_closing():
+            self._waiting = self.loop.call_later(HEADER_SECONDS, self._check_waiting)
+
+    def connection_lost(self, exc) -> None:
+        waiting = getattr(self, "_waiting", None)
+        if waiting is not None:
+            waiting.cancel()
+        super().connection_lost(exc)
+
+
+def uvicorn_settings() -> dict:
+    """What `alnet serve` passes to uvicorn beside the app, host and port."""
+    return {"http": GuardedH11Protocol, "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+            "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "log_level": "warning"}
 
 
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
