@@ -133,11 +133,13 @@ def print_table(title: str, headers: list[str], rows: list[list[str]], bold_rows
     """A result table that never cuts a number or a name: at its natural width where the output allows it (a
     pipe or a file has no width), else, in a terminal too narrow for it, one block of `header: value` per row.
     The first `left` columns are left-aligned, the rest (numbers) right-aligned."""
+    from rich.text import Text
+
     table = Table(title=title)
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < left else "right", no_wrap=True)
-    for i, row in enumerate(rows):
-        table.add_row(*row, style="bold" if i in bold_rows else None)
+    for i, row in enumerate(rows):  # cells as Text: a name from a file is never taken as markup
+        table.add_row(*(Text(printable(cell)) for cell in row), style="bold" if i in bold_rows else None)
     width = out.measure(table, options=out.options.update_width(10_000)).maximum  # its natural width
     if width <= out.width:
         out.print(table)
