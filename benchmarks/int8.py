@@ -97,8 +97,8 @@ def main():
         images = real[np.arange(args.images) % len(real)]
         rounds = {"default": [], "int8": [], "onnx_int8": []}
         for _ in range(args.rounds):  # interleaved, so that a noisy moment hits every path
-            for name, predictor in (("default", default), ("int8", int8), ("onnx_int8", onnx_int8)):
-                rounds[name].append(predictor_rate(predictor, images, args.batch_size))
+            for name, pipeline in (("default", default), ("int8", int8), ("onnx_int8", onnx_int8)):
+                rounds[name].append(predictor_rate(pipeline, images, args.batch_size))
         best = {name: max(rates) for name, rates in rounds.items()}
         timed_fallbacks = sum(answer.int8_fallback for answer in int8.answer(images))
         p_real, q_real = default.probabilities(real), int8.probabilities(real)

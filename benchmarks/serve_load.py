@@ -117,22 +117,22 @@ def summary(latencies: list[float], errors: int, wall: float) -> dict:
 
 def offline_rate(checkpoint: Path, files: list[Path], repeats: int = 2) -> tuple[int, float]:
     """Images classified and seconds taken by `alnet predict`'s path (decoding included)."""
-    predictor = load_pipeline(checkpoint)
-    predict_files(predictor, files)  # warm-up
+    pipeline = load_pipeline(checkpoint)
+    predict_files(pipeline, files)  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
-        predict_files(predictor, files)
+        predict_files(pipeline, files)
     return repeats * len(files), time.perf_counter() - start
 
 
 def full_batch_ms(checkpoint: Path, files: list[Path], max_batch: int) -> float:
-    predictor = load_pipeline(checkpoint)
-    images = np.stack([load_image(files[i % len(files)], predictor.preprocessing)[0] for i in range(max_batch)])
-    predictor.answer(images)  # warm-up
+    pipeline = load_pipeline(checkpoint)
+    images = np.stack([load_image(files[i % len(files)], pipeline.preprocessing)[0] for i in range(max_batch)])
+    pipeline.answer(images)  # warm-up
     times = []
     for _ in range(5):
         start = time.perf_counter()
-        predictor.answer(images)
+        pipeline.answer(images)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
 
@@ -157,9 +157,9 @@ def main():
             torch.save({"hyper_parameters": dict(module.hparams), "state_dict": module.state_dict()}, checkpoint)
         device = "cuda" if torch.cuda.is_available() else "cpu"  # where the service runs its model
         machine = peaks(device)
-        predictor = load_pipeline(checkpoint, accelerator="cpu")
-        flops = forward_flops(predictor.trained.model, predictor.preprocessing.size)
-        mixed = predictor.trained.config.get("precision", "auto") != "32" and (device == "cuda" or cpu_has_bf16())
+        pipeline = load_pipeline(checkpoint, accelerator="cpu")
+        flops = forward_flops(pipeline.trained.model, pipeline.preprocessing.size)
+        mixed = pipeline.trained.config.get("precision", "auto") != "32" and (device == "cuda" or cpu_has_bf16())
         peak = peak_for(mixed, machine)
         # The machine may be shared: every setting is measured in each of --rounds rounds, interleaved, so that
         # a busy moment falls on all of them alike; figures pool the rounds.
