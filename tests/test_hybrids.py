@@ -145,7 +145,7 @@ def mini_prepared(mini_root, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, protocol", [("resnet50+svm", "subject"), ("resnet50+svm", "paper"),
-                                            ("alexnet,resnet50+svm", "subject")])  # an ensemble's features: once
+                                            ("googlenet,resnet50+svm", "subject")])  # an ensemble's features: once
 def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions(name, protocol, mini_prepared,
                                                                                  tmp_path):
     from alnet.infer.predict import load_pipeline
@@ -191,24 +191,24 @@ def test_a_hybrid_trains_on_the_real_cells_and_its_metrics_match_its_predictions
 @pytest.mark.slow
 def test_compare_lists_hybrids_beside_the_cnns_and_alnets_features_feed_alnet_svm(mini_root, tmp_path):
     out = tmp_path / "compare"
-    rows, _ = compare_on_mini(mini_root, out, "alnet resnet50 resnet50+svm alnet,resnet50+knn alnet+svm",
+    rows, _ = compare_on_mini(mini_root, out, "alnet resnet50 resnet50+svm alnet,googlenet+knn alnet+svm",
                               "--precision", "32")
-    assert [r["model"] for r in rows] == ["alnet", "resnet50", "resnet50+svm", "alnet,resnet50+knn", "alnet+svm"]
+    assert [r["model"] for r in rows] == ["alnet", "resnet50", "resnet50+svm", "alnet,googlenet+knn", "alnet+svm"]
     for row in rows:
         metrics = json.loads((out / row["model"] / "metrics.json").read_text())
         assert float(row["accuracy"]) == pytest.approx(metrics["summary"]["accuracy"]["mean"])
         assert float(row["training_seconds"]) > 0
     assert rows[2]["trainable_parameters"] == ""  # a hybrid trains no network weights
     markdown = (out / "comparison.md").read_text()
-    assert "| resnet50+svm |" in markdown and "| alnet,resnet50+knn |" in markdown
-    assert "alnet,resnet50+knn" in (out / "report.html").read_text()
+    assert "| resnet50+svm |" in markdown and "| alnet,googlenet+knn |" in markdown
+    assert "alnet,googlenet+knn" in (out / "report.html").read_text()
     # Seeded per split as the CNNs are: without ImageNet weights, resnet50+svm's backbone is the resnet50 baseline's.
     baseline = torch.load(out / "resnet50" / "checkpoints" / "fold_0" / "best.ckpt", weights_only=True)["state_dict"]
     hybrid = torch.load(out / "resnet50+svm" / "checkpoints" / "fold_0" / "fitted.ckpt", weights_only=True)
     assert torch.equal(baseline["model.backbone.conv1.weight"],
                        hybrid["state_dict"]["model.backbones.resnet50.backbone.conv1.weight"])
     # alnet+svm and the ensemble used, per fold, the alnet trained on that fold's training subjects in this comparison.
-    for model, fold in itertools.product(("alnet+svm", "alnet,resnet50+knn"), ("fold_0", "fold_1", "fold_2")):
+    for model, fold in itertools.product(("alnet+svm", "alnet,googlenet+knn"), ("fold_0", "fold_1", "fold_2")):
         used = json.loads((out / model / "folds" / fold / "classifier.json").read_text())["features_from"]
         assert used == [str(out / "alnet" / "checkpoints" / fold / "best.ckpt")]
 
