@@ -67,9 +67,9 @@ def trained_checkpoint(root: Path, workdir: Path, epochs: int) -> Path:
     return workdir / "run" / "checkpoints" / "fold_0" / "last.ckpt"
 
 
-def cached(root: Path, workdir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every labelled cell under `root`, preprocessed at 224 px: (uint8 N×224×224×3, labels)."""
-    prepared = prepare([c for c in scan(root).cells if c.label is not None], workdir / name, Preprocessing(size=224))
+def cached(root: Path, workdir: Path, name: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every labelled cell under `root`, preprocessed at the model's size: (uint8 N×size×size×3, labels)."""
+    prepared = prepare([c for c in scan(root).cells if c.label is not None], workdir / name, Preprocessing(size=size))
     return np.asarray(prepared.images), np.array([c.label for c in prepared.cells])
 
 
@@ -91,7 +91,7 @@ def main():
         int8 = load_pipeline(checkpoint, int8=True)
         onnx_int8 = load_pipeline(export_onnx(checkpoint, workdir / "int8.onnx", int8=True))
         size = default.preprocessing.size
-        real, _ = cached(MINI, workdir, "real-cache")
+        real, _ = cached(MINI, workdir, "real-cache", size)
         # Real cells, repeated: random pixels would leave the int8 form's calibrated ranges and be answered in
         # full precision, which times the fallback, not int8.
         images = real[np.arange(args.images) % len(real)]
@@ -105,7 +105,7 @@ def main():
         f_real = load_pipeline(checkpoint, precision="32", accelerator="cpu").probabilities(real)  # the reference
         test_root = write_dataset(workdir / "test-data", n_subjects=8, cells_per_subject=12, n_folds=1,
                                   prelim_subjects=0, final_images=0, seed=11)  # subjects unseen in training
-        test, labels = cached(test_root, workdir, "test-cache")
+        test, labels = cached(test_root, workdir, "test-cache", size)
         p_test, q_test = (load_pipeline(synthetic, accelerator="cpu", int8=int8).probabilities(test)
                           for int8 in (False, True))
         flops = forward_flops(default.trained.model, size)
