@@ -355,3 +355,14 @@ def test_explain_replaces_only_the_pngs_it_wrote_itself(mini_checkpoint, mini_ro
     assert runner.invoke(app, forced).exit_code == 0 and Image.open(mine).size != (8, 8)
     again = runner.invoke(app, forced[:-1])  # its own file: replaced without --force
     assert again.exit_code == 0, again.output
+
+
+def test_gate_settings_from_a_pipe_or_with_a_number_of_thousands_of_digits_are_one_line_errors(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # reading it would block forever
+    with pytest.raises(GateError, match="pipe.yaml: not a regular file"):
+        read_image_check(tmp_path / "pipe.yaml")
+    (tmp_path / "digits.yaml").write_text("dark_level: " + "9" * 5000 + "\n")
+    with pytest.raises(GateError, match="digits.yaml: cannot read gate settings"):
+        read_image_check(tmp_path / "digits.yaml")

@@ -258,6 +258,9 @@ def test_brackets_and_escape_sequences_in_file_names_are_printed_as_text(mini_ch
     assert result.exit_code == 0, result.output
     assert "[/yellow]nope: matches no image file" in result.output
     assert "\x1b" not in result.output and "\\x1b[31mred*.png" in result.output
+    result = runner.invoke(app, ["predict", str(mini_checkpoint), "a\nerror: forged line", str(_a_cell(mini_root)),
+                                 "--out", str(out)])
+    assert "a\\nerror: forged line: matches no image file" in result.output  # one line, not two
 
 
 def test_one_file_named_several_ways_is_one_row(tmp_path, mini_root, monkeypatch):

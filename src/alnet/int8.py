@@ -46,7 +46,7 @@ HEADROOM = 1.25  # activation ranges: the calibration cells' range × this, so t
 MAX_SHIFT = 5.0  # a bias correction beyond this many units is damage, not rounding (ALNet's: about 0.1–0.2)
 MAX_RANGE = 1e4  # ALNet's activations stay within tens; a stored range beyond this is damage
 PROOF_IMAGES = 8  # calibration cells kept in the entry: the int8 form must reproduce the network on them
-MAX_PROOF_ERROR = 1.0  # logits; int8 rounding moves ALNet's by about 0.1–0.3, so more is not this network's int8
+MAX_PROOF_ERROR = 0.5  # logits; int8 rounding moves ALNet's by about 0.1–0.3, so more is not this network's int8
 PROOF_TOLERANCE = 0.05  # logits: another CPU's int8 kernels round a little differently from the calibrating one's
 
 # torch.ao.quantization warns that it will move to torchao; the API works as documented in the torch we pin.
@@ -273,7 +273,8 @@ def _checked_entry(model: nn.Module, entry: object, expected: dict[str, torch.Te
                     for key in expected if key.endswith("min_val"))
             and all(_tensor_fits(entry.get(key), torch.zeros(width), MAX_SHIFT)
                     for key, width in (("logit_shift", 2), ("feature_shift", model.num_features)))
-            and _is_proof(entry.get("proof")) and isinstance(entry.get("proof_error"), float)
+            and _is_proof(entry.get("proof"), getattr(model, "input_size", None))
+            and isinstance(entry.get("proof_error"), float)
             and 0 <= entry["proof_error"] <= MAX_PROOF_ERROR):
         raise Int8Error(f"{source}: its int8 calibration is damaged or from another version of alnet; {again}")
     if entry["checksum"] != _checksum(entry):
@@ -297,10 +298,12 @@ def quantized(model: nn.Module, entry: object, source: str = "the checkpoint", n
     return int8
 
 
-def _is_proof(proof: object) -> bool:
+def _is_proof(proof: object, side: int | None) -> bool:
+    """PROOF_IMAGES cells at most, at the network's own input size (checked before anything runs on them)."""
     return (isinstance(proof, torch.Tensor) and proof.layout == torch.strided and proof.dtype == torch.uint8
             and proof.dim() == 4 and 1 <= len(proof) <= PROOF_IMAGES and proof.shape[3] == 3
-            and 32 <= proof.shape[1] == proof.shape[2] <= 4096)
+            and proof.shape[1] == proof.shape[2] and (side is None or proof.shape[1] == side)
+            and 32 <= proof.shape[1] <= 1024)
 
 
 def _prove(model: nn.Module, int8: Int8Network, entry: dict, source: str) -> None:
@@ -317,7 +320,7 @@ def _prove(model: nn.Module, int8: Int8Network, entry: dict, source: str) -> Non
     except RuntimeError as err:  # proof pictures of another size than the network takes
         raise Int8Error(f"{source}: its int8 calibration's proof cells do not fit the network "
                         f"({type(err).__name__}); {again}") from None
-    if not error <= 1.5 * entry["proof_error"] + PROOF_TOLERANCE:
+    if not error <= entry["proof_error"] + PROOF_TOLERANCE:
         raise Int8Error(f"{source}: its int8 form moves the network's logits by {error:.2f} on the cells it was "
                         f"calibrated on, where {entry['proof_error']:.2f} was measured: it does not answer as the "
                         f"network does; {again}")

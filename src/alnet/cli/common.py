@@ -18,9 +18,9 @@ out = Console()  # results: tables and what was written where
 
 
 def printable(text: str) -> str:
-    """Text as it may reach a terminal: control characters from file names (an escape sequence, a carriage return)
-    are shown as escapes (\\x1b), never sent; line breaks stay."""
-    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in str(text))
+    """Text as it may reach a terminal: control characters from file names (an escape sequence, a carriage return, a
+    line break that would forge a line of output) are shown as escapes (\\x1b, \\n), never sent."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -169,7 +169,7 @@ def check_output(out: Path, force: bool, written_by_us: bool, inputs: tuple[Path
         fail(f"{out}: is not a regular file (a pipe or a device); pass the path of a file")
     if parent_must_exist and not out.parent.is_dir():
         fail(f"{out.parent}: no such folder for --out; create it first or pick another path")
-    if out.exists() and any(out.resolve() == Path(i).resolve() for i in inputs):
+    if out.exists() and any(Path(i).exists() and os.path.samefile(out, i) for i in inputs):  # hard links too
         fail(f"{out}: is one of the inputs; pick another path")
     if out.exists() and not (force or written_by_us):
         fail(f"{out}: exists and was not written by this command; pass --force to replace it, or pick another path")

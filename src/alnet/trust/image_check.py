@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # pixels touching by a corner belong to one object
+MAX_GATE_FILE = 64 * 2**10  # bytes of a --gate YAML file
 GRID = 64  # the check looks at a GRID×GRID box-filtered copy: fast, and blind to single-pixel specks
 
 
@@ -62,7 +63,10 @@ _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxoth
 def _short(value) -> str:
     """At most 40 characters of a value from a file, however large it is (YAML aliases nest a value thousands of
     times in a few hundred bytes, so a full repr() is never made)."""
-    text = _SHORT.repr(value)
+    try:
+        text = _SHORT.repr(value)
+    except ValueError:  # an int too long to print
+        return "a number of thousands of digits"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -71,13 +75,17 @@ def read_image_check(path: Path | str) -> ImageCheck:
     import yaml
 
     path = Path(path)
+    if not path.is_file():  # a pipe would block, a device never end
+        raise GateError(f"{path}: not a regular file; pass a YAML file of `name: value` lines")
     try:
-        if path.stat().st_size > 64 * 2**10:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_GATE_FILE + 1)
+        if len(raw) > MAX_GATE_FILE:
             raise GateError(f"{path}: over 64 KiB; a gate settings file holds a few `name: value` lines")
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(raw.decode("utf-8"))
     except GateError:
         raise
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as err:  # ValueError: an int of 5,000 digits
         raise GateError(f"{path}: cannot read gate settings ({type(err).__name__}); pass a YAML file of "
                         "`name: value` lines") from None
     if data is None:
