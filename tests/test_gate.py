@@ -366,3 +366,11 @@ def test_gate_settings_from_a_pipe_or_with_a_number_of_thousands_of_digits_are_o
     (tmp_path / "digits.yaml").write_text("dark_level: " + "9" * 5000 + "\n")
     with pytest.raises(GateError, match="digits.yaml: cannot read gate settings"):
         read_image_check(tmp_path / "digits.yaml")
+
+
+def test_explain_refuses_an_out_that_is_a_file_before_running_the_model(mini_checkpoint, mini_root, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    result = runner.invoke(app, ["explain", str(mini_checkpoint), str(_real_cells(mini_root)[0]), "--gradcam",
+                                 "--out", str(taken)])
+    assert result.exit_code == 2 and "is not a folder" in result.output and taken.read_text() == "mine\n"

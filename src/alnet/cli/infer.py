@@ -77,6 +77,8 @@ def explain(
     except Exception as err:
         fail(f"{image}: cannot read this image ({type(err).__name__}: {err}); pass a cell image Pillow can open")
     out_dir = out_dir or Path(f"explain-{image.stem}")
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"{out_dir}: exists and is not a folder; pass a folder for --out")
     layers = (layer or default_feature_layers(trained.name)) if show_feature_maps else []
     for name in [feature_maps_file(each) for each in layers] + ([GRADCAM_FILE] if show_gradcam else []):
         # checked before any work, as every output of alnet

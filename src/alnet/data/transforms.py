@@ -64,12 +64,13 @@ class Preprocessing:
 
 def _to_8_bit(image: Image.Image) -> tuple[Image.Image, str]:
     """A 16- or 32-bit greyscale image → 8-bit "L", scaled rather than clipped, with a note saying how."""
-    values = np.asarray(image, dtype=np.float64)
+    values = np.asarray(image, dtype=np.float32)  # float32 holds every 16-bit value exactly, in half float64's memory
     # The full 16-bit range, so that an 8-bit image stored ×257 comes back pixel for pixel; a 32-bit image
     # with larger values has no fixed range, so its own maximum is the top.
     top = max(FULL_16_BIT, values.max(initial=0))
     note = "scaled from 16-bit to 8-bit" if top == FULL_16_BIT else "scaled from 32-bit to 8-bit by its maximum"
-    pixels = np.clip(np.rint(values * (255 / top)), 0, 255).astype(np.uint8)
+    values *= np.float32(255 / top)  # in place: an 8000×8000 picture is 256 MB as float32
+    pixels = np.clip(np.rint(values, out=values), 0, 255).astype(np.uint8)
     return Image.fromarray(pixels), note
 
 
