@@ -25,11 +25,10 @@ from .checkpoint import add_to_checkpoint
 from .config import RunConfig
 from .data.cnmc import Cell
 from .data.protocols import Split
-from .data.transforms import Preprocessing
 from .device import Precision
 from .int8 import Int8Error, calibrate, calibration_images, supports_int8
 from .models import model_spec
-from .pipeline import Pipeline, torch_network
+from .pipeline import Pipeline, cache_batches, torch_network
 from .schema import CALIBRATION_KEY, INPUT_GATE_KEY, INT8_KEY, REVIEW_KEY
 from .trust.calibration import apply_temperature, fit_temperature, negative_log_likelihood
 from .trust.feature_check import FeatureGate
@@ -58,14 +57,14 @@ class Fitted:
         return {"calibration": self.calibration, "review": self.review}
 
     @property
-    def temperature(self) -> float | None:
-        return self.calibration.get("temperature")
+    def temperature_calibration(self) -> dict | None:
+        """The calibration as a checkpoint stores it and a pipeline applies it: None without a temperature (the
+        note of "none" stays in metrics.json and trust.json)."""
+        return self.calibration if self.calibration.get("temperature") is not None else None
 
     def store(self, checkpoint: Path | str) -> None:
-        """Into the chosen checkpoint, in one atomic rewrite (`checkpoint.add_to_checkpoint`). A calibration
-        without a temperature is stored as None (its note stays in metrics.json and trust.json)."""
-        entries = {CALIBRATION_KEY: self.calibration if self.temperature is not None else None,
-                   REVIEW_KEY: self.review}
+        """Into the chosen checkpoint, in one atomic rewrite (`checkpoint.add_to_checkpoint`)."""
+        entries = {CALIBRATION_KEY: self.temperature_calibration, REVIEW_KEY: self.review}
         if self.feature_gate is not None:
             entries[INPUT_GATE_KEY] = {"features": self.feature_gate.to_state()}
         if self.int8 is not None:
@@ -74,10 +73,8 @@ class Fitted:
 
     def pipeline(self, model: nn.Module, config: RunConfig, runs_as: Precision, source: Path) -> Pipeline:
         """The pipeline that answers this split's test cells, as `alnet predict` will with the checkpoint."""
-        return Pipeline(torch_network(model, runs_as, config.head), config.model,
-                        Preprocessing(size=config.image_size, crop=config.crop), Path(source),
-                        self.calibration if self.temperature is not None else None, self.review,
-                        InputGate(ImageCheck(), self.feature_gate))
+        return Pipeline(torch_network(model, runs_as, config.head), config.model, config.preprocessing, Path(source),
+                        self.temperature_calibration, self.review, InputGate(ImageCheck(), self.feature_gate))
 
 
 def fit_on_validation(labels, prob_raw, subjects, target_coverage: float = DEFAULT_COVERAGE) -> dict:
@@ -106,9 +103,7 @@ def fit_after_training(model: nn.Module, images: torch.Tensor, cells: list[Cell]
         trust = not_fitted(HYBRID_NOTE)
     elif config.protocol == "subject" and len(split.val) > 0:
         network = torch_network(model, runs_as, config.head)
-        raw = np.concatenate([network(images[torch.from_numpy(rows)].cpu().numpy()).probability_raw
-                              for rows in np.array_split(np.asarray(split.val, dtype=np.int64),
-                                                         max(1, len(split.val) // 64))])
+        raw = np.concatenate([network(batch).probability_raw for batch in cache_batches(images, split.val)])
         trust = fit_on_validation([cells[i].label for i in split.val], raw, [cells[i].subject for i in split.val])
     else:
         trust = not_fitted()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from .data.transforms import Preprocessing, to_float
+from .data.transforms import Preprocessing, batch_to_float
 from .device import Precision, resolve_precision
 from .labels import Status, name_of
 from .models import Penultimate, probability_all
@@ -184,8 +184,7 @@ def torch_network(model: torch.nn.Module, runs_as: Precision, head: str, int8_ne
 
     @torch.no_grad()
     def run(pictures: np.ndarray) -> NetworkOutputs:
-        # Sent as uint8 (a quarter of the bytes of floats) and converted on the device.
-        x = to_float(torch.from_numpy(np.require(pictures, requirements=["C", "W"])).to(device))
+        x = batch_to_float(pictures, device)
         fallback = None
         if int8_network is None:
             logits, features = full_precision(x)
@@ -200,11 +199,13 @@ def torch_network(model: torch.nn.Module, runs_as: Precision, head: str, int8_ne
     return run
 
 
-def answer_rows(pipeline: Pipeline, images: torch.Tensor, rows: np.ndarray, batch_size: int = 64) -> list[Answer]:
-    """Answers for `rows` of a uint8 N×H×W×3 cache (a run's test cells, `evaluate`), in batches."""
+def cache_batches(images: torch.Tensor, rows, batch_size: int = 64):
+    """`rows` of a uint8 N×H×W×3 cache, as numpy batches of at most `batch_size` pictures."""
     rows = np.asarray(rows, dtype=np.int64)
-    answers: list[Answer] = []
     for start in range(0, len(rows), batch_size):
-        index = torch.from_numpy(rows[start:start + batch_size])
-        answers += pipeline.answer(images[index].cpu().numpy())
-    return answers
+        yield images[torch.from_numpy(rows[start:start + batch_size])].cpu().numpy()
+
+
+def answer_rows(pipeline: Pipeline, images: torch.Tensor, rows: np.ndarray) -> list[Answer]:
+    """Answers for `rows` of a uint8 N×H×W×3 cache (a run's test cells, `evaluate`), in batches."""
+    return [answer for batch in cache_batches(images, rows) for answer in pipeline.answer(batch)]

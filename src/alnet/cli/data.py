@@ -116,11 +116,9 @@ def synth(
 
 def _written_by_verify(path: Path) -> bool:
     from ..data.verify import REPORT_COLUMNS
+    from ..schema import header_of
 
-    if not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.readline(4096).decode("utf-8", "replace").rstrip("\r\n") == ",".join(REPORT_COLUMNS)
+    return header_of(path) == REPORT_COLUMNS
 
 
 @handles_errors

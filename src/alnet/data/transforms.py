@@ -113,6 +113,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def batch_to_float(pictures: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A uint8 N×H×W×3 batch (any view, e.g. a flipped one) → the float N×3×H×W model input on `device`, sent as
+    uint8 (a quarter of the bytes of floats) and converted there."""
+    return to_float(torch.from_numpy(np.require(pictures, requirements=["C", "W"])).to(device))
+
+
 def as_batch(pixels: np.ndarray) -> torch.Tensor:
     """One uint8 H×W×3 image → a float 1×3×H×W batch in [0, 1]."""
     return to_float(torch.from_numpy(np.array(pixels))[None])  # a copy: decoded arrays may be read-only

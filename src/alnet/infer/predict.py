@@ -17,12 +17,11 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..checkpoint import load_trained_model
 from ..data.cnmc import IMAGE_SUFFIXES
-from ..data.transforms import load_image, to_float
+from ..data.transforms import batch_to_float, load_image
 from ..int8 import Int8Error
 from ..pipeline import Answer, NetworkOutputs, Pipeline
 from ..schema import OnnxMetadata
@@ -91,7 +90,7 @@ def _onnx_pipeline(path: Path) -> Pipeline:
     has_raw = "probability_raw" in declared
 
     def network(pictures: np.ndarray) -> NetworkOutputs:
-        x = to_float(torch.from_numpy(np.require(pictures, requirements=["C", "W"]))).contiguous().numpy()
+        x = batch_to_float(pictures).contiguous().numpy()
         found = dict(zip(names, session.run(None, {input_name: x})))
         beyond = found.get("beyond_range")
         if beyond is not None and np.shape(beyond) != (len(pictures),):
