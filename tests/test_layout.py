@@ -20,8 +20,9 @@ ALLOWED = {
     "pipeline": {"checkpoint", "data", "device", "int8", "labels", "models", "trust"},
     "fitting": {"checkpoint", "config", "data", "device", "int8", "models", "pipeline", "schema", "trust"},
     "report": {"config", "labels", "metrics", "models", "schema", "trust"},
-    "train": {"checkpoint", "config", "data", "device", "fitting", "int8", "labels", "metrics", "models", "pipeline",
-              "report", "schema", "trust"},
+    "gan": {"data", "device", "labels", "pipeline", "schema"},
+    "train": {"checkpoint", "config", "data", "device", "fitting", "gan", "int8", "labels", "metrics", "models",
+              "pipeline", "report", "schema", "trust"},
     "infer": {"checkpoint", "data", "device", "int8", "labels", "models", "pipeline", "schema", "trust"},
 }
 
@@ -57,5 +58,6 @@ def test_the_design_document_shows_every_csv_schema_as_the_code_defines_it():
     from alnet import schema
 
     design = (SOURCE.parents[1] / "docs" / "design.md").read_text()
-    for columns in (schema.PREDICTIONS, schema.SUBJECTS, schema.REFUSED, schema.HISTORY):
+    for columns in (schema.PREDICTIONS, schema.SUBJECTS, schema.REFUSED, schema.HISTORY, schema.GAN_HISTORY,
+                    schema.GENERATED):
         assert schema.markdown_table(columns) in design, columns[0].name

@@ -118,10 +118,12 @@ class RunConfig:
     strategy: str = "auto"  # "ddp" for several processes (torchrun / SLURM)
     accelerator: str = "auto"
     deterministic: bool = False
+    synthetic: str | None = None  # a GAN folder (`alnet gan train`): generated cells join each split's training side
+    synthetic_ratio: float = 0.5  # generated cells per real training cell
 
     def validate(self) -> "RunConfig":
         """Check every value (types first, then ranges); returns self, or raises a one-line ConfigError."""
-        from .models import available_models, is_model
+        from .models import available_models, is_model, model_spec
 
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
@@ -142,6 +144,10 @@ class RunConfig:
              "rotation must be at least 0, zoom and contrast in [0, 1)"),
             (0.05 <= self.crop <= 1, "crop must be in [0.05, 1]"),
             (0 <= self.bn_momentum < 1, "bn_momentum must be in [0, 1)"),
+            (0 < self.synthetic_ratio <= 10, "synthetic_ratio must be in (0, 10]"),
+            (not (self.synthetic and is_model(self.model) and model_spec(self.model).hybrid),
+             "synthetic cells are for networks trained by gradient descent, not hybrids (their classifier is fitted "
+             "on real cells only)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}"),
         ]

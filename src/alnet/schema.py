@@ -110,6 +110,28 @@ val_accuracy    number   validation accuracy after the epoch
 """)
 HISTORY_FIELDS = _names(HISTORY)
 
+# GAN_DIR/<split>/history.csv: how a GAN's training went (`alnet gan train`).
+GAN_HISTORY = _columns("""
+step     integer  the training step (one discriminator and one generator update)
+d_loss   number   the discriminator's hinge loss at that step
+g_loss   number   the generator's loss at that step
+d_real   number   the discriminator's mean score of real cells (above 1: sure they are real)
+d_fake   number   its mean score of generated cells (below -1: sure they are generated)
+seconds  number   time since training started
+""")
+GAN_HISTORY_FIELDS = _names(GAN_HISTORY)
+
+# generated.csv beside cells written by `alnet gan sample`: where each came from.
+GENERATED = _columns("""
+path    text     the generated cell, below the folder of generated.csv
+label   class    the class it was generated as, ALL or HEM
+gan_id  text     the GAN that drew it (the first 8 hex digits of its generator file's sha256)
+split   text     the split whose training cells the GAN learned from
+seed    integer  the seed of the draw (with gan_id and index, it gives the same cell again)
+index   integer  its place in the draw
+""")
+GENERATED_FIELDS = _names(GENERATED)
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run as a formula
 
 

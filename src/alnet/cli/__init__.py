@@ -1,15 +1,15 @@
 """The `alnet` command. Thin by design: each command parses its options, calls the package and prints.
 
 Commands are grouped by what they work on: `data.py` (info, verify, prepare, synth), `train.py` (train, evaluate,
-compare, tune, demo) and `infer.py` (predict, explain, quantize, export, package, serve); `common.py` holds what
-they share.
+compare, tune, demo), `infer.py` (predict, explain, quantize, export, package, serve) and `gan.py` (gan train,
+sample, quality); `common.py` holds what they share.
 """
 
 from __future__ import annotations
 
 import typer
 
-from . import data, infer, train
+from . import data, gan, infer, train
 
 app = typer.Typer(
     help="ALNet for C-NMC 2019 cell images (ALL vs HEM): check and prepare data, train and evaluate (paper or "
@@ -24,3 +24,4 @@ for command in (data.info, data.verify, data.prepare, data.synth, train.train, t
                 infer.explain, train.tune, infer.predict, infer.quantize, infer.export, infer.package, infer.serve,
                 train.demo):
     app.command(command.__name__)(command)
+app.add_typer(gan.app, name="gan")

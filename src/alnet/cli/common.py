@@ -109,6 +109,11 @@ FinetuneOption = Annotated[Optional[bool], typer.Option(
 PrecisionOption = Annotated[Optional[str], typer.Option(
     "--precision", help="auto (bf16 on capable CPUs, AMP on CUDA), 32, bf16, 16.")]
 SeedOption = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+SyntheticOption = Annotated[Optional[Path], typer.Option(
+    "--synthetic", help="A GAN folder (alnet gan train, same protocol and seed): generated cells join each split's "
+    "training side, drawn from that split's own GAN (never validation, test or calibration).")]
+SyntheticRatioOption = Annotated[Optional[float], typer.Option(
+    "--synthetic-ratio", help="With --synthetic: generated cells per real training cell (default 0.5).")]
 
 
 # --- output ---------------------------------------------------------------------------------------------------
@@ -191,6 +196,11 @@ def prepare_data(data_root: Path, cache: Optional[Path], workers: Optional[int],
 
     dataset = scan_dataset(data_root)
     print_problems(dataset.problems, f"problem(s) in {data_root}")
+    if dataset.generated:
+        warn(f"{data_root}: {len(dataset.generated)} generated cell(s) (GAN_…) left out: generated cells are never "
+             "used as data; to train with them, pass --synthetic GAN_DIR to alnet train")
+    if not dataset.cells:
+        fail(f"{data_root}: holds only generated cells; pass the folder of the real C-NMC data")
     with progress_bar("decoding images", disable=not progress) as bar:
         task = bar.add_task("decode", total=len(dataset.cells))
         prepared = prepare(dataset.cells, cache, preprocessing, workers, strict,

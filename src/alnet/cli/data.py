@@ -42,7 +42,7 @@ def info(
     from ..data.cnmc import summarize
 
     dataset = scan_dataset(data_root)
-    summary = summarize(dataset.cells)
+    summary = summarize(dataset.cells + dataset.generated)  # generated cells: a split of their own
     if as_json:
         summary["layout"] = dataset.layout.name
         summary["problems"] = [str(p) for p in dataset.problems]
@@ -140,7 +140,7 @@ def verify(
 
     Files are matched by folder and name, so a TCIA copy is checked too: its differences are from the Kaggle copy.
     """
-    from ..data.verify import CHANGED, EXTRA, MATCH, MISSING, STATUSES, UNREADABLE, write_report
+    from ..data.verify import CHANGED, EXTRA, GENERATED, MATCH, MISSING, STATUSES, UNREADABLE, write_report
     from ..data.verify import verify as check_copy
 
     if report is not None:
@@ -152,7 +152,7 @@ def verify(
         verification = check_copy(data_root, quick=quick, workers=workers,
                                   progress=lambda done, total: bar.update(task, completed=done, total=total))
     changed = "differ from Kaggle" if verification.tcia else "changed"
-    headers = ["split", "class", "listed", "match", "missing", changed, "unreadable", "extra"]
+    headers = ["split", "class", "listed", "match", "missing", changed, "unreadable", "extra", "generated"]
     counts = verification.counts()
     rows = [[split, cls, *(f"{c[k]:,}" for k in ("expected", *STATUSES))] for (split, cls), c in counts.items()]
     total = verification.total()
@@ -190,4 +190,5 @@ def verify(
                f"{' (names and sizes only)' if quick else ''}")
         raise typer.Exit(code=1)
     result(f"all {total['expected']:,} listed files match ({how})"
-           + (f"; {total[EXTRA]:,} extra file(s)" if total[EXTRA] else ""))
+           + (f"; {total[EXTRA]:,} extra file(s)" if total[EXTRA] else "")
+           + (f"; {total[GENERATED]:,} generated cell(s), not part of the dataset" if total[GENERATED] else ""))

@@ -24,6 +24,8 @@ from .common import (
     ProgressOption,
     ProtocolOption,
     SeedOption,
+    SyntheticOption,
+    SyntheticRatioOption,
     WorkersOption,
     check_output,
     fail,
@@ -135,6 +137,8 @@ def train(
         "--out", help="Run directory (default runs/<protocol>-<time>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(
         help="Continue the run in this directory from its last checkpoint.")] = None,
+    synthetic: SyntheticOption = None,
+    synthetic_ratio: SyntheticRatioOption = None,
     cache: CacheOption = None,
     workers: WorkersOption = None,
     logger: LoggerOption = "csv",
@@ -159,7 +163,9 @@ def train(
                                     features_from=str(features_from) if features_from else None,
                                     protocol=protocol, epochs=epochs, batch_size=batch_size, lr=lr,
                                     dropout=dropout, image_size=image_size, augment=augment, precision=precision,
-                                    devices=devices, strategy=strategy, seed=seed, deterministic=deterministic)
+                                    devices=devices, strategy=strategy, seed=seed, deterministic=deterministic,
+                                    synthetic=str(synthetic.absolute()) if synthetic else None,
+                                    synthetic_ratio=synthetic_ratio)
         run_dir = out_dir or default_run_dir(run_config.protocol)
     if data is None:
         fail("--data is required: pass the folder holding the C-NMC dataset")
@@ -240,6 +246,8 @@ def compare(
     finetune: FinetuneOption = None,
     precision: PrecisionOption = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed, the same for every model.")] = None,
+    synthetic: SyntheticOption = None,
+    synthetic_ratio: SyntheticRatioOption = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the runs and tables go.")] = Path("runs/compare"),
     cache: CacheOption = None,
     workers: WorkersOption = None,
@@ -262,7 +270,8 @@ def compare(
              "hybrids such as resnet50+svm")
     base = RunConfig.load(config, protocol=protocol, epochs=epochs, batch_size=batch_size, image_size=image_size,
                           augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed,
-                          features_from=str(features_from) if features_from else None)
+                          features_from=str(features_from) if features_from else None,
+                          synthetic=str(synthetic.absolute()) if synthetic else None, synthetic_ratio=synthetic_ratio)
     tracking = _tracking(logger, mlflow_uri)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say,
@@ -272,7 +281,22 @@ def compare(
                 [c.short for c in COMPARISON], [[c.cell(row) for c in COMPARISON] for _, row in listed],
                 bold_rows={i for i, (cls, _) in enumerate(listed) if cls == ""})
     comparison = ComparisonDir(out_dir)
+    if synthetic:
+        _print_generated(comparison)
     result(f"tables: {comparison.csv}, {comparison.markdown}, {comparison.report}")
+
+
+def _print_generated(comparison) -> None:
+    """The paired difference with minus without generated cells, as compare wrote it."""
+    import json
+
+    found = json.loads(comparison.generated.read_text())["difference"]
+    rows = [[model, level, metric, f"{d['before']:.3f}", f"{d['after']:.3f}", f"{d['difference']:+.3f}",
+             f"[{d['interval']['low']:+.3f}, {d['interval']['high']:+.3f}]"]
+            for model, levels in found.items() for level in ("image", "subject")
+            for metric, d in levels[level].items()]
+    print_table("with generated cells minus without (same splits and seed; 95% interval resampling subjects)",
+                ["model", "level", "metric", "without", "with", "difference", "interval"], rows, left=3)
 
 
 @handles_errors

@@ -29,6 +29,10 @@ LABELS_CSV = "C-NMC_test_prelim_phase_data_labels.csv"
 
 # UID_<subject>_<image>_<cell>_all.bmp (ALL) and UID_H<subject>_<image>_<cell>_hem.bmp (HEM); case varies.
 _NAME = re.compile(r"^UID_(H?)(\d+)_(\d+)_(\d+)_(all|hem)$", re.IGNORECASE)
+# Cells written by `alnet gan sample`: GAN_<gan id>_s<seed>_<index>_all|hem. No real C-NMC name starts this way, so a
+# generated cell is never taken for a real one: a scan counts them apart and never uses them as data.
+GENERATED_NAME = re.compile(r"^GAN_([0-9a-f]{8})_s(\d+)_(\d+)_(all|hem)$", re.IGNORECASE)
+GENERATED = "generated"  # the split of generated cells in a scan's summary
 
 
 class DatasetError(Exception):
@@ -68,6 +72,7 @@ class Dataset:
     layout: Layout
     cells: list[Cell] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    generated: list[Cell] = field(default_factory=list)  # GAN cells found among the training folders: never data
 
     def select(self, split: str | None = None, labelled: bool | None = None) -> list[Cell]:
         return [
@@ -87,6 +92,11 @@ def parse_name(name: str) -> tuple[str, int]:
     if bool(hem_prefix) != (label == HEM):
         raise ValueError(f"{name!r} mixes an {'HEM' if hem_prefix else 'ALL'} subject id with a {kind} suffix")
     return subject_id(label == HEM, number), label
+
+
+def generated_name(gan_id: str, seed: int, index: int, label: int, suffix: str = ".png") -> str:
+    """The file name of a generated cell (GENERATED_NAME)."""
+    return f"GAN_{gan_id}_s{seed}_{index:06d}_{CLASS_NAMES[label]}{suffix}"
 
 
 def subject_id(hem: bool, number: str) -> str:
@@ -149,7 +159,7 @@ def _list_files(folder: Path, problems: list[Problem]) -> list[Path] | None:
         return None
 
 
-def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -> None:
+def _scan_training(training: Path, cells: list[Cell], problems: list[Problem], generated: list[Cell]) -> None:
     fold_dirs = sorted((p for p in training.iterdir() if p.is_dir() and p.name.lower().startswith("fold_")),
                        key=lambda p: p.name)
     for fold_dir in fold_dirs:
@@ -173,6 +183,14 @@ def _scan_training(training: Path, cells: list[Cell], problems: list[Problem]) -
             for path in files:
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     problems.append(Problem(path, "not an image file: move it out of the dataset; skipped"))
+                    continue
+                made = GENERATED_NAME.match(path.stem)
+                if made:
+                    if (ALL if made.group(4).lower() == "all" else HEM) != label:
+                        problems.append(Problem(path, f"a generated cell in the {class_name} folder whose name says "
+                                                "otherwise: move it; skipped"))
+                    else:
+                        generated.append(Cell(path, label, None, fold, GENERATED))
                     continue
                 try:
                     subject, name_label = parse_name(path.name)
@@ -272,7 +290,7 @@ def scan(root: Path | str) -> Dataset:
     layout = locate(root)
     dataset = Dataset(root, layout)
     if layout.training is not None:
-        _scan_training(layout.training, dataset.cells, dataset.problems)
+        _scan_training(layout.training, dataset.cells, dataset.problems, dataset.generated)
     if layout.prelim is not None:
         _scan_prelim(layout, dataset.cells, dataset.problems)
     if layout.final is not None:
@@ -280,7 +298,7 @@ def scan(root: Path | str) -> Dataset:
             Cell(p, None, None, None, "final") for p in sorted(layout.final.iterdir())
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
-    if not dataset.cells:
+    if not dataset.cells and not dataset.generated:
         raise DatasetError(f"{root}: a C-NMC layout was found ({layout.name}) but it holds no usable images; "
                            "check the problems listed by `alnet info`")
     return dataset

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .cnmc import LABELS_CSV, DatasetError
+from .cnmc import GENERATED_NAME, LABELS_CSV, DatasetError
 
 MANIFEST = "cnmc-kaggle-sha256.csv.gz"
 MANIFEST_COLUMNS = ["path", "sha256", "size"]
@@ -38,7 +38,8 @@ OTHER = ("other", "")  # found files that sit in no folder of the dataset
 
 # Statuses of one file, in the order the report shows them.
 MATCH, MISSING, CHANGED, UNREADABLE, EXTRA = "match", "missing", "changed", "unreadable", "extra"
-STATUSES = (MATCH, MISSING, CHANGED, UNREADABLE, EXTRA)
+GENERATED = "generated"  # a cell written by `alnet gan sample` (its name says so): counted apart, never a failure
+STATUSES = (MATCH, MISSING, CHANGED, UNREADABLE, EXTRA, GENERATED)
 FAILING = (MISSING, CHANGED, UNREADABLE)  # any of these makes the copy fail the check
 
 _FOLD = re.compile(r"^fold_(\d+)$", re.IGNORECASE)
@@ -91,7 +92,7 @@ class Verification:
         counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for check in self.checks:
             counts[check.group][check.status] += 1
-            if check.status != EXTRA:
+            if check.status not in (EXTRA, GENERATED):
                 counts[check.group]["expected"] += 1
         return dict(sorted(counts.items(), key=lambda item: _group_order(item[0])))
 
@@ -255,8 +256,12 @@ def verify(root: Path, quick: bool = False, workers: int | None = None,
             to_hash.append((entry, key, path, target, size))
     for key, copies in found.items():  # in a dataset folder, but not in the list
         for path, _, size in copies:
-            checks.append(FileCheck(EXTRA, key[0], str(path.relative_to(root)), path, found_size=size,
-                                    note="not in the list of the Kaggle copy"))
+            if GENERATED_NAME.match(path.stem):
+                checks.append(FileCheck(GENERATED, key[0], str(path.relative_to(root)), path, found_size=size,
+                                        note="a generated cell (alnet gan sample), not part of the dataset"))
+            else:
+                checks.append(FileCheck(EXTRA, key[0], str(path.relative_to(root)), path, found_size=size,
+                                        note="not in the list of the Kaggle copy"))
 
     def hash_one(job):
         entry, key, path, target, size = job

@@ -103,6 +103,7 @@ def write_run_report(run, result: dict, config: dict) -> Path:
     if model_spec(config["model"]).pretrained and not config.get("pretrained", True):
         body.append('<p class="note warn">This baseline was trained <b>from scratch</b> (--no-pretrained), not '
                     "from ImageNet weights as in the paper.</p>")
+    body += _generated_section(result)
     body += ["<h2>Metrics</h2>", metrics_table(result),
              '<p class="small">ALL is the positive class. Mean ± sample standard deviation over test folds.</p>']
     body += trust_section(result, figures)
@@ -122,6 +123,25 @@ def write_run_report(run, result: dict, config: dict) -> Path:
                                               [("", [_esc(k), _esc(v)]) for k, v in config.items()])]
     run.report.write_text(_page(f"alnet run {run.path.name}", "".join(body)))
     return run.report
+
+
+def _generated_section(result: dict) -> list[str]:
+    """With --synthetic: what joined each training side, and each GAN's cells beside real ones."""
+    found = result.get("synthetic")
+    if not found:
+        return []
+    body = ["<h2>Generated cells</h2>",
+            f'<p class="note">Each split\'s training side got generated cells (ratio {_esc(found["ratio"])}) from a '
+            "GAN trained on that split's training subjects only; validation, test, calibration and the input gate "
+            "saw real cells only.</p>",
+            _table(["split", "GAN", "generated", "real training cells"],
+                   [("", [_esc(s["split"]), _esc(s["gan_id"]), str(s["generated"]), str(s["real_training_cells"])])
+                    for s in found["splits"]])]
+    for split in found["splits"]:
+        grid = Path(split["gan"]) / "samples.png"
+        if grid.is_file() and not grid.is_symlink() and grid.stat().st_size < 16 * 2**20:
+            body += [f"<h3>{_esc(split['split'])}: generated and real cells</h3>", _image(grid, "samples", 900)]
+    return body
 
 
 def _classifier_section(run, folds: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ NOT_A_DEVICE = ("**This is a research tool, not a diagnostic device.** It has no
 SOFTWARE = ("alnet", "torch", "torchvision", "lightning", "torchmetrics", "numpy", "onnx", "onnxruntime")
 SETTINGS = ("model", "protocol", "epochs", "batch_size", "optimizer", "lr", "dropout", "head", "image_size", "crop",
             "augment", "double_offline", "rotation", "zoom", "contrast", "bn_momentum", "val_fraction", "precision",
-            "pretrained", "finetune", "seed", "deterministic")
+            "pretrained", "finetune", "seed", "deterministic", "synthetic", "synthetic_ratio")
 METRIC_ORDER = ("accuracy", "precision", "recall", "specificity", "f1", "weighted_f1", "auc")
 CALIBRATION_SCORES = (("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"))
 
@@ -209,8 +209,22 @@ def _training(facts: CardFacts) -> list[str]:
                  "training" if c.get("protocol") == "subject" else "the last epoch (`last.ckpt`), as the paper did")
     return [*_section("Training", "25, 26, 27"),
             f"Binary cross-entropy, {c.get('optimizer', 'rmsprop')} optimiser. Model selection: {selection}. "
-            "No ensembling. Every setting is in the run's `config.yaml`.", "",
+            "No ensembling. Every setting is in the run's `config.yaml`.", "", *_generated(facts),
             *_table(["setting", "value"], rows)]
+
+
+def _generated(facts: CardFacts) -> list[str]:
+    """With --synthetic: how many generated cells joined each split's training side, from which GAN."""
+    found = (facts.metrics or {}).get("synthetic")
+    if not isinstance(found, dict):
+        return []
+    splits = [s for s in found.get("splits", []) if isinstance(s, dict)]
+    rows = [[_short(s.get("split")), _short(s.get("gan_id")), _short(s.get("generated")),
+             _short(s.get("real_training_cells")), _short(s.get("gan_resolution"))] for s in splits]
+    return [f"**Generated cells** (a GAN per split, trained on that split's training subjects only; ratio "
+            f"{_short(found.get('ratio'))}) joined the training side; validation, test, calibration and the input "
+            "gate saw real cells only.", "",
+            *_table(["split", "GAN", "generated cells", "real training cells", "GAN resolution (px)"], rows), ""]
 
 
 def _metric_rows(entries: list[tuple[str, dict]]) -> list[list[str]]:

@@ -25,6 +25,7 @@ from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..fitting import fit_after_training
+from ..gan.mixing import gan_for_split, mix
 from ..models import WeightsError, create_model_from, model_spec
 from ..pipeline import answer_rows
 from ..schema import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, read_csv, read_predictions, write_csv
@@ -92,15 +93,25 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     L.seed_everything(zlib.crc32(f"{config.seed}:{split.name}".encode()), verbose=False)
     # Subjects used for training or for choosing the checkpoint: `evaluate` leaves them out later.
     module = build_module(config, sorted({job.cells[i].subject for i in np.r_[split.train, split.val]}))
-    inputs = job.images
+    inputs, labels, train_rows = job.images, job.labels, split.train
+    if config.synthetic:  # generated cells join the training rows only (alnet.gan.mixing)
+        mixed = mix(gan_for_split(config.synthetic, split, job.cells, config.protocol), split, job.images, job.labels,
+                    config.synthetic_ratio, zlib.crc32(f"{config.seed}:{split.name}:generated".encode()),
+                    config.image_size)
+        inputs, labels, train_rows = mixed.images, mixed.labels, mixed.train
+        job.log(f"{split.name}: {mixed.record['generated']} generated cells (GAN {mixed.record['gan_id']}) join "
+                f"{len(split.train)} real training cells")
+        if is_main_process():
+            run.fold(split.name).mkdir(parents=True, exist_ok=True)
+            run.write_json(run.fold_synthetic(split.name), mixed.record)
     if module.uses_cached_features:
         # Frozen backbone, no augmentation: every epoch would see the same features, so compute them once and
         # train the head on them (this is what makes the paper's 1,600-epoch baselines cheap).
-        needed = np.unique(np.r_[split.train, split.val])  # the test pass answers from the images
+        needed = np.unique(np.r_[train_rows, split.val])  # the test pass answers from the images
         job.log(f"{split.name}: computing {config.model} features once for {len(needed)} images")
-        inputs = module.extract_features(job.images, needed)
+        inputs = module.extract_features(inputs, needed)
         module.on_features = True
-    data = CellData(inputs, job.labels, split.train, split.val, split.test, config)
+    data = CellData(inputs, labels, train_rows, split.val, split.test, config)
     last = run.last_checkpoint(split.name)
     resume_from = str(last) if job.resume and last.is_file() else None
     if resume_from:
@@ -119,6 +130,7 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
         module.model.load_state_dict(model_weights(read_checkpoint(chosen)))  # the chosen epoch's weights
     except CheckpointError as err:
         raise RunError(f"{err}; to retrain fold {split.name}, delete {checkpoints}") from None
+    # Calibration, review band, input gate and int8 ranges: from the split's real rows of the real cache only.
     fitted = fit_after_training(module.model, job.images, job.cells, split, config, module.precision_path,
                                 cached=inputs if module.on_features else None, int8=is_main_process())
     # The test cells are answered by the pipeline `alnet predict` uses, with what was just fitted.
@@ -183,6 +195,9 @@ def train_run(
 def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) -> dict:
     config, run, cells = job.config, job.run, job.cells
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
+    if config.synthetic:  # every split's GAN is checked before anything is written or trained
+        for split in splits:
+            gan_for_split(config.synthetic, split, cells, config.protocol)
     if job.resume:
         _check_same_start(run, prepared, config)
     if is_main_process() and not job.resume:
@@ -211,6 +226,12 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
         history += fold_history
         world_size = max(world_size, world()[1])
     result = summarize_run(config, splits, predictions, world_size, trust)
+    if config.synthetic:
+        result["synthetic"] = {"gan_dir": config.synthetic, "ratio": config.synthetic_ratio,
+                               "splits": [run.read_json(run.fold_synthetic(s.name)) for s in splits
+                                          if run.fold_synthetic(s.name).is_file()],
+                               "note": "generated cells joined the training side only: never validation, test, "
+                                       "calibration or the input gate's fitting"}
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result

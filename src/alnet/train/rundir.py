@@ -14,10 +14,13 @@
     RUN/logs/<fold>/version_<n>/metrics.csv   the CSV log (one version per start); history.csv comes from it
     RUN/tensorboard/<fold>/version_<n>/       with --logger tensorboard (MLflow: ../mlruns/ beside the runs)
     RUN/folds/<fold>/{history.csv, predictions.csv, checkpoint.txt, trust.json}   a fold's results as it finishes
+    RUN/folds/<fold>/synthetic.json   with --synthetic: the generated cells of its training side, their GAN
     RUN/checkpoints/<fold>/fitted.ckpt, RUN/folds/<fold>/classifier.json   hybrids: the fitted model, its choice
 
     COMPARISON/<model>/      one run directory per model (+ timing.json)
     COMPARISON/comparison.{csv,md}, COMPARISON/report.html
+    COMPARISON/<model>-with-generated/, COMPARISON/generated.json   with --synthetic: the same model with generated
+                             cells, and the paired difference (subject-bootstrap intervals)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ OWN_BEGINNINGS = {
                     'content="width=device-width,initial-scale=1"><title>',),
     "trials.csv": ("trial,",),
     "best.yaml": (BEST_YAML_HEADER,),
+    "generated.json": ('{\n  "gan_dir": ',),
 }
 
 
@@ -117,6 +121,10 @@ class RunDir:
         """The split's calibration and review band, fitted on its validation subjects (also in its checkpoint)."""
         return self.fold(name) / "trust.json"
 
+    def fold_synthetic(self, name: str) -> Path:
+        """With --synthetic: the generated cells that joined the split's training side, and their GAN."""
+        return self.fold(name) / "synthetic.json"
+
     def checkpoints(self, name: str) -> Path:
         return self.path / "checkpoints" / name
 
@@ -172,5 +180,6 @@ class ComparisonDir:
         return RunDir(self.path / model)
 
     csv = property(lambda self: self.path / "comparison.csv")
+    generated = property(lambda self: self.path / "generated.json")  # with --synthetic: with minus without
     markdown = property(lambda self: self.path / "comparison.md")
     report = property(lambda self: self.path / "report.html")

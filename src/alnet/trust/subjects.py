@@ -221,3 +221,54 @@ def subject_of(path: Path | str, mapping: dict[Path, str] | None) -> str:
     neither says (subjects.csv counts those under UNKNOWN_SUBJECT)."""
     found = mapping.get(Path(path).resolve()) if mapping is not None else subject_from_name(path)
     return found or ""
+
+
+# two models on the same test cells ------------------------------------------------------------------------------
+def paired_difference(before: list[dict], after: list[dict], seed: int = 0,
+                      resamples: int = BOOTSTRAP_RESAMPLES) -> dict:
+    """`after` − `before` for two models that answered the same test cells (predictions.csv rows of runs with the
+    same splits), pooled over the test folds (the preliminary set apart when there are folds): image accuracy and
+    AUC, and the subject-level accuracy and AUC (a subject's score is the mean P(ALL) of its cells). Intervals
+    resample subjects, the same draw for both models, so the interval is that of the difference itself."""
+    def keyed(rows):
+        folds = {r["fold"] for r in rows}
+        tested = [r for r in rows if r["fold"] != "prelim" or folds == {"prelim"}]
+        return {(r["fold"], r["path"]): r for r in tested}
+
+    b, a = keyed(before), keyed(after)
+    if set(b) != set(a) or not b:
+        raise ValueError("the two runs did not answer the same test cells; compare them with the same data, "
+                         "protocol and seed")
+    keys = sorted(b)
+    labels = np.array([NAMES[ALL] == b[k]["label"] for k in keys], dtype=int)
+    subjects = [b[k]["subject"] or UNKNOWN_SUBJECT for k in keys]
+    probs = {side: np.array([float(rows[k]["probability_all"]) for k in keys]) for side, rows in
+             (("before", b), ("after", a))}
+    cells = list(groups(subjects).values())
+    correct = {side: is_all(p) == (labels == 1) for side, p in probs.items()}
+    auc = {side: resampled_auc(labels, p) for side, p in probs.items()}
+    image = {
+        "accuracy": _difference(correct["before"].mean(), correct["after"].mean(), bootstrap_interval(
+            cells, lambda i: correct["after"][i].mean() - correct["before"][i].mean() if len(i) else np.nan,
+            resamples, seed)),
+        "auc": _difference(M.roc_auc(labels, probs["before"]), M.roc_auc(labels, probs["after"]), bootstrap_interval(
+            cells, lambda i: auc["after"](i) - auc["before"](i), resamples, seed)),
+    }
+    truth = np.array([labels[idx[0]] for idx in cells])
+    mean = {side: np.array([p[idx].mean() for idx in cells]) for side, p in probs.items()}
+    right = {side: is_all(m) == (truth == 1) for side, m in mean.items()}
+    subject_auc = {side: resampled_auc(truth, m) for side, m in mean.items()}
+    singles = [np.array([k]) for k in range(len(cells))]
+    subject = {
+        "accuracy": _difference(right["before"].mean(), right["after"].mean(), bootstrap_interval(
+            singles, lambda i: right["after"][i].mean() - right["before"][i].mean() if len(i) else np.nan,
+            resamples, seed)),
+        "auc": _difference(M.roc_auc(truth, mean["before"]), M.roc_auc(truth, mean["after"]), bootstrap_interval(
+            singles, lambda i: subject_auc["after"](i) - subject_auc["before"](i), resamples, seed)),
+    }
+    return {"cells": len(keys), "subjects": len(cells), "image": image, "subject": subject}
+
+
+def _difference(before: float, after: float, interval: dict) -> dict:
+    return {"before": float(before), "after": float(after), "difference": float(after - before),
+            "interval": interval}

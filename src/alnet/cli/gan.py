@@ -1,0 +1,198 @@
+"""`alnet gan train | sample | quality`: generated cells, from one split's training subjects only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .common import (
+    CacheOption,
+    DataOption,
+    ProgressOption,
+    WorkersOption,
+    fail,
+    handles_errors,
+    prepare_data,
+    print_table,
+    progress_bar,
+    result,
+    say,
+)
+
+app = typer.Typer(help="Generated cells: train a class-conditional GAN on one split's training subjects, draw "
+                  "cells from it, measure how close they are to real ones. Train with them: alnet train "
+                  "--synthetic GAN_DIR.", no_args_is_help=True)
+
+GanDirArgument = Annotated[Path, typer.Argument(help="A folder written by `alnet gan train` (one GAN per split).")]
+SplitOption = Annotated[Optional[str], typer.Option(
+    "--split", help="fold_0, fold_1, … or prelim (default: every split of the protocol; for sample and quality: "
+    "the only one, or fold_0).")]
+OWN_FILES = {"gan.json", "generator.pt", "history.csv", "samples.png", "quality.json"}
+
+
+def _check_split_folder(folder: Path) -> None:
+    """A split's folder is alnet's to write only when it is new, or holds nothing but what `gan train` writes."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        fail(f"{folder}: is a link or a file; pass a --out folder alnet can write the GAN's folders into")
+    if folder.is_dir():
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_FILES and not p.name.startswith("."))
+        if foreign:
+            fail(f"{folder}: holds files alnet did not write ({', '.join(foreign[:3])}); pick another --out")
+
+
+def _chosen_split(gan_dir: Path, split: str | None) -> str:
+    from ..gan.store import finished_splits
+
+    found = finished_splits(gan_dir)
+    if not found:
+        fail(f"{gan_dir}: no finished GAN (no <split>/gan.json); train one with alnet gan train --out {gan_dir}")
+    if split is None:
+        return found[0] if len(found) == 1 else ("fold_0" if "fold_0" in found else found[0])
+    if split not in found:
+        fail(f"{gan_dir}: no finished GAN for split {split}; it has {', '.join(found)}")
+    return split
+
+
+@app.command("train")
+@handles_errors
+def train(
+    data: DataOption,
+    out_dir: Annotated[Path, typer.Option("--out", help="GAN folder: one sub-folder per split.")],
+    split: SplitOption = None,
+    protocol: Annotated[str, typer.Option(help="subject or paper: the splits of `alnet train` with the same "
+                                          "protocol and seed.")] = "subject",
+    seed: Annotated[int, typer.Option(help="Random seed (the same as the runs that will use the GAN).")] = 0,
+    resolution: Annotated[int, typer.Option(help="Side of the generated cells: 64, 128 or 224 px.")] = 64,
+    width: Annotated[int, typer.Option(min=1, max=512, help="Channels of the largest feature maps.")] = 32,
+    steps: Annotated[int, typer.Option(min=1, help="Training steps (one discriminator and one generator update "
+                                       "each).")] = 3000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Real cells per step.")] = 32,
+    lr: Annotated[float, typer.Option(min=0.0, help="Adam learning rate of both networks.")] = 2e-4,
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = True,
+):
+    """Train a class-conditional GAN per split on that split's TRAINING cells only (never its validation or test
+    subjects); a split whose GAN is already finished is kept."""
+    from ..data.protocols import make_splits
+    from ..data.transforms import Preprocessing
+    from ..gan.store import GAN_JSON, read_gan, split_folder
+    from ..gan.training import GanConfig, train_gan
+
+    config = GanConfig(resolution=resolution, width=width, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                       protocol=protocol).validate()
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        fail(f"{out_dir}: is a link or a file; pass a folder for the GANs")
+    prepared = prepare_data(data, cache, workers, Preprocessing(size=resolution), progress=progress)
+    splits = make_splits(protocol, prepared.cells, seed, config.val_fraction)
+    if split is not None:
+        splits = [s for s in splits if s.name == split]
+        if not splits:
+            fail(f"no split {split} under the {protocol} protocol here; choose from "
+                 f"{', '.join(s.name for s in make_splits(protocol, prepared.cells, seed, config.val_fraction))}")
+    for chosen in splits:
+        _check_split_folder(split_folder(out_dir, chosen.name))
+    rows = []
+    for chosen in splits:
+        folder = split_folder(out_dir, chosen.name)
+        if (folder / GAN_JSON).is_file():
+            say(f"{chosen.name}: a finished GAN is already in {folder}, kept")
+            record = read_gan(folder).record
+        else:
+            say(f"{chosen.name}: training a GAN on {len(chosen.train)} training cells "
+                f"({len({prepared.cells[i].subject for i in chosen.train})} subjects), {steps} steps at "
+                f"{resolution} px")
+            with progress_bar(f"GAN {chosen.name}", disable=not progress) as bar:
+                task = bar.add_task("steps", total=steps)
+                record = train_gan(prepared, chosen, config, folder, data_root=data, log=say,
+                                   progress=lambda done, total: bar.update(task, completed=done))
+        rows.append([chosen.name, record["gan_id"], str(record["trained_on"]["images"]),
+                     str(len(record["trained_on"]["subjects"])), f"{record['seconds']:.0f}",
+                     f"{record['images_per_s']:.0f}"])
+    print_table(f"GANs in {out_dir} ({protocol} protocol, seed {seed})",
+                ["split", "GAN", "training cells", "subjects", "seconds", "images/s"], rows)
+    result(f"train with them: alnet train --data {data} --protocol {protocol} --seed {seed} --synthetic {out_dir}")
+
+
+@app.command("sample")
+@handles_errors
+def sample(
+    gan_dir: GanDirArgument,
+    n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Cells per class.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="A new or empty folder: the cells in the Kaggle layout "
+                                          "and generated.csv.")],
+    split: SplitOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw (the same seed gives the same cells).")] = 0,
+    cell_class: Annotated[str, typer.Option("--class", help="all, hem or both.")] = "both",
+    progress: ProgressOption = True,
+):
+    """Write generated cells as files (GAN_<id>_s<seed>_<n>_all|hem.png, never mistaken for real cells), with a
+    manifest. `alnet info` and `verify` count them as generated; training never takes them as data."""
+    import shutil
+
+    from ..gan.sample import sample_cells
+    from ..gan.store import read_gan
+    from ..labels import ALL, HEM
+
+    classes = {"all": (ALL,), "hem": (HEM,), "both": (ALL, HEM)}.get(cell_class.lower())
+    if classes is None:
+        fail(f"--class {cell_class}: choose all, hem or both")
+    if out_dir.is_symlink() or (out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()))):
+        fail(f"{out_dir}: exists and is not an empty folder; pick a new or empty folder for the generated cells")
+    chosen = _chosen_split(gan_dir, split)
+    gan = read_gan(gan_dir / chosen)
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    needed = n * len(classes) * gan.resolution ** 2 * 3  # PNG: at most about the raw size
+    if needed > 0.9 * shutil.disk_usage(existing).free:
+        fail(f"{out_dir}: {n * len(classes):,} cells need up to {needed / 2**30:.1f} GiB; ask for fewer or free space")
+    with progress_bar("generating cells", disable=not progress) as bar:
+        task = bar.add_task("cells", total=n * len(classes))
+        rows = sample_cells(gan, n, out_dir, seed, classes,
+                            progress=lambda done, total: bar.update(task, completed=done))
+    result(f"wrote {len(rows):,} generated cells of GAN {gan.gan_id} (split {gan.split}, {gan.resolution} px) to "
+           f"{out_dir}, listed in {out_dir / 'generated.csv'}")
+
+
+@app.command("quality")
+@handles_errors
+def quality(
+    gan_dir: GanDirArgument,
+    data: DataOption,
+    features_from: Annotated[Path, typer.Option(
+        "--features-from", help="An ALNet run directory trained on real cells (same protocol and seed: the split's "
+        "own checkpoint is used) or one checkpoint; its penultimate features are compared.")],
+    split: SplitOption = None,
+    seed: Annotated[int, typer.Option(help="Seed of the draw and of the two-sample test's halves.")] = 0,
+    cache: CacheOption = None,
+    workers: WorkersOption = None,
+    progress: ProgressOption = True,
+):
+    """KID and the two-sample accuracy (0.5 = real and generated cannot be told apart) of a split's GAN, on the
+    real cells of subjects it never saw, in the features of an ALNet trained on real cells."""
+    from ..checkpoint import load_trained_model
+    from ..gan.quality import measure_quality
+    from ..gan.store import QUALITY, read_gan, write_atomically
+    from ..train.rundir import RunDir
+
+    chosen = _chosen_split(gan_dir, split)
+    gan = read_gan(gan_dir / chosen)
+    checkpoint = features_from
+    if features_from.is_dir():
+        checkpoint = RunDir(features_from).chosen_checkpoint(chosen)
+        if checkpoint is None:
+            fail(f"{features_from}: no finished fold {chosen}; pass a run trained with the same protocol and seed, "
+                 "or one checkpoint")
+    trained = load_trained_model(checkpoint)
+    prepared = prepare_data(data, cache, workers, trained.preprocessing, progress=progress)
+    figures = measure_quality(gan, trained, prepared, seed=seed)
+    target = gan_dir / chosen / QUALITY
+    write_atomically(target, lambda p: p.write_text(json.dumps(figures, indent=2)))
+    two = figures["two_sample"]
+    print_table(f"GAN {gan.gan_id} ({chosen}) against {figures['real_cells']} real cells of "
+                f"{figures['real_subjects']} held-out subjects",
+                ["KID", "± std", "two-sample accuracy", "chance"],
+                [[f"{figures['kid']:.4f}", f"{figures['kid_std']:.4f}", f"{two['accuracy']:.3f}", "0.500"]], left=0)
+    result(f"written to {target}")
