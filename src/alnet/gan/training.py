@@ -74,6 +74,31 @@ def _update_average(average: Generator, current: Generator, decay: float) -> Non
         a.copy_(c)
 
 
+def train_step(generator: Generator, discriminator: Discriminator, optimizers, real: torch.Tensor,
+               labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One discriminator update (real above +1, generated below -1: the hinge loss) and one generator update
+    (raise the discriminator's score of its cells), on one batch of real cells in [-1, 1]; the losses, unsynced."""
+    z_dim = generator.z_dim
+    fake = generator(torch.randn(len(labels), z_dim, device=real.device), labels).detach()
+    d_real = discriminator(diff_augment(real), labels).float()
+    d_fake = discriminator(diff_augment(fake), labels).float()
+    d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+    optimizers[1].zero_grad(set_to_none=True)
+    d_loss.backward()
+    optimizers[1].step()
+    fake = generator(torch.randn(len(labels), z_dim, device=real.device), labels)
+    g_loss = -discriminator(diff_augment(fake), labels).float().mean()
+    optimizers[0].zero_grad(set_to_none=True)
+    g_loss.backward()
+    optimizers[0].step()
+    return {"d_loss": d_loss, "g_loss": g_loss, "d_real": d_real, "d_fake": d_fake}
+
+
+def make_optimizers(generator: Generator, discriminator: Discriminator, lr: float) -> list[torch.optim.Adam]:
+    """Adam with β1 = 0 for both (no momentum fighting the game), generator first."""
+    return [torch.optim.Adam(m.parameters(), lr=lr, betas=(0.0, 0.99)) for m in (generator, discriminator)]
+
+
 def subjects_of(cells: list[Cell], rows) -> list[str]:
     return sorted({cells[i].subject for i in rows if cells[i].subject is not None})
 
@@ -104,34 +129,19 @@ def train_gan(prepared: Prepared, split: Split, config: GanConfig, folder: Path 
     if on_gpu:
         generator, discriminator = (m.to(memory_format=torch.channels_last) for m in (generator, discriminator))
     average = copy.deepcopy(generator).eval()
-    optimizers = [torch.optim.Adam(m.parameters(), lr=config.lr, betas=(0.0, 0.99))
-                  for m in (generator, discriminator)]
+    optimizers = make_optimizers(generator, discriminator, config.lr)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else torch.autocast("cpu", enabled=False)
 
     history, start = [], time.perf_counter()
     for step in range(1, config.steps + 1):
         index = torch.randint(len(rows), (config.batch_size,), generator=draw).to(device)
         real = _augment_real(to_float(images[index]) * 2 - 1, draw)
-        y = labels[index]
-        with autocast:  # discriminator: real above +1, generated below -1 (hinge)
-            fake = generator(torch.randn(len(y), config.z_dim, device=device), y).detach()
-            d_real = discriminator(diff_augment(real), y).float()
-            d_fake = discriminator(diff_augment(fake), y).float()
-            d_loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        optimizers[1].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers[1].step()
-        with autocast:  # generator: raise the discriminator's score of its cells
-            fake = generator(torch.randn(len(y), config.z_dim, device=device), y)
-            g_loss = -discriminator(diff_augment(fake), y).float().mean()
-        optimizers[0].zero_grad(set_to_none=True)
-        g_loss.backward()
-        optimizers[0].step()
+        with autocast:
+            losses = train_step(generator, discriminator, optimizers, real, labels[index])
         # A short warm-up of the average: early on it follows the generator closely.
         _update_average(average, generator, min(EMA_DECAY, (1 + step) / (10 + step)))
         if step % LOG_EVERY == 0 or step == config.steps:  # the only synchronisation with a GPU: every 25 steps
-            losses = {name: float(value.detach().mean()) for name, value in
-                      (("d_loss", d_loss), ("g_loss", g_loss), ("d_real", d_real), ("d_fake", d_fake))}
+            losses = {name: float(value.detach().mean()) for name, value in losses.items()}
             history.append({"step": step, **{k: f"{v:.5f}" for k, v in losses.items()},
                             "seconds": f"{time.perf_counter() - start:.2f}"})
             if not all(np.isfinite(v) for v in losses.values()):
