@@ -61,6 +61,47 @@ def test_augmentation_draws_parameters_per_sample():
     assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[1], out[2])
 
 
+def test_augmentation_draws_the_papers_ranges_uniformly():
+    torch.manual_seed(0)
+    p = make_augment(rotation=15, zoom=0.1, contrast=0.2).draw(200_000, torch.device("cpu"))
+    for name, low, high in (("angle", -15, 15), ("scale", 0.9, 1.1), ("contrast", 0.8, 1.2)):
+        values = p[name].double()
+        assert low <= values.min() and values.max() <= high, name
+        assert abs(values.mean().item() - (low + high) / 2) < 0.002 * (high - low), name  # uniform: centred,
+        assert abs(values.std().item() - (high - low) / 12 ** 0.5) < 0.003 * (high - low), name  # its spread
+        deciles = torch.quantile(values[:100_000], torch.linspace(0.1, 0.9, 9, dtype=torch.float64))
+        assert torch.allclose(deciles, low + (high - low) * torch.linspace(0.1, 0.9, 9, dtype=torch.float64),
+                              atol=0.01 * (high - low)), name
+    assert abs(p["flip"].double().mean().item() - 0.5) < 0.005
+
+
+def test_augmentation_matrix_rotates_zooms_and_mirrors_about_the_centre():
+    from alnet.data.augment import BatchAugment
+
+    image = torch.zeros(1, 3, 64, 64)
+    image[..., 2:8, 44:60] = 1  # a bar near the upper right corner
+    theta = BatchAugment.matrices(torch.tensor([0.0, 90.0, 0.0]), torch.tensor([1.0, 1.0, 2.0]),
+                                  torch.tensor([True, False, False]))
+    grid = torch.nn.functional.affine_grid(theta, [3, 3, 64, 64], align_corners=False)
+    out = torch.nn.functional.grid_sample(image.repeat(3, 1, 1, 1), grid, align_corners=False)
+    assert torch.allclose(out[0], image[0].flip(-1))  # flip only: mirrored left-right
+    assert torch.allclose(out[1], torch.rot90(image[0], 1, (1, 2)), atol=1e-5) or \
+        torch.allclose(out[1], torch.rot90(image[0], -1, (1, 2)), atol=1e-5)  # a quarter turn about the centre
+    assert out[2].sum() == 0  # zoom ×2 about the centre: the bar, far from it, leaves the picture
+    zoomed = torch.nn.functional.grid_sample(torch.ones(1, 1, 64, 64), grid[2:], align_corners=False)
+    assert zoomed.min() > 0.99  # zooming in never reaches the border: no black corners
+
+
+def test_augmentation_is_reproducible_after_a_reseed_and_stays_in_range():
+    augment = make_augment()
+    images = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(3)
+    first = augment(images)
+    torch.manual_seed(3)
+    assert torch.equal(first, augment(images))
+    assert first.min() >= 0 and first.max() <= 1
+
+
 def test_offline_doubling_appends_one_augmented_copy_per_training_image(small_prepared):
     images, labels = tensors(small_prepared)
     train = np.arange(10)

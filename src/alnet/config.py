@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .data.transforms import Preprocessing
-from .device import PRECISIONS
+from .device import COMPILE_SETTINGS, PRECISIONS
 
 
 class ConfigError(Exception):
@@ -118,6 +118,7 @@ class RunConfig:
     strategy: str = "auto"  # "ddp" for several processes (torchrun / SLURM)
     accelerator: str = "auto"
     deterministic: bool = False
+    compile: str = "auto"  # torch.compile of the network for training: off, on, auto (on a GPU)
     synthetic: str | None = None  # a GAN folder (`alnet gan train`): generated cells join each split's training side
     synthetic_ratio: float = 0.5  # generated cells per real training cell
 
@@ -125,6 +126,8 @@ class RunConfig:
         """Check every value (types first, then ranges); returns self, or raises a one-line ConfigError."""
         from .models import available_models, is_model, model_spec
 
+        if isinstance(self.compile, bool):  # YAML reads `compile: on` as true
+            self.compile = "on" if self.compile else "off"
         for f in fields(self):
             setattr(self, f.name, _typed(f.name, f.type, getattr(self, f.name)))
         checks = [
@@ -149,6 +152,7 @@ class RunConfig:
              "synthetic cells are for networks trained by gradient descent, not hybrids (their classifier is fitted "
              "on real cells only)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.compile in COMPILE_SETTINGS, f"compile must be one of {', '.join(COMPILE_SETTINGS)}"),
             (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}"),
         ]
         for ok, message in checks:

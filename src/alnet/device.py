@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 PRECISIONS = ("auto", "32", "bf16", "16")
+COMPILE_SETTINGS = ("off", "on", "auto")
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,13 @@ def resolve_precision(precision: str = "auto", accelerator: str = "auto") -> Pre
 
 def threads_per_process(processes: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, processes))
+
+
+def use_compile(setting: str, runs_as: Precision) -> bool:
+    """Whether a run's `compile` setting compiles its network (torch.compile) on this path. "auto" compiles on a
+    GPU, where a training step is short enough for Python overhead to show; on a CPU the convolutions dominate
+    and the compilation costs more than it returns in runs of the demo's length (benchmarks/train.py measures
+    both)."""
+    if setting == "auto":
+        return runs_as.device_type == "cuda"
+    return setting == "on"

@@ -174,7 +174,10 @@ def torch_network(model: torch.nn.Module, runs_as: Precision, head: str, int8_ne
     `int8_network` (`alnet.int8.Int8Network`), pictures whose activations reach an end of a calibrated range are
     answered by `model` without int8 instead."""
     device = torch.device(runs_as.device_type)
-    model = model.to(device).eval()
+    # A model that can fold its BatchNorm into the layers after it (ALNet) answers with the folded copy: the same
+    # function in evaluation mode, without a pass over the maps per BatchNorm.
+    fold = getattr(model, "fold_batchnorm", None)
+    model = (fold() if fold is not None else model.eval()).to(device)
     network = Penultimate(model.to(memory_format=torch.channels_last) if runs_as.channels_last else model)
 
     def full_precision(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,10 @@
 """The model logic of training: any registered model + the paper's loss and optimiser (a LightningModule).
 
 Batches arrive as uint8 from `batches.py`; they become floats here, on the device, and are augmented here
-after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks. Each epoch's
-losses and accuracies go to the trainer's loggers (`loggers.py`); the CSV log is the run's history.
+after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks. Losses and
+accuracies accumulate on the device (torchmetrics) and are read once per epoch, when the epoch's row goes to
+the trainer's loggers (`loggers.py`); the CSV log is the run's history. Without a progress bar nothing is read
+per step, so a GPU never waits for the host inside an epoch.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torchmetrics.classification import BinaryAccuracy
 from ..config import RunConfig
 from ..data.augment import make_augment
 from ..data.transforms import to_float
-from ..device import resolve_precision
+from ..device import resolve_precision, use_compile
 from ..models import create_model_from, probability_all
 from .loggers import log_epoch
 
@@ -92,8 +94,9 @@ class CellClassifier(L.LightningModule):
         loss = self.loss(logits, batch["label"])
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits),
-                 logger=False)
+        if self.trainer.progress_bar_callback is not None:  # shown per step, so read per step: a GPU sync each
+            self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits),
+                     logger=False)
         return loss
 
     def _masked(self, batch: dict):
@@ -161,7 +164,10 @@ class CellClassifier(L.LightningModule):
 
 
 def build_module(config: RunConfig, seen_subjects: list[str]) -> CellClassifier:
-    """A new module for training, laid out as the precision path wants it."""
+    """A new module for training, laid out as the precision path wants it, its network compiled in place when
+    the `compile` setting says so (`nn.Module.compile`: the weights' names stay those of the model)."""
     module = CellClassifier(asdict(config), seen_subjects=seen_subjects)
     module.use_channels_last()
+    if use_compile(config.compile, module.precision_path):
+        module.model.compile()
     return module

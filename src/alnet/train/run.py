@@ -253,7 +253,7 @@ def _check_devices(config: RunConfig) -> None:
 
 
 # Where and how fast a run runs, not what it computes: a resume may change these (e.g. on another machine).
-RUNTIME_SETTINGS = ("devices", "strategy", "accelerator", "precision", "deterministic")
+RUNTIME_SETTINGS = ("devices", "strategy", "accelerator", "precision", "deterministic", "compile")
 
 
 def config_changes(before: dict, after: RunConfig) -> list[str]:
