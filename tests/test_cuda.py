@@ -98,3 +98,25 @@ def test_the_service_answers_from_the_gpu(mini_checkpoint, mini_root):
     expected = float(load_pipeline(mini_checkpoint, precision="32", accelerator="cpu").probabilities(pixels[None])[0])
     assert abs(body["probability_all"] - expected) < 0.02
     assert Image.open(io.BytesIO(base64.b64decode(body["gradcam_png"]))).format == "PNG"
+
+
+def test_compiled_training_on_the_gpu_gives_the_gradients_of_eager_fp64():
+    """`compile: auto` compiles ALNet on a GPU: its gradients must be those of the network (on the CPU the
+    inductor backend's are not, so CPU runs never compile)."""
+    import copy
+
+    from alnet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("alnet", input_size=136, dropout=0.0).cuda()
+    x = torch.rand(4, 3, 136, 136, device="cuda")
+    reference = copy.deepcopy(model).double()
+    reference.train()
+    reference(x.double()).sum().backward()
+    compiled = copy.deepcopy(model)
+    compiled.compile()
+    compiled.train()
+    compiled(x).sum().backward()
+    for (name, ref), got in zip(reference.named_parameters(), compiled.parameters()):
+        scale = ref.grad.abs().max().clamp(min=1e-6)
+        assert float((got.grad.double() - ref.grad).abs().max() / scale) < 1e-2, name

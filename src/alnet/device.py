@@ -69,9 +69,9 @@ def threads_per_process(processes: int) -> int:
 
 def use_compile(setting: str, runs_as: Precision) -> bool:
     """Whether a run's `compile` setting compiles its network (torch.compile) on this path. "auto" compiles on a
-    GPU, where a training step is short enough for Python overhead to show; on a CPU the convolutions dominate
-    and the compilation costs more than it returns in runs of the demo's length (benchmarks/train.py measures
-    both)."""
+    GPU only: there a training step is short enough for per-layer launches to show. On a CPU, torch.compile's
+    code generator (inductor) gives ALNet's convolutions wrong gradients in this torch (a test checks that
+    `on` is refused there; docs/design.md, "Speed by design")."""
     if setting == "auto":
         return runs_as.device_type == "cuda"
     return setting == "on"
