@@ -38,7 +38,7 @@ from alnet.config import RunConfig
 from alnet.data.cache import prepare
 from alnet.data.cnmc import scan
 from alnet.data.synthetic import write_dataset
-from alnet.device import resolve_precision
+from alnet.device import resolve_precision, use_compile
 from alnet.models import create_model
 from alnet.pipeline import cache_batches, torch_network
 from alnet.train.batches import CellData, tensors
@@ -185,6 +185,7 @@ def main():
         profile["layer_profile"] = layer_profile(net, path.input(images), lambda: path.autocast("cpu"))
     print(json.dumps({
         "images": len(cells) * args.repeat, "batch_size": args.batch_size, "precision": precision,
+        "compiled": use_compile(RunConfig().compile, resolve_precision("auto")),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
         "train_images_per_s": round(train_rate, 1), "baseline_train_images_per_s": round(best[0], 1),
         "train_ratio": round(train_rate / best[0], 2),

@@ -11,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from alnet.cli import app
+from alnet.config import RunConfig
 from alnet.data.cache import prepare
 from alnet.data.cnmc import GENERATED, scan
 from alnet.data.protocols import make_splits
@@ -100,7 +101,7 @@ def test_info_and_verify_count_generated_cells_apart(gan_dir, tmp_path, mini_roo
         shutil.copy(made, data / "C-NMC_Leukemia" / "training_data" / "fold_0" / made.parent.name / made.name)
     info = CliRunner().invoke(app, ["info", str(data), "--json"])
     summary = json.loads(info.stdout)
-    assert summary["images"] == 56 and summary["by_split"][GENERATED]["fold_0"] == {
+    assert summary["images"] == 52 and summary["generated"] == 4 and summary["by_split"][GENERATED]["fold_0"] == {
         "all": {"images": 2, "subjects": 0}, "hem": {"images": 2, "subjects": 0}}
     assert len(scan(data).cells) == 52  # never data
     from alnet.data.verify import EXTRA, verify
@@ -135,9 +136,9 @@ def test_a_gan_that_saw_a_test_subject_is_refused(gan_dir, mini_64, tmp_path):
     record["split"] = "fold_1"
     (forged / GAN_JSON).write_text(json.dumps(record))
     with pytest.raises(GanError, match="validation or test cell"):
-        gan_for_split(tmp_path, splits[1], prepared.cells, "subject")
+        gan_for_split(tmp_path, splits[1], prepared.cells, RunConfig())
     with pytest.raises(GanError, match="no GAN for split fold_0"):
-        gan_for_split(tmp_path, splits[0], prepared.cells, "subject")
+        gan_for_split(tmp_path, splits[0], prepared.cells, RunConfig())
 
 
 def test_train_with_a_gan_of_other_subjects_stops_before_writing_anything(gan_dir, mini_root, tmp_path):
@@ -153,27 +154,112 @@ def test_train_with_a_gan_of_other_subjects_stops_before_writing_anything(gan_di
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("damage", ["not json", "pickle", "too big", "wrong shapes", "link"])
+def _edit_record(folder: Path, edit) -> None:
+    record = json.loads((folder / GAN_JSON).read_text())
+    edit(record)
+    (folder / GAN_JSON).write_text(json.dumps(record))
+
+
+def _bomb(path: Path) -> None:
+    """A small generator file whose compressed zip member unpacks to more than 1 GiB (the limit)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("archive/data/0", "w", force_zip64=True) as member:
+            chunk = bytes(2**24)
+            for _ in range(65):
+                member.write(chunk)
+
+
+def _with_weights(folder: Path, write) -> None:
+    """Replace generator.pt and point gan.json's id at the new file (so only the attack itself is tested)."""
+    import hashlib
+
+    write(folder / GENERATOR)
+    _edit_record(folder, lambda r: r.update(gan_id=hashlib.sha256((folder / GENERATOR).read_bytes()).hexdigest()[:8]))
+
+
+@pytest.mark.parametrize("damage", ["not json", "huge number", "pickle", "too big", "zip bomb", "wrong shapes",
+                                    "not finite", "swapped weights", "link", "giant settings", "float resolution",
+                                    "split elsewhere", "bad id"])
 def test_a_damaged_or_hostile_gan_folder_is_a_one_line_error(gan_dir, tmp_path, damage):
     folder = Path(shutil.copytree(gan_dir / "fold_0", tmp_path / "fold_0"))
     if damage == "not json":
         (folder / GAN_JSON).write_text("{nope")
+    elif damage == "huge number":
+        (folder / GAN_JSON).write_text('{"settings": ' + "9" * 5000 + "}")
     elif damage == "pickle":
         import pickle
 
-        (folder / GENERATOR).write_bytes(pickle.dumps(print, protocol=2))
+        _with_weights(folder, lambda p: p.write_bytes(pickle.dumps(print, protocol=2)))
     elif damage == "too big":
         with open(folder / GAN_JSON, "ab") as handle:
             handle.truncate(65 * 2**20)
+    elif damage == "zip bomb":
+        _with_weights(folder, _bomb)
     elif damage == "wrong shapes":
-        record = json.loads((folder / GAN_JSON).read_text())
-        record["settings"]["width"] = 8
-        (folder / GAN_JSON).write_text(json.dumps(record))
-    else:
+        _edit_record(folder, lambda r: r["settings"].update(width=8))
+    elif damage == "not finite":
+        state = torch.load(folder / GENERATOR, weights_only=True)
+        state["state_dict"]["to_rgb.0.weight"].fill_(float("nan"))
+        _with_weights(folder, lambda p: torch.save(state, p))
+    elif damage == "swapped weights":  # another split's generator under this record: its id no longer matches
+        shutil.copy(gan_dir / "fold_1" / GENERATOR, folder / GENERATOR)
+    elif damage == "link":
         (folder / GENERATOR).unlink()
         (folder / GENERATOR).symlink_to(gan_dir / "fold_1" / GENERATOR)
+    elif damage == "giant settings":  # a few bytes must not build a network of gigabytes
+        _edit_record(folder, lambda r: r["settings"].update(resolution=224, width=512, z_dim=1024))
+    elif damage == "float resolution":
+        _edit_record(folder, lambda r: r["settings"].update(resolution=64.0))
+    elif damage == "split elsewhere":
+        _edit_record(folder, lambda r: r.update(split="../x"))
+    else:
+        _edit_record(folder, lambda r: r.update(gan_id="../../x"))
     with pytest.raises(GanError, match=str(folder)):
         read_gan(folder)
+
+
+def test_a_gan_trained_on_another_copy_of_the_test_cells_is_refused_whatever_their_format(gan_dir, mini_64, tmp_path):
+    prepared, splits = mini_64
+    forged = tmp_path / "fold_0"
+    shutil.copytree(gan_dir / "fold_0", forged)
+    paper = make_splits("paper", prepared.cells, seed=0)
+    test_name = prepared.cells[paper[0].test[0]].path.name  # a test cell of fold_0, as a .bmp of another copy
+    _edit_record(forged, lambda r: (r["trained_on"]["names"].append(Path(test_name).stem.upper() + ".bmp"),
+                                    r.update(protocol="paper"), r["settings"].update(protocol="paper")))
+    with pytest.raises(GanError, match="validation or test cell"):
+        gan_for_split(tmp_path, paper[0], prepared.cells, RunConfig(protocol="paper"))
+
+
+def test_a_gan_of_another_seed_is_refused(gan_dir, mini_64):
+    prepared, splits = mini_64
+    with pytest.raises(GanError, match="seed"):
+        gan_for_split(gan_dir, splits[0], prepared.cells, RunConfig(seed=1))
+
+
+def test_gan_train_never_writes_through_a_link_or_into_the_dataset(mini_root, tmp_path):
+    precious = tmp_path / "precious.csv"
+    precious.write_text("mine")
+    (tmp_path / "gans" / "fold_0").mkdir(parents=True)
+    (tmp_path / "gans" / "fold_0" / "history.csv").symlink_to(precious)
+    runner = CliRunner()
+    linked = runner.invoke(app, ["gan", "train", "--data", str(mini_root), "--out", str(tmp_path / "gans"),
+                                 "--split", "fold_0", "--steps", "1", "--width", "2", "--no-progress"])
+    assert linked.exit_code == 2 and "history.csv" in linked.output and precious.read_text() == "mine"
+    data = Path(shutil.copytree(mini_root, tmp_path / "data"))
+    inside = runner.invoke(app, ["gan", "train", "--data", str(data), "--out", str(data / "gans"), "--steps", "1",
+                                 "--no-progress"])
+    assert inside.exit_code == 2 and "inside the dataset" in inside.output and not (data / "gans").exists()
+
+
+def test_generated_cells_in_the_test_folders_are_never_test_cells(tmp_path, synthetic_copy):
+    layout = scan(synthetic_copy).layout
+    shutil.copy(next(layout.prelim.glob("*.bmp")), layout.prelim / "GAN_0123abcd_s0_000001_all.bmp")
+    shutil.copy(next(layout.final.glob("*.bmp")), layout.final / "gan_0123ABCD_s0_000002_hem.bmp")
+    dataset = scan(synthetic_copy)
+    assert not [c for c in dataset.cells if c.path.name.lower().startswith("gan_")]
+    assert len(dataset.generated) == 2
 
 
 def test_kid_and_the_two_sample_test_tell_real_from_noise_but_not_real_from_real(mini_root):
@@ -222,9 +308,12 @@ def test_gan_train_sample_quality_and_compare_with_and_without_generated_cells_e
                                "--width", "4", "--batch-size", "8", "--no-progress"])
     assert made.exit_code == 0, made.output
     assert sorted(p.name for p in gans.iterdir()) == ["fold_0", "fold_1", "fold_2"]
-    again = runner.invoke(app, ["gan", "train", "--data", str(mini_root), "--out", str(gans), "--split", "fold_1",
-                                "--steps", "2", "--width", "4", "--no-progress"])
+    options = ["gan", "train", "--data", str(mini_root), "--out", str(gans), "--split", "fold_1", "--width", "4",
+               "--batch-size", "8", "--no-progress"]
+    again = runner.invoke(app, [*options, "--steps", "2"])
     assert again.exit_code == 0 and "already in" in again.output  # finished work is kept
+    other = runner.invoke(app, [*options, "--steps", "3"])
+    assert other.exit_code == 2 and "steps 2 → 3" in other.output  # and never replaced unasked
 
     sampled = runner.invoke(app, ["gan", "sample", str(gans), "--n", "2", "--out", str(tmp_path / "cells"),
                                   "--no-progress"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,10 +28,20 @@ from torch import nn
 
 from .data.transforms import Preprocessing
 from .models import ClassifierError, create_model_from, probability_all
-from .schema import CALIBRATION_KEY, INPUT_GATE_KEY, INT8_KEY, REVIEW_KEY, checked_calibration, checked_review
+from .schema import (
+    CALIBRATION_KEY,
+    INPUT_GATE_KEY,
+    INT8_KEY,
+    REVIEW_KEY,
+    check_torch_file,
+    checked_calibration,
+    checked_review,
+)
 from .trust.feature_check import FeatureGate
 
 MODEL_PREFIX = "model."  # the Lightning module holds the network as `self.model`
+# A fine-tuned VGG16's checkpoint, with its optimiser state, is about 1.6 GB; more than this is not alnet's.
+MAX_CHECKPOINT_BYTES = 8 * 2**30
 
 
 class CheckpointError(ValueError):
@@ -75,9 +86,16 @@ def read_checkpoint(path: Path | str) -> dict:
     """The checkpoint's content (tensors and plain containers only), or a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
+        what = "not a regular file" if path.exists() else "no such checkpoint"
+        raise CheckpointError(f"{path}: {what}; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        check_torch_file(path, MAX_CHECKPOINT_BYTES)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}; not a checkpoint alnet wrote, nothing was loaded") from None
+    try:
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         checkpoint["hyper_parameters"]["config"]["model"]
         checkpoint["state_dict"].items()
     except Exception as err:

@@ -278,3 +278,26 @@ class OnnxMetadata:
                    review=parsed("review", lambda text: checked_review(json.loads(text)), "review band"),
                    input_gate=parsed("input_gate", FeatureGate.from_json, "input gate"),
                    int8=meta.get(ONNX_METADATA["int8"], "").startswith("yes"))
+
+
+def check_torch_file(path: Path | str, max_bytes: int, max_members: int = 100_000) -> None:
+    """Refuse (ValueError, a short reason) a torch file that would unpack to more than `max_bytes`: a torch file
+    is a zip archive whose members may be compressed, so a few MB on disk could ask for terabytes. Every member's
+    declared size is summed before anything is read (zip readers never read past it); a file that is not a zip
+    archive (torch's legacy format) is stored uncompressed, so its own size bounds it."""
+    import zipfile
+
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        if path.stat().st_size > max_bytes:
+            raise ValueError(f"larger than {max_bytes:,} bytes")
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as err:
+        raise ValueError(f"a damaged archive ({type(err).__name__})") from None
+    total = sum(member.file_size for member in members)
+    if len(members) > max_members or total > max_bytes:
+        raise ValueError(f"would unpack to {total:,} bytes in {len(members):,} part(s), over the limit of "
+                         f"{max_bytes:,} bytes")

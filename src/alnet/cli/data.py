@@ -42,7 +42,10 @@ def info(
     from ..data.cnmc import summarize
 
     dataset = scan_dataset(data_root)
-    summary = summarize(dataset.cells + dataset.generated)  # generated cells: a split of their own
+    summary = summarize(dataset.cells)
+    if dataset.generated:  # a split of their own, never counted with the data
+        summary["by_split"].update(summarize(dataset.generated)["by_split"])
+        summary["generated"] = len(dataset.generated)
     if as_json:
         summary["layout"] = dataset.layout.name
         summary["problems"] = [str(p) for p in dataset.problems]

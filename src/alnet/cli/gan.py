@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,13 +35,15 @@ OWN_FILES = {"gan.json", "generator.pt", "history.csv", "samples.png", "quality.
 
 
 def _check_split_folder(folder: Path) -> None:
-    """A split's folder is alnet's to write only when it is new, or holds nothing but what `gan train` writes."""
+    """A split's folder is alnet's to write only when it is new, or holds nothing but the regular files `gan train`
+    writes (a link, pipe or folder under one of their names is refused: never written through, never waited on)."""
     if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
         fail(f"{folder}: is a link or a file; pass a --out folder alnet can write the GAN's folders into")
     if folder.is_dir():
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in OWN_FILES and not p.name.startswith("."))
+        foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")
+                         and (p.name not in OWN_FILES or p.is_symlink() or not p.is_file()))
         if foreign:
-            fail(f"{folder}: holds files alnet did not write ({', '.join(foreign[:3])}); pick another --out")
+            fail(f"{folder}: holds entries alnet did not write ({', '.join(foreign[:3])}); pick another --out")
 
 
 def _chosen_split(gan_dir: Path, split: str | None) -> str:
@@ -64,7 +67,8 @@ def train(
     split: SplitOption = None,
     protocol: Annotated[str, typer.Option(help="subject or paper: the splits of `alnet train` with the same "
                                           "protocol and seed.")] = "subject",
-    seed: Annotated[int, typer.Option(help="Random seed (the same as the runs that will use the GAN).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Random seed (the same as the runs that will use the GAN).")]
+    = 0,
     resolution: Annotated[int, typer.Option(help="Side of the generated cells: 64, 128 or 224 px.")] = 64,
     width: Annotated[int, typer.Option(min=1, max=512, help="Channels of the largest feature maps.")] = 32,
     steps: Annotated[int, typer.Option(min=1, help="Training steps (one discriminator and one generator update "
@@ -86,6 +90,9 @@ def train(
                        protocol=protocol).validate()
     if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
         fail(f"{out_dir}: is a link or a file; pass a folder for the GANs")
+    where, data_at = out_dir.absolute().resolve(), data.absolute().resolve()
+    if where.is_relative_to(data_at) or data_at.is_relative_to(where):
+        fail(f"{out_dir}: inside the dataset {data} (or holding it); write the GANs somewhere else")
     prepared = prepare_data(data, cache, workers, Preprocessing(size=resolution), progress=progress)
     splits = make_splits(protocol, prepared.cells, seed, config.val_fraction)
     if split is not None:
@@ -99,8 +106,15 @@ def train(
     for chosen in splits:
         folder = split_folder(out_dir, chosen.name)
         if (folder / GAN_JSON).is_file():
-            say(f"{chosen.name}: a finished GAN is already in {folder}, kept")
             record = read_gan(folder).record
+            changed = [f"{key} {record['settings'].get(key)!r} → {value!r}" for key, value in asdict(config).items()
+                       if record["settings"].get(key) != value]
+            if record.get("cache") != prepared.path.name:
+                changed.append("the data (files, sizes, dates or labels)")
+            if changed:
+                fail(f"{folder}: a GAN trained with other settings is there ({'; '.join(changed)}); delete that "
+                     "folder to train it again, or pick another --out")
+            say(f"{chosen.name}: a finished GAN with these settings is already in {folder}, kept")
         else:
             say(f"{chosen.name}: training a GAN on {len(chosen.train)} training cells "
                 f"({len({prepared.cells[i].subject for i in chosen.train})} subjects), {steps} steps at "
@@ -125,7 +139,7 @@ def sample(
     out_dir: Annotated[Path, typer.Option("--out", help="A new or empty folder: the cells in the Kaggle layout "
                                           "and generated.csv.")],
     split: SplitOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of the draw (the same seed gives the same cells).")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the draw (the same seed gives the same cells).")] = 0,
     cell_class: Annotated[str, typer.Option("--class", help="all, hem or both.")] = "both",
     progress: ProgressOption = True,
 ):
@@ -165,7 +179,7 @@ def quality(
         "--features-from", help="An ALNet run directory trained on real cells (same protocol and seed: the split's "
         "own checkpoint is used) or one checkpoint; its penultimate features are compared.")],
     split: SplitOption = None,
-    seed: Annotated[int, typer.Option(help="Seed of the draw and of the two-sample test's halves.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the draw and of the two-sample test's halves.")] = 0,
     cache: CacheOption = None,
     workers: WorkersOption = None,
     progress: ProgressOption = True,
@@ -185,10 +199,15 @@ def quality(
         if checkpoint is None:
             fail(f"{features_from}: no finished fold {chosen}; pass a run trained with the same protocol and seed, "
                  "or one checkpoint")
+    target = gan_dir / chosen / QUALITY
+    if target.exists() and not target.is_symlink() and not target.is_file():
+        fail(f"{target}: is a folder or a pipe; move it away so that the figures can be written")
     trained = load_trained_model(checkpoint)
+    if trained.config.get("synthetic"):
+        fail(f"{checkpoint}: was trained with generated cells; the quality figures need an ALNet trained on real "
+             "cells only")
     prepared = prepare_data(data, cache, workers, trained.preprocessing, progress=progress)
     figures = measure_quality(gan, trained, prepared, seed=seed)
-    target = gan_dir / chosen / QUALITY
     write_atomically(target, lambda p: p.write_text(json.dumps(figures, indent=2)))
     two = figures["two_sample"]
     print_table(f"GAN {gan.gan_id} ({chosen}) against {figures['real_cells']} real cells of "

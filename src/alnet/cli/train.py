@@ -167,6 +167,7 @@ def train(
                                     synthetic=str(synthetic.absolute()) if synthetic else None,
                                     synthetic_ratio=synthetic_ratio)
         run_dir = out_dir or default_run_dir(run_config.protocol)
+        _check_synthetic(run_config, synthetic_ratio)
     if data is None:
         fail("--data is required: pass the folder holding the C-NMC dataset")
     tracking = _tracking(logger, mlflow_uri)
@@ -272,6 +273,7 @@ def compare(
                           augment=augment, pretrained=pretrained, finetune=finetune, precision=precision, seed=seed,
                           features_from=str(features_from) if features_from else None,
                           synthetic=str(synthetic.absolute()) if synthetic else None, synthetic_ratio=synthetic_ratio)
+    _check_synthetic(base, synthetic_ratio)
     tracking = _tracking(logger, mlflow_uri)
     prepared = prepare_data(data, cache, workers, base.preprocessing, progress=progress)
     rows, _ = run_comparison(names, base, prepared, out_dir, data_root=data, progress=progress, log=say,
@@ -284,6 +286,15 @@ def compare(
     if synthetic:
         _print_generated(comparison)
     result(f"tables: {comparison.csv}, {comparison.markdown}, {comparison.report}")
+
+
+def _check_synthetic(config, ratio_given: float | None) -> None:
+    """--synthetic-ratio needs --synthetic; a GAN folder named in a YAML file is kept as an absolute path, so that
+    a resume from another folder finds the same GANs."""
+    if ratio_given is not None and not config.synthetic:
+        fail("--synthetic-ratio needs --synthetic GAN_DIR (the GANs to draw the generated cells from)")
+    if config.synthetic:
+        config.synthetic = str(Path(config.synthetic).absolute())
 
 
 def _print_generated(comparison) -> None:

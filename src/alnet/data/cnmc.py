@@ -192,6 +192,10 @@ def _scan_training(training: Path, cells: list[Cell], problems: list[Problem], g
                     else:
                         generated.append(Cell(path, label, None, fold, GENERATED))
                     continue
+                if _looks_generated(path):
+                    problems.append(Problem(path, "named like a generated cell but not GAN_<8 hex digits>_s<seed>_"
+                                            "<n>_all|hem: not used; remove it or give it its real name"))
+                    continue
                 try:
                     subject, name_label = parse_name(path.name)
                 except ValueError as err:
@@ -257,9 +261,26 @@ def _prelim_cell(path: Path, where: Path, row: dict, problems: list[Problem]) ->
     return Cell(path, label, subject, None, "prelim")
 
 
-def _scan_prelim(layout: Layout, cells: list[Cell], problems: list[Problem]) -> None:
-    images = {p.name: p for p in sorted(layout.prelim.iterdir())
-              if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+def _looks_generated(path: Path) -> bool:
+    return path.name[:4].upper() == "GAN_"
+
+
+def _test_images(folder: Path, generated: list[Cell]) -> list[Path]:
+    """The images of a test folder; generated cells (GAN_…) among them go to `generated`, never to the test set."""
+    images = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if _looks_generated(path):
+                made = GENERATED_NAME.match(path.stem)
+                generated.append(Cell(path, (ALL if made.group(4).lower() == "all" else HEM) if made else None, None,
+                                      None, GENERATED))
+            else:
+                images.append(path)
+    return images
+
+
+def _scan_prelim(layout: Layout, cells: list[Cell], problems: list[Problem], generated: list[Cell]) -> None:
+    images = {p.name: p for p in _test_images(layout.prelim, generated)}
     csv_path = layout.prelim_labels
     if csv_path is None:
         problems.append(Problem(layout.prelim, f"{LABELS_CSV} not found beside this folder: the preliminary "
@@ -292,12 +313,10 @@ def scan(root: Path | str) -> Dataset:
     if layout.training is not None:
         _scan_training(layout.training, dataset.cells, dataset.problems, dataset.generated)
     if layout.prelim is not None:
-        _scan_prelim(layout, dataset.cells, dataset.problems)
+        _scan_prelim(layout, dataset.cells, dataset.problems, dataset.generated)
     if layout.final is not None:
-        dataset.cells.extend(
-            Cell(p, None, None, None, "final") for p in sorted(layout.final.iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
+        dataset.cells.extend(Cell(p, None, None, None, "final")
+                             for p in _test_images(layout.final, dataset.generated))
     if not dataset.cells and not dataset.generated:
         raise DatasetError(f"{root}: a C-NMC layout was found ({layout.name}) but it holds no usable images; "
                            "check the problems listed by `alnet info`")

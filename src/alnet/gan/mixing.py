@@ -17,7 +17,7 @@ import torch
 
 from ..data.cnmc import Cell
 from ..data.protocols import Split
-from .store import GanError, TrainedGan, generate, read_gan, round_ratio, split_folder
+from .store import GanError, TrainedGan, cell_key, generate, read_gan, round_ratio, split_folder
 from .training import generated_labels
 
 
@@ -31,8 +31,12 @@ class Mixed:
     record: dict  # what metrics.json says of it
 
 
-def gan_for_split(gan_dir: Path | str, split: Split, cells: list[Cell], protocol: str) -> TrainedGan:
-    """The GAN of `split` in `gan_dir`, refused (GanError) when it saw any of the split's validation or test cells."""
+def gan_for_split(gan_dir: Path | str, split: Split, cells: list[Cell], config) -> TrainedGan:
+    """The GAN of `split` in `gan_dir` for a run of `config` (a RunConfig), refused (GanError) when it was drawn
+    from other splits (another protocol, seed or validation share) or saw any of the split's validation or test
+    cells (by cell, whatever the file's format) or, under the subject protocol, any of their subjects."""
+    if not Path(gan_dir).is_dir():
+        raise GanError(f"{gan_dir}: not a folder; pass the --out folder of `alnet gan train`")
     folder = split_folder(gan_dir, split.name)
     if not (folder / "gan.json").is_file():
         raise GanError(f"{folder}: no GAN for split {split.name}; train one with `alnet gan train --data DATA "
@@ -41,12 +45,18 @@ def gan_for_split(gan_dir: Path | str, split: Split, cells: list[Cell], protocol
     if gan.split != split.name:
         raise GanError(f"{folder}: its gan.json is for split {gan.split}, not {split.name}; train the GAN of "
                        f"{split.name} into this folder")
+    settings = gan.record["settings"]
+    drawn = (gan.record["protocol"], settings["seed"], settings["val_fraction"])
+    wanted = (config.protocol, config.seed, config.val_fraction)
+    if drawn != wanted:
+        raise GanError(f"{folder}: this GAN's splits were drawn with protocol, seed, val_fraction {drawn}, this run's "
+                       f"with {wanted}; train the GAN with the run's --protocol and --seed")
     held_out = np.r_[split.val, split.test].astype(int)
-    seen_images = sorted({cells[i].path.name for i in held_out} & gan.seen_names)
+    seen_images = sorted({cell_key(cells[i].path.name) for i in held_out} & gan.seen_cells)
     if seen_images:
         raise GanError(f"{folder}: this GAN was trained on {len(seen_images)} validation or test cell(s) of split "
                        f"{split.name} (e.g. {seen_images[0]}); train it with the run's --protocol and --seed")
-    if protocol == "subject":
+    if config.protocol == "subject":
         seen_subjects = sorted({cells[i].subject for i in held_out} & gan.seen_subjects)
         if seen_subjects:
             raise GanError(f"{folder}: this GAN saw subject(s) {', '.join(seen_subjects[:5])}, which are validation "
@@ -60,7 +70,11 @@ def mix(gan: TrainedGan, split: Split, images: torch.Tensor, labels: torch.Tenso
     """`round(ratio × training cells)` generated cells in the training side's class shares, drawn with `seed`,
     appended after the real rows."""
     train_labels = labels[torch.from_numpy(np.asarray(split.train, dtype=np.int64))].numpy()
-    made_labels = generated_labels(round_ratio(ratio, len(split.train)), train_labels)
+    count = round_ratio(ratio, len(split.train))
+    if count < 1:
+        raise GanError(f"a synthetic ratio of {ratio:g} gives no generated cell for the {len(split.train)} training "
+                       f"cells of split {split.name}; raise --synthetic-ratio or leave out --synthetic")
+    made_labels = generated_labels(count, train_labels)
     made = torch.from_numpy(generate(gan.generator, made_labels, seed=seed, size=size))
     first = len(images)
     new_rows = np.arange(first, first + len(made), dtype=np.int64)

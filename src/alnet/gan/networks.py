@@ -23,6 +23,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 RESOLUTIONS = {64: (4, 4), 128: (4, 5), 224: (7, 5)}  # side → (start side, doublings)
 CLASSES = 2  # HEM 0, ALL 1 (alnet.labels)
+# Generator and discriminator together; width 64 at 224 px has about 35 M. A record asking for more is refused before
+# anything is allocated (a few bytes of JSON must not make alnet build a network of gigabytes).
+MAX_PARAMETERS = 200_000_000
 
 
 def _channels(width: int, doublings: int) -> list[int]:
@@ -97,3 +100,10 @@ def diff_augment(images: torch.Tensor, generator: torch.Generator | None = None)
     centre = uniform(n, 2) * 2 - 1
     inside = ((ys - centre[:, 0].view(n, 1, 1)).abs() < 0.5) & ((xs - centre[:, 1].view(n, 1, 1)).abs() < 0.5)
     return torch.where(inside.unsqueeze(1), torch.full_like(x, -1), x)
+
+
+def parameter_count(resolution: int, width: int, z_dim: int) -> int:
+    """Parameters of the generator and discriminator of these settings, counted without allocating them."""
+    with torch.device("meta"):
+        return sum(p.numel() for net in (Generator(resolution, width, z_dim), Discriminator(resolution, width))
+                   for p in net.parameters())

@@ -84,9 +84,11 @@ def _balanced(real: np.ndarray, generated: np.ndarray, rng: np.random.Generator)
 def held_out_rows(gan, cells) -> np.ndarray:
     """Rows of labelled real cells the GAN never saw: not its training images and, under the subject protocol,
     not of its training subjects."""
-    names, subjects = gan.seen_names, gan.seen_subjects
+    from .store import cell_key
+
+    seen, subjects = gan.seen_cells, gan.seen_subjects
     by_subject = gan.record["protocol"] == "subject"
-    return np.array([i for i, c in enumerate(cells) if c.label is not None and c.path.name not in names
+    return np.array([i for i, c in enumerate(cells) if c.label is not None and cell_key(c.path.name) not in seen
                      and not (by_subject and c.subject in subjects)], dtype=np.int64)
 
 

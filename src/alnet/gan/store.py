@@ -8,22 +8,27 @@
     GAN_DIR/<split>/quality.json   written by `alnet gan quality`: KID and the two-sample test
 
 One GAN per split: a run that mixes generated cells into a split's training side takes that split's GAN, which
-never saw the split's validation or test cells (`check_gan_for_split`).
+never saw the split's validation or test cells (`mixing.gan_for_split`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
+import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .networks import RESOLUTIONS, Generator
+from ..schema import check_torch_file
+from .networks import MAX_PARAMETERS, RESOLUTIONS, Generator, parameter_count
 
 MAX_JSON_BYTES = 64 * 2**20  # gan.json of the full C-NMC training set (10,661 names) is under 1 MiB
 MAX_WEIGHTS_BYTES = 2**30
@@ -60,8 +65,14 @@ class TrainedGan:
         return set(self.record["trained_on"]["subjects"])
 
     @property
-    def seen_names(self) -> set[str]:
-        return set(self.record["trained_on"]["names"])
+    def seen_cells(self) -> set[str]:
+        """The cells it learned from, by `cell_key` (a .bmp and a .png copy of one cell are one cell)."""
+        return {cell_key(name) for name in self.record["trained_on"]["names"]}
+
+
+def cell_key(name: str) -> str:
+    """A cell's identity across copies of the dataset: its file name without the suffix, in lower case."""
+    return Path(name).stem.lower()
 
 
 def split_folder(gan_dir: Path | str, split: str) -> Path:
@@ -85,68 +96,92 @@ def _read_capped(path: Path, limit: int, fix: str) -> bytes:
     return data
 
 
+SPLIT_NAME = re.compile(r"^(fold_[0-9]{1,3}|prelim)$")
+GAN_ID = re.compile(r"^[0-9a-f]{8}$")
+
+
+def _whole(value, low: int, high: int) -> bool:
+    return type(value) is int and low <= value <= high
+
+
 def _checked_record(record, path: Path, fix: str) -> dict:
     def fail(what: str):
         raise GanError(f"{path}: {what}; {fix}")
 
     if not isinstance(record, dict):
         fail("not a GAN record")
-    settings = record.get("settings")
-    trained_on = record.get("trained_on")
+    settings, trained_on = record.get("settings"), record.get("trained_on")
     if not isinstance(settings, dict) or not isinstance(trained_on, dict):
         fail("no settings or trained_on entry")
-    if settings.get("resolution") not in RESOLUTIONS:
+    if not (_whole(settings.get("resolution"), 0, 10**4) and settings["resolution"] in RESOLUTIONS):
         fail(f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}")
-    for key, top in (("width", 512), ("z_dim", 1024)):
-        value = settings.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
-            fail(f"{key} must be a whole number from 1 to {top}")
+    for key, low, top in (("width", 1, 512), ("z_dim", 1, 1024), ("seed", 0, 2**63)):
+        if not _whole(settings.get(key), low, top):
+            fail(f"settings.{key} must be a whole number from {low} to {top}")
+    if not isinstance(settings.get("val_fraction"), float) or not 0 < settings["val_fraction"] < 1:
+        fail("settings.val_fraction must be a number in (0, 1)")
+    if parameter_count(settings["resolution"], settings["width"], settings["z_dim"]) > MAX_PARAMETERS:
+        fail(f"its settings ask for more than {MAX_PARAMETERS:,} parameters")
     for key in ("subjects", "names"):
         values = trained_on.get(key)
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             fail(f"trained_on.{key} must be a list of text")
-    for key in ("gan_id", "split", "protocol"):
-        if not isinstance(record.get(key), str) or not record[key].isprintable() or len(record[key]) > 100:
-            fail(f"{key} must be short printable text")
+    if not isinstance(record.get("gan_id"), str) or not GAN_ID.match(record["gan_id"]):
+        fail("gan_id must be 8 hexadecimal digits")
+    if not isinstance(record.get("split"), str) or not SPLIT_NAME.match(record["split"]) \
+            or record["split"] != path.parent.name:
+        fail(f"split must be the name of its folder ({path.parent.name})")
+    if record.get("protocol") not in ("subject", "paper") or settings.get("protocol") != record["protocol"]:
+        fail("protocol must be subject or paper, the same in settings")
     return record
 
 
 def read_gan(folder: Path | str) -> TrainedGan:
-    """A finished GAN (gan.json + generator.pt), checked: sizes capped, JSON only, weights as tensors only (a file
-    cannot run code when it is opened), shapes as the record says."""
+    """A finished GAN (gan.json + generator.pt), checked as hostile input: sizes capped (on disk and unpacked),
+    JSON only, the network's size bounded before it is built, weights as tensors only (a file cannot run code
+    when it is opened), the weights the record's (`gan_id` is their file's sha256), shapes as the record says,
+    every value finite."""
     folder = Path(folder)
     fix = "pass a folder written by `alnet gan train`"
+    if folder.is_symlink() or not folder.is_dir():
+        raise GanError(f"{folder}: not a folder (or a link); {fix}")
     path = folder / GAN_JSON
     try:
         record = json.loads(_read_capped(path, MAX_JSON_BYTES, fix).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise GanError(f"{path}: not JSON; {fix}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):  # ValueError: bad JSON, or a number of 5,000 digits
+        raise GanError(f"{path}: not JSON alnet wrote; {fix}") from None
     record = _checked_record(record, path, fix)
     settings = record["settings"]
     weights = folder / GENERATOR
-    _read_capped_size(weights, MAX_WEIGHTS_BYTES, fix)
+    data = _read_capped(weights, MAX_WEIGHTS_BYTES, fix)
+    if hashlib.sha256(data).hexdigest()[:8] != record["gan_id"]:
+        raise GanError(f"{weights}: not the generator of GAN {record['gan_id']} (its sha256 differs); {fix}")
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        check_torch_file(weights, MAX_WEIGHTS_BYTES)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or set(state) != {"state_dict"}:
+            raise ValueError("not {'state_dict': …}")
         generator = Generator(settings["resolution"], settings["width"], settings["z_dim"])
         generator.load_state_dict(state["state_dict"])
-    except Exception as err:  # unpickling refused, wrong keys or shapes: all mean "not this GAN's weights"
+    except Exception as err:  # unpickling refused, too big unpacked, wrong keys or shapes: not this GAN's weights
         raise GanError(f"{weights}: not the generator gan.json describes ({type(err).__name__}); {fix}") from None
+    if not all(torch.isfinite(t).all() for t in generator.state_dict().values() if t.is_floating_point()):
+        raise GanError(f"{weights}: holds values that are not finite (NaN or infinity); {fix}")
     return TrainedGan(folder, record, generator.eval())
 
 
-def _read_capped_size(path: Path, limit: int, fix: str) -> None:
-    if path.is_symlink() or not path.is_file():
-        raise GanError(f"{path}: missing or not a regular file; {fix}")
-    if path.stat().st_size > limit:
-        raise GanError(f"{path}: larger than {limit // 2**20} MiB, not a file alnet wrote; {fix}")
-
-
 def write_atomically(path: Path, write) -> None:
-    """`write(temporary path)`, then rename into place: a killed process never leaves a half-written file."""
+    """`write(temporary path)`, then rename into place: a killed process never leaves a half-written file, and a
+    link or pipe standing at `path` is replaced, never written through."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -27,7 +27,7 @@ from ..data.protocols import Split
 from ..data.transforms import to_float
 from ..labels import ALL, HEM
 from ..schema import GAN_HISTORY_FIELDS, write_csv
-from .networks import RESOLUTIONS, Discriminator, Generator, diff_augment
+from .networks import MAX_PARAMETERS, RESOLUTIONS, Discriminator, Generator, diff_augment, parameter_count
 from .store import GAN_JSON, GENERATOR, HISTORY, SAMPLES, class_counts, generate, write_atomically
 
 LOG_EVERY = 25  # steps between two rows of history.csv
@@ -50,6 +50,11 @@ class GanConfig:
         checks = [(self.resolution in RESOLUTIONS, f"resolution must be one of {', '.join(map(str, RESOLUTIONS))}"),
                   (1 <= self.width <= 512, "width must be from 1 to 512"),
                   (1 <= self.z_dim <= 1024, "z_dim must be from 1 to 1024"),
+                  (self.seed >= 0, "seed must be 0 or more"),
+                  (self.resolution not in RESOLUTIONS
+                   or parameter_count(self.resolution, self.width, self.z_dim) <= MAX_PARAMETERS,
+                   f"width {self.width} at {self.resolution} px is more than {MAX_PARAMETERS:,} parameters; "
+                   "lower --width"),
                   (self.steps >= 1 and self.batch_size >= 2, "steps must be at least 1 and batch size at least 2"),
                   (self.lr > 0, "lr must be positive"),
                   (self.protocol in ("subject", "paper"), "protocol must be 'subject' or 'paper'")]
@@ -153,9 +158,10 @@ def train_gan(prepared: Prepared, split: Split, config: GanConfig, folder: Path 
     average = average.float().to("cpu").to(memory_format=torch.contiguous_format)
     state = {k: v.contiguous() for k, v in average.state_dict().items()}
     write_atomically(folder / GENERATOR, lambda p: torch.save({"state_dict": state}, p))
-    write_csv(folder / HISTORY, history, GAN_HISTORY_FIELDS)
-    write_samples(average, prepared.images[rows], labels.cpu().numpy(), folder / SAMPLES, config.seed,
-                  f"{split.name}: generated (left) and real training cells (right)")
+    write_atomically(folder / HISTORY, lambda p: write_csv(p, history, GAN_HISTORY_FIELDS))
+    write_atomically(folder / SAMPLES, lambda p: write_samples(
+        average, prepared.images[rows], labels.cpu().numpy(), p, config.seed,
+        f"{split.name}: generated (left) and real training cells (right)"))
     record = {
         "gan_id": hashlib.sha256((folder / GENERATOR).read_bytes()).hexdigest()[:8],
         "split": split.name, "protocol": config.protocol, "note": split.note,
@@ -197,7 +203,7 @@ def write_samples(generator: Generator, real: np.ndarray, real_labels: np.ndarra
             ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 

@@ -95,7 +95,7 @@ def _train_split(job: Job, split: Split) -> tuple[list[dict], list[dict], dict]:
     module = build_module(config, sorted({job.cells[i].subject for i in np.r_[split.train, split.val]}))
     inputs, labels, train_rows = job.images, job.labels, split.train
     if config.synthetic:  # generated cells join the training rows only (alnet.gan.mixing)
-        mixed = mix(gan_for_split(config.synthetic, split, job.cells, config.protocol), split, job.images, job.labels,
+        mixed = mix(gan_for_split(config.synthetic, split, job.cells, config), split, job.images, job.labels,
                     config.synthetic_ratio, zlib.crc32(f"{config.seed}:{split.name}:generated".encode()),
                     config.image_size)
         inputs, labels, train_rows = mixed.images, mixed.labels, mixed.train
@@ -196,8 +196,7 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     config, run, cells = job.config, job.run, job.cells
     splits = make_splits(config.protocol, cells, config.seed, config.val_fraction)
     if config.synthetic:  # every split's GAN is checked before anything is written or trained
-        for split in splits:
-            gan_for_split(config.synthetic, split, cells, config.protocol)
+        check_gans(config, splits, cells, run if job.resume else None)
     if job.resume:
         _check_same_start(run, prepared, config)
     if is_main_process() and not job.resume:
@@ -235,6 +234,19 @@ def _train_splits(job: Job, prepared: Prepared, data_root: Path | str | None) ->
     if is_main_process():
         write_outputs(run, result, predictions, history, config)
     return result
+
+
+def check_gans(config: RunConfig, splits: list[Split], cells: list[Cell], resumed: RunDir | None = None) -> None:
+    """With --synthetic: each split's GAN exists and never saw its validation or test cells; a resumed run's
+    splits keep the GAN they started with."""
+    for split in splits:
+        gan = gan_for_split(config.synthetic, split, cells, config)
+        record = resumed.fold_synthetic(split.name) if resumed else None
+        if record is not None and record.is_file():
+            started = resumed.read_json(record).get("gan_id")
+            if started != gan.gan_id:
+                raise RunError(f"{resumed}: split {split.name} started with GAN {started}, and {gan.folder} now holds "
+                               f"GAN {gan.gan_id}; put that GAN back to resume, or start a new run with --out")
 
 
 def _check_devices(config: RunConfig) -> None:
