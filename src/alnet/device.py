@@ -70,7 +70,7 @@ def threads_per_process(processes: int) -> int:
 def use_compile(setting: str, runs_as: Precision) -> bool:
     """Whether a run's `compile` setting compiles its network (torch.compile) on this path. "auto" compiles on a
     GPU only: there a training step is short enough for per-layer launches to show. On a CPU, torch.compile's
-    code generator (inductor) gives ALNet's convolutions wrong gradients in this torch (a test checks that
+    code generator (inductor) gave ALNet's convolutions wrong gradients in torch 2.14 (a test checks that
     `on` is refused there; docs/design.md, "Speed by design")."""
     if setting == "auto":
         return runs_as.device_type == "cuda"

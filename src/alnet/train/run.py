@@ -258,7 +258,8 @@ def _check_devices(config: RunConfig) -> None:
     on_gpu = resolve_precision(config.precision, config.accelerator).accelerator == "gpu"
     if config.compile == "on" and not on_gpu:
         raise RunError("compile on is refused on a CPU: torch.compile's CPU code generator computes wrong gradients "
-                       "for ALNet's convolutions in this torch; use compile off or auto (auto compiles on a GPU only)")
+                       "for ALNet's convolutions (found in torch 2.14); use compile off or auto (auto compiles on a "
+                       "GPU only)")
     if config.accelerator in ("gpu", "cuda") and not on_gpu:
         raise RunError(f"accelerator {config.accelerator} asked for, but this machine has no CUDA GPU; use auto")
     available = torch.cuda.device_count() if on_gpu else len(os.sched_getaffinity(0))
