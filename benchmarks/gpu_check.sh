@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA path on a GPU machine, in one call of under 8 minutes:
+# The CUDA path on a GPU machine, in one call (each step has a time limit; 12 minutes at most):
 #   1. the tests marked `cuda` (training step, the cache on the device, predict, serve);
 #   2. `alnet demo` on the GPU;
 #   3. training and inference images/s of alnet's pipeline (uint8 cache on the device, bf16 AMP, channels-last)
@@ -38,8 +38,8 @@ step() {  # step NAME SECONDS COMMAND…: run with a time limit, log to $OUT/NAM
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$OUT/gpu.txt" 2>&1
 step cuda_tests 240 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider
 step demo 150 "$PY" -m alnet demo --out "$OUT/demo" --no-progress
-step bench_256 150 "$PY" benchmarks/train.py --images 512 --repeat 16 --epochs 3 --batch-size 256 --workers 8
-step bench_32 120 "$PY" benchmarks/train.py --images 512 --repeat 4 --epochs 3 --batch-size 32 --workers 8
+step bench_256 180 "$PY" benchmarks/train.py --images 512 --repeat 16 --epochs 3 --batch-size 256 --workers 8
+step bench_32 150 "$PY" benchmarks/train.py --images 512 --repeat 4 --epochs 3 --batch-size 32 --workers 8
 
 "$PY" - "$OUT" <<'PY' | tee "$OUT/gpu_check.json"
 import json, re, sys

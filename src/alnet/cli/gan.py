@@ -59,6 +59,11 @@ def _chosen_split(gan_dir: Path, split: str | None) -> str:
     return split
 
 
+def _figure(value) -> str:
+    """A number of a kept GAN's record as the table shows it ("–" when the record has none)."""
+    return f"{value:.0f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
 @app.command("train")
 @handles_errors
 def train(
@@ -123,9 +128,9 @@ def train(
                 task = bar.add_task("steps", total=steps)
                 record = train_gan(prepared, chosen, config, folder, data_root=data, log=say,
                                    progress=lambda done, total: bar.update(task, completed=done))
-        rows.append([chosen.name, record["gan_id"], str(record["trained_on"]["images"]),
-                     str(len(record["trained_on"]["subjects"])), f"{record['seconds']:.0f}",
-                     f"{record['images_per_s']:.0f}"])
+        rows.append([chosen.name, record["gan_id"], str(len(record["trained_on"]["names"])),
+                     str(len(record["trained_on"]["subjects"])), _figure(record.get("seconds")),
+                     _figure(record.get("images_per_s"))])
     print_table(f"GANs in {out_dir} ({protocol} protocol, seed {seed})",
                 ["split", "GAN", "training cells", "subjects", "seconds", "images/s"], rows)
     result(f"train with them: alnet train --data {data} --protocol {protocol} --seed {seed} --synthetic {out_dir}")
