@@ -48,6 +48,17 @@ def test_a_second_train_into_the_same_directory_is_refused(synthetic_root, tmp_p
     assert result.exit_code == 2 and "--resume" in result.output
 
 
+def test_resume_refuses_settings_it_would_ignore(synthetic_root, tmp_path):
+    from alnet.config import RunConfig
+
+    (tmp_path / "run").mkdir()
+    RunConfig(epochs=2).to_yaml(tmp_path / "run" / "config.yaml")
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--data", str(synthetic_root),
+                                 "--epochs", "5", "--synthetic", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "--epochs, --synthetic would be ignored" in " ".join(result.output.split())
+
+
 def test_bad_configuration_and_checkpoint_files_are_one_line_errors(synthetic_root, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochz: 3\n")

@@ -216,8 +216,10 @@ def test_a_damaged_or_hostile_gan_folder_is_a_one_line_error(gan_dir, tmp_path, 
         _edit_record(folder, lambda r: r.update(split="../x"))
     else:
         _edit_record(folder, lambda r: r.update(gan_id="../../x"))
-    with pytest.raises(GanError, match=str(folder)):
+    with pytest.raises(GanError, match=str(folder)) as refused:
         read_gan(folder)
+    if damage == "zip bomb":  # the reason, not only that it failed
+        assert "would unpack to" in str(refused.value)
 
 
 def test_a_gan_trained_on_another_copy_of_the_test_cells_is_refused_whatever_their_format(gan_dir, mini_64, tmp_path):
@@ -230,6 +232,15 @@ def test_a_gan_trained_on_another_copy_of_the_test_cells_is_refused_whatever_the
                                     r.update(protocol="paper"), r["settings"].update(protocol="paper")))
     with pytest.raises(GanError, match="validation or test cell"):
         gan_for_split(tmp_path, paper[0], prepared.cells, RunConfig(protocol="paper"))
+
+
+def test_a_ratio_that_draws_no_generated_cell_is_refused_before_anything_is_written(gan_dir, mini_64):
+    from alnet.train.run import RunError, check_gans
+
+    prepared, splits = mini_64
+    with pytest.raises(RunError, match="gives no generated cell"):
+        check_gans(RunConfig(synthetic=str(gan_dir), synthetic_ratio=0.01), splits, prepared.cells)
+    check_gans(RunConfig(synthetic=str(gan_dir), synthetic_ratio=0.1), splits, prepared.cells)
 
 
 def test_a_gan_of_another_seed_is_refused(gan_dir, mini_64):
@@ -257,9 +268,13 @@ def test_generated_cells_in_the_test_folders_are_never_test_cells(tmp_path, synt
     layout = scan(synthetic_copy).layout
     shutil.copy(next(layout.prelim.glob("*.bmp")), layout.prelim / "GAN_0123abcd_s0_000001_all.bmp")
     shutil.copy(next(layout.final.glob("*.bmp")), layout.final / "gan_0123ABCD_s0_000002_hem.bmp")
+    with open(layout.prelim_labels, "a") as labels:  # a labels row naming a generated cell
+        labels.write("99,GAN_0123abcd_s0_000001_all.bmp,1\n")
     dataset = scan(synthetic_copy)
     assert not [c for c in dataset.cells if c.path.name.lower().startswith("gan_")]
     assert len(dataset.generated) == 2
+    assert [p.message for p in dataset.problems if "GAN_" in str(p.path) or "GAN_" in p.message] == \
+        ["GAN_0123abcd_s0_000001_all.bmp names a generated cell (GAN_…), which is never a test cell; delete the row"]
 
 
 def test_kid_and_the_two_sample_test_tell_real_from_noise_but_not_real_from_real(mini_root):

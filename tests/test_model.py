@@ -152,12 +152,16 @@ def test_compile_on_a_cpu_is_refused_before_anything_is_written(small_prepared_c
     torch (up to a quarter of cl2.conv2's weight gradient, against fp64; its aot_eager backend is exact), so a
     CPU run never trains compiled: `auto` leaves it off there, and `on` is refused in one line."""
     from alnet.config import RunConfig
+    from alnet.train.compare import compare
     from alnet.train.run import RunError, train_run
 
     config = RunConfig(compile="on", accelerator="cpu", image_size=136, epochs=1)
     with pytest.raises(RunError, match="compile on is refused on a CPU"):
         train_run(config, small_prepared_cpu, tmp_path / "run", progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(RunError, match="compile on is refused on a CPU"):
+        compare(["alnet"], config, small_prepared_cpu, tmp_path / "comparison", progress=False, log=lambda m: None)
+    assert not (tmp_path / "comparison").exists()
 
 
 @pytest.fixture

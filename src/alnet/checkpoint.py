@@ -86,7 +86,8 @@ def read_checkpoint(path: Path | str) -> dict:
     """The checkpoint's content (tensors and plain containers only), or a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        what = "not a regular file" if path.exists() else "no such checkpoint"
+        what = ("not a regular file" if path.exists() else
+                "a link to nothing (or a loop of links)" if path.is_symlink() else "no such checkpoint")
         raise CheckpointError(f"{path}: {what}; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
     try:
         check_torch_file(path, MAX_CHECKPOINT_BYTES)

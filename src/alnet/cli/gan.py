@@ -28,9 +28,11 @@ app = typer.Typer(help="Generated cells: train a class-conditional GAN on one sp
                   "--synthetic GAN_DIR.", no_args_is_help=True)
 
 GanDirArgument = Annotated[Path, typer.Argument(help="A folder written by `alnet gan train` (one GAN per split).")]
+TrainSplitOption = Annotated[Optional[str], typer.Option(
+    "--split", help="Train the GAN of one split only: fold_0, fold_1, … or prelim (default: every split of the "
+    "protocol).")]
 SplitOption = Annotated[Optional[str], typer.Option(
-    "--split", help="fold_0, fold_1, … or prelim (default: every split of the protocol; for sample and quality: "
-    "the only one, or fold_0).")]
+    "--split", help="Which split's GAN: fold_0, fold_1, … or prelim (default: the only one, else fold_0).")]
 OWN_FILES = {"gan.json", "generator.pt", "history.csv", "samples.png", "quality.json"}
 
 
@@ -53,7 +55,10 @@ def _chosen_split(gan_dir: Path, split: str | None) -> str:
     if not found:
         fail(f"{gan_dir}: no finished GAN (no <split>/gan.json); train one with alnet gan train --out {gan_dir}")
     if split is None:
-        return found[0] if len(found) == 1 else ("fold_0" if "fold_0" in found else found[0])
+        chosen = found[0] if len(found) == 1 else ("fold_0" if "fold_0" in found else found[0])
+        if len(found) > 1:
+            say(f"{gan_dir}: using the GAN of {chosen} (it has {', '.join(found)}; choose one with --split)")
+        return chosen
     if split not in found:
         fail(f"{gan_dir}: no finished GAN for split {split}; it has {', '.join(found)}")
     return split
@@ -69,7 +74,7 @@ def _figure(value) -> str:
 def train(
     data: DataOption,
     out_dir: Annotated[Path, typer.Option("--out", help="GAN folder: one sub-folder per split.")],
-    split: SplitOption = None,
+    split: TrainSplitOption = None,
     protocol: Annotated[str, typer.Option(help="subject or paper: the splits of `alnet train` with the same "
                                           "protocol and seed.")] = "subject",
     seed: Annotated[int, typer.Option(min=0, help="Random seed (the same as the runs that will use the GAN).")]
@@ -219,4 +224,7 @@ def quality(
                 f"{figures['real_subjects']} held-out subjects",
                 ["KID", "± std", "two-sample accuracy", "chance"],
                 [[f"{figures['kid']:.4f}", f"{figures['kid_std']:.4f}", f"{two['accuracy']:.3f}", "0.500"]], left=0)
+    result("KID: 0 when the generated cells' features are distributed as the real ones'; features are standardised "
+           "over both sets, so it compares GANs within one feature extractor, not with published FID or KID. "
+           "Two-sample accuracy: 0.5 when a classifier cannot tell them apart, 1.0 when it always can.")
     result(f"written to {target}")

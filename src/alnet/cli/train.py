@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -154,7 +155,18 @@ def train(
         run = RunDir(resume)
         if not run.exists():
             fail(f"{resume}: no config.yaml, so nothing to resume; start a new run with --out")
-        run_config = RunConfig.from_yaml(run.config)
+        settings = {"--config": config, "--model": model, "--pretrained": pretrained, "--weights": weights,
+                    "--finetune": finetune, "--features-from": features_from, "--protocol": protocol,
+                    "--epochs": epochs, "--batch-size": batch_size, "--lr": lr, "--dropout": dropout,
+                    "--image-size": image_size, "--augment": augment, "--seed": seed, "--synthetic": synthetic,
+                    "--synthetic-ratio": synthetic_ratio, "--out": out_dir}
+        given = [name for name, value in settings.items() if value is not None]
+        if given:
+            fail(f"--resume continues {resume} with the settings in its config.yaml, so {', '.join(given)} would "
+                 "be ignored; leave them out, or start a new run with --out")
+        runtime = {"precision": precision, "devices": devices, "strategy": strategy, "deterministic": deterministic}
+        run_config = replace(RunConfig.from_yaml(run.config),  # where and how fast: a resume may change these
+                             **{key: value for key, value in runtime.items() if value is not None})
         data = data or run.data_root()
         run_dir = resume
     else:
@@ -283,9 +295,11 @@ def compare(
                 [c.short for c in COMPARISON], [[c.cell(row) for c in COMPARISON] for _, row in listed],
                 bold_rows={i for i, (cls, _) in enumerate(listed) if cls == ""})
     comparison = ComparisonDir(out_dir)
+    tables = [comparison.csv, comparison.markdown, comparison.report]
     if synthetic:
         _print_generated(comparison)
-    result(f"tables: {comparison.csv}, {comparison.markdown}, {comparison.report}")
+        tables.append(comparison.generated)
+    result(f"tables: {', '.join(map(str, tables))}")
 
 
 def _check_synthetic(config, ratio_given: float | None) -> None:
@@ -308,6 +322,11 @@ def _print_generated(comparison) -> None:
             for metric, d in levels[level].items()]
     print_table("with generated cells minus without (same splits and seed; 95% interval resampling subjects)",
                 ["model", "level", "metric", "without", "with", "difference", "interval"], rows, left=3)
+    first = next(iter(found.values()), None)
+    if first:  # why these can differ from the table above, which averages the folds
+        result(f"pooled over every test fold's cells ({first['cells']} cells of {first['subjects']} subjects), so "
+               "they can differ from the means over folds above; an interval holding 0 is no difference these "
+               "subjects can resolve")
 
 
 @handles_errors

@@ -289,6 +289,10 @@ def _scan_prelim(layout: Layout, cells: list[Cell], problems: list[Problem], gen
         return
     listed = _read_labels_csv(csv_path)
     for name, rows in listed.items():
+        if name not in images and _looks_generated(Path(name)):
+            problems.extend(Problem(Path(f"{csv_path}:{line}"), f"{name} names a generated cell (GAN_…), which is "
+                                    "never a test cell; delete the row") for line, _ in rows)
+            continue
         if name not in images:
             problems.extend(Problem(Path(f"{csv_path}:{line}"), f"{name or '(empty)'} is listed but not in "
                                     f"{layout.prelim.name}/: restore the image or delete the row; skipped")

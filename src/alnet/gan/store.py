@@ -158,6 +158,9 @@ def read_gan(folder: Path | str) -> TrainedGan:
         raise GanError(f"{weights}: not the generator of GAN {record['gan_id']} (its sha256 differs); {fix}")
     try:
         check_torch_file(weights, MAX_WEIGHTS_BYTES)
+    except ValueError as err:  # a zip archive that would unpack to more than a generator can be
+        raise GanError(f"{weights}: {err}; {fix}") from None
+    try:
         with warnings.catch_warnings():  # torch's notes on a foreign pickle: the error below says it all
             warnings.simplefilter("ignore")
             state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

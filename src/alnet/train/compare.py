@@ -16,7 +16,7 @@ from ..models import create_model_from, model_spec, trainable_parameters
 from ..schema import read_csv, read_predictions, write_csv
 from ..trust.subjects import paired_difference
 from .loggers import Tracking
-from .run import RunError, check_gans, config_changes, train_run
+from .run import RunError, check_devices, check_gans, config_changes, train_run
 from .rundir import ComparisonDir, RunDir, foreign_files
 
 WITH_GENERATED = "-with-generated"  # the run folder of a model trained with --synthetic, beside the one without
@@ -50,6 +50,7 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
     if foreign:
         raise RunError(f"{foreign[0]}: not written by alnet compare, and compare would replace it; move it aside or "
                        "compare into another --out")
+    check_devices(base)  # before the comparison's folder is made: a refused start leaves nothing behind
     if base.synthetic:  # every split's GAN, checked before the first model trains
         check_gans(base, make_splits(base.protocol, prepared.cells, base.seed, base.val_fraction), prepared.cells)
     comparison.path.mkdir(parents=True, exist_ok=True)

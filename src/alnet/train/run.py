@@ -26,6 +26,7 @@ from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..fitting import fit_after_training
 from ..gan.mixing import gan_for_split, mix
+from ..gan.store import round_ratio
 from ..models import WeightsError, create_model_from, model_spec
 from ..pipeline import answer_rows
 from ..schema import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, read_csv, read_predictions, write_csv
@@ -172,7 +173,7 @@ def train_run(
         raise RunError(f"{run}: exists and is not an empty folder; pick a new or empty folder for --out")
     config.validate()
     tracking = (tracking or Tracking()).check()
-    _check_devices(config)
+    check_devices(config)
     if not resume:
         try:  # what only the model can judge (an input too small for ALNet, missing ImageNet weights), before
             create_model_from(config)  # anything is written: a failed start leaves no folder that blocks --out
@@ -240,6 +241,10 @@ def check_gans(config: RunConfig, splits: list[Split], cells: list[Cell], resume
     """With --synthetic: each split's GAN exists and never saw its validation or test cells; a resumed run's
     splits keep the GAN they started with."""
     for split in splits:
+        if round_ratio(config.synthetic_ratio, len(split.train)) < 1:
+            raise RunError(f"a synthetic ratio of {config.synthetic_ratio:g} gives no generated cell for the "
+                           f"{len(split.train)} training cells of split {split.name}; raise --synthetic-ratio or "
+                           "leave out --synthetic")
         gan = gan_for_split(config.synthetic, split, cells, config)
         record = resumed.fold_synthetic(split.name) if resumed else None
         if record is not None and record.is_file():
@@ -249,7 +254,7 @@ def check_gans(config: RunConfig, splits: list[Split], cells: list[Cell], resume
                                f"GAN {gan.gan_id}; put that GAN back to resume, or start a new run with --out")
 
 
-def _check_devices(config: RunConfig) -> None:
+def check_devices(config: RunConfig) -> None:
     """Settings only this machine and Lightning can judge, checked before anything is written."""
     from lightning.pytorch.strategies import StrategyRegistry
 
