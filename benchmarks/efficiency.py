@@ -74,14 +74,19 @@ def peak_for(bf16: bool, machine: dict) -> float:
     return machine["peak_bf16_gflops"] if bf16 else machine["peak_fp32_gflops"]
 
 
-def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, top: int = 8) -> list[dict]:
+def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, top: int = 10) -> list[dict]:
     """The forward pass's layers by time taken: ms per batch, share of the pass, achieved GFLOP/s.
 
-    Each leaf layer runs inside a torch.profiler range of its own name; its FLOPs come from FlopCounterMode."""
+    Each leaf layer, and each top-level block that holds layers (ALNet's clusters), runs inside a torch.profiler
+    range of its own name; FLOPs come from FlopCounterMode. A block's row holds its layers' rows and what runs
+    between them (functional activations, pooling, and layers called fused, without their module: ALNet's
+    first convolution of a cluster with its ReLU)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     prefix = type(model).__name__
-    leaves = {name: module for name, module in model.named_modules() if name and not list(module.children())}
+    top_level = dict(model.named_children())
+    leaves = {name: module for name, module in model.named_modules()
+              if name and (not list(module.children()) or name in top_level)}
     ranges, handles = {}, []
 
     def enter(name):
@@ -100,8 +105,8 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
     context = autocast or nullcontext
     with torch.no_grad(), context():
         model(images)  # warm-up
-        with FlopCounterMode(display=False) as counter:
-            model(images)
+        with FlopCounterMode(display=False) as counter:  # NCHW: fused layers take their plain, counted path
+            model(images.contiguous())
         for name, module in leaves.items():
             handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name))]
         try:
@@ -123,7 +128,7 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
             rows.append({"layer": name, "ms": round(1000 * seconds, 2), "time_share": round(seconds / total, 3),
                          "gflops": round(flops.get(name, 0) / seconds / 1e9, 1) if seconds else None})
     rows = sorted(rows, key=lambda r: -r["ms"])
-    between = total - sum(r["ms"] for r in rows) / 1000  # functional activations, pooling, layout changes
+    between = total - sum(r["ms"] for r in rows if r["layer"] in top_level) / 1000  # e.g. layout changes
     return rows[:top] + [{"layer": "(between layers)", "ms": round(1000 * between, 2),
                           "time_share": round(between / total, 3), "gflops": None}]
 

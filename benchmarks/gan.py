@@ -30,6 +30,7 @@ from alnet.data.transforms import Preprocessing
 from alnet.gan.networks import Discriminator, Generator
 from alnet.gan.store import generate
 from alnet.gan.training import GanConfig, make_optimizers, train_gan, train_step
+from alnet.memory import keep_freed_memory
 
 
 def step_flops(config: GanConfig) -> float:
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--samples", type=int, default=512)
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does (alnet.memory)
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
     machine = peaks(device)

@@ -40,6 +40,7 @@ from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
 from alnet.infer.predict import load_pipeline
 from alnet.int8 import ENGINE
+from alnet.memory import keep_freed_memory
 from alnet.metrics import roc_auc
 from alnet.train.run import train_run
 
@@ -81,6 +82,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=12, help="training epochs when no --checkpoint is given")
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does (alnet.memory)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         checkpoint = args.checkpoint or trained_checkpoint(MINI, workdir / "real", args.epochs)

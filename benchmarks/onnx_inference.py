@@ -23,6 +23,7 @@ from alnet.config import RunConfig
 from alnet.device import resolve_precision
 from alnet.infer.export import export_onnx
 from alnet.infer.predict import load_pipeline
+from alnet.memory import keep_freed_memory
 from alnet.train.module import CellClassifier
 
 
@@ -32,6 +33,7 @@ def main():
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does (alnet.memory)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:

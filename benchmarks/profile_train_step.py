@@ -14,6 +14,7 @@ from efficiency import efficiency, peak_for, peaks, training_flops
 from torch.profiler import ProfilerActivity, profile
 
 from alnet.config import RunConfig
+from alnet.memory import keep_freed_memory
 from alnet.train.module import build_module
 
 
@@ -22,6 +23,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does
     config = RunConfig(batch_size=args.batch_size)
     module = build_module(config, [])  # channels-last where the precision path wants it
     precision = module.precision_path.lightning

@@ -35,6 +35,7 @@ from alnet.data.protocols import make_splits
 from alnet.data.synthetic import write_dataset
 from alnet.data.transforms import Preprocessing
 from alnet.device import resolve_precision
+from alnet.memory import keep_freed_memory
 from alnet.pipeline import cache_batches, torch_network
 from alnet.train.batches import CellData, tensors
 from alnet.train.module import build_module
@@ -120,6 +121,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--keep", type=Path, help="build the synthetic set and cache here and keep them")
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does (alnet.memory)
     quiet_lightning()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)

@@ -37,6 +37,7 @@ from alnet.config import RunConfig
 from alnet.data.transforms import load_image
 from alnet.device import cpu_has_bf16
 from alnet.infer.predict import load_pipeline, predict_files
+from alnet.memory import keep_freed_memory
 from alnet.train.module import CellClassifier
 
 CELLS = Path(__file__).resolve().parents[1] / "tests" / "data" / "cnmc-mini"
@@ -147,6 +148,7 @@ def main():
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every setting")
     args = parser.parse_args()
+    keep_freed_memory()  # as every alnet command does (alnet.memory)
     files = sorted(p for p in CELLS.rglob("*") if p.suffix.lower() in {".png", ".bmp"})
     uploads = [(p.name, p.read_bytes()) for p in files]
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,14 +7,15 @@ device — measured with each of --workers loader workers (default 0 and 2); the
 conservative ratio).
 
 Prints one JSON line: train_images_per_s, baseline_train_images_per_s, train_ratio, infer_images_per_s,
-baseline_infer_images_per_s, infer_ratio (and the settings); and what they mean on this machine
+baseline_infer_images_per_s, infer_ratio (and the settings; with --allocator-baseline, the project's path also
+before alnet.memory keeps freed memory, and the ratios that buys); and what they mean on this machine
 (benchmarks/efficiency.py): peak_bf16_gflops, peak_fp32_gflops, the model's GFLOP per image, train_gflops,
 train_efficiency, infer_gflops, infer_efficiency (shares of the peak of the precision each path runs in; the
 plain pipeline's against the fp32 peak), and, where a share is under one half (or with --profile), the
 forward pass's layers by time (layer_profile). The cache build is not timed (it happens once per dataset;
 benchmarks/prepare.py measures it).
 Usage: python benchmarks/train.py [--data DIR] [--images 256] [--repeat 1] [--epochs 3] [--batch-size 32]
-       [--workers 0,2] [--profile]
+       [--workers 0,2] [--profile] [--allocator-baseline]
 On a GPU, --repeat K makes each epoch K passes over the images (both pipelines), so that an epoch lasts long
 enough to time without synthesising thousands of files.
 On a GPU the peaks are the GPU's and no layer profile is taken (benchmarks/gpu_step.py breaks a step down).
@@ -39,6 +40,7 @@ from alnet.data.cache import prepare
 from alnet.data.cnmc import scan
 from alnet.data.synthetic import write_dataset
 from alnet.device import resolve_precision, use_compile
+from alnet.memory import keep_freed_memory
 from alnet.models import create_model
 from alnet.pipeline import cache_batches, torch_network
 from alnet.train.batches import CellData, tensors
@@ -154,6 +156,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=1, help="passes over the images per epoch")
     parser.add_argument("--workers", default="0,2", help="loader workers of the plain pipeline, comma-separated")
     parser.add_argument("--profile", action="store_true", help="add the per-layer profile whatever the shares")
+    parser.add_argument("--allocator-baseline", action="store_true",
+                        help="also time the project's path before alnet.memory keeps freed memory (the ratio it buys)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     workers = [int(w) for w in args.workers.split(",")]
@@ -163,9 +167,12 @@ def main():
         dataset = scan(root)
         cells = dataset.select(split="train")
         prepared = prepare(cells, Path(tmp) / "cache")
-        train_rate, infer_rate, precision = ours(prepared, args.epochs, args.batch_size, args.repeat)
+        # The plain pipeline runs first, with glibc's default allocator, as a first script would.
         baselines = {w: plain(dataset.layout.training, max(2, args.epochs - 1), args.batch_size, w, device,
                               args.repeat) for w in workers}
+        returned = ours(prepared, args.epochs, args.batch_size, args.repeat) if args.allocator_baseline else None
+        kept = keep_freed_memory()  # as every alnet command and train_run do (alnet.memory)
+        train_rate, infer_rate, precision = ours(prepared, args.epochs, args.batch_size, args.repeat)
     best = max(baselines.values(), key=lambda rates: rates[0])
     best_infer = max(rates[1] for rates in baselines.values())
     machine = peaks(device)
@@ -192,6 +199,11 @@ def main():
         "infer_images_per_s": round(infer_rate, 1), "baseline_infer_images_per_s": round(best_infer, 1),
         "infer_ratio": round(infer_rate / best_infer, 2),
         "baseline_by_workers": {w: {"train": round(r[0], 1), "infer": round(r[1], 1)} for w, r in baselines.items()},
+        "freed_memory_kept": kept,
+        **({"train_images_per_s_memory_returned": round(returned[0], 1),
+            "infer_images_per_s_memory_returned": round(returned[1], 1),
+            "train_ratio_memory_kept": round(train_rate / returned[0], 2),
+            "infer_ratio_memory_kept": round(infer_rate / returned[1], 2)} if returned else {}),
         **machine, "train_gflop_per_image": round(flops["train"] / 1e9, 2),
         "infer_gflop_per_image": round(flops["infer"] / 1e9, 2), **shares, **profile,
     }))

@@ -9,7 +9,7 @@ import alnet
 SOURCE = Path(alnet.__file__).parent
 # Each module or package of alnet → what it may import from alnet (docs/design.md, "Dependency direction").
 ALLOWED = {
-    "labels": set(), "device": set(), "models": set(),
+    "labels": set(), "device": set(), "models": set(), "memory": set(),
     "metrics": {"labels"},
     "data": {"labels"},
     "config": {"data", "device", "models"},
@@ -21,8 +21,8 @@ ALLOWED = {
     "fitting": {"checkpoint", "config", "data", "device", "int8", "models", "pipeline", "schema", "trust"},
     "report": {"config", "labels", "metrics", "models", "schema", "trust"},
     "gan": {"data", "device", "labels", "pipeline", "schema"},
-    "train": {"checkpoint", "config", "data", "device", "fitting", "gan", "int8", "labels", "metrics", "models",
-              "pipeline", "report", "schema", "trust"},
+    "train": {"checkpoint", "config", "data", "device", "fitting", "gan", "int8", "labels", "memory", "metrics",
+              "models", "pipeline", "report", "schema", "trust"},
     "infer": {"checkpoint", "data", "device", "int8", "labels", "models", "pipeline", "schema", "trust"},
 }
 

@@ -50,6 +50,37 @@ def test_fast_forward_equals_the_layer_by_layer_order_of_table_2():
     assert torch.equal(list(model.table_rows(x))[-1][1], model(x))
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_convolution_and_relu_give_the_plain_paths_outputs_and_gradients(monkeypatch, bf16):
+    """On the CPU, a cluster's first convolution and its ReLU run as one oneDNN operator (alnet.models.alnet
+    .conv_relu); the network must compute, and train, exactly as with the two operators."""
+    import copy
+
+    import alnet.models.alnet as alnet_module
+
+    fused = alnet_module._FUSED_CONVOLUTION
+    if fused is None:
+        pytest.skip("this torch build has no oneDNN fused convolution")
+    torch.manual_seed(0)
+    model = create_model("alnet", input_size=136, dropout=0.0).to(memory_format=torch.channels_last).train()
+    x = torch.rand(4, 3, 136, 136).contiguous(memory_format=torch.channels_last)
+    calls = []
+    results = []
+    for operator in (lambda *args: calls.append(1) or fused(*args), None):
+        monkeypatch.setattr(alnet_module, "_FUSED_CONVOLUTION", operator)
+        copied = copy.deepcopy(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = copied(x)
+        out.float().square().sum().backward()
+        results.append((out.float(), [p.grad for p in copied.parameters()]))
+    assert len(calls) == 2  # cl1.conv1 and cl2.conv1 took the fused operator; the second pass did not
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    tolerance = 1e-2 if bf16 else 1e-5
+    assert torch.allclose(fused_out, plain_out, rtol=tolerance, atol=tolerance * float(plain_out.abs().max()))
+    for got, expected in zip(fused_grads, plain_grads):
+        assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+
+
 def test_keras_initialisation_glorot_uniform_zero_bias_and_batchnorm_settings():
     model = create_model("alnet")
     conv = model.cl2.conv2

@@ -279,3 +279,23 @@ def test_settings_only_the_machine_can_judge_are_checked_before_writing(small_pr
     with pytest.raises(RunError, match=message):
         train_run(RunConfig(epochs=1, **{**SMALL, **settings}), small_prepared, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_freed_activation_memory_is_reused_not_faulted_in_again():
+    """alnet.memory: a block the size of CL1's maps, freed and asked for again, comes back without the kernel
+    faulting in fresh pages (glibc unmaps such blocks on free by default; each step would pay for it)."""
+    import resource
+
+    from alnet.memory import keep_freed_memory
+
+    if not keep_freed_memory():
+        pytest.skip("glibc only")
+    size = 2**26  # 64 MiB: over the largest mmap threshold glibc allows
+    for _ in range(16):  # the heap's first rounds grow it (an aligned block does not fit the one just freed)
+        torch.empty(size, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        torch.empty(size, dtype=torch.uint8).fill_(1)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < size // 4096 // 4  # one fresh block alone would fault in 16,384 pages
+

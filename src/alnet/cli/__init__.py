@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from ..memory import keep_freed_memory
 from . import data, gan, infer, train
 
 app = typer.Typer(
@@ -18,6 +19,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _every_command() -> None:
+    keep_freed_memory()  # before any tensor is made: freed activation maps are reused, not faulted in again
 
 # In the order a user meets them: look at the data, train and test, look inside, use the model.
 for command in (data.info, data.verify, data.prepare, data.synth, train.train, train.evaluate, train.compare,

@@ -20,6 +20,7 @@ and by `probability_all`. The model keeps the registry's contract (`spec.py`): t
 from __future__ import annotations
 
 import copy
+import platform
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,50 @@ from torch import nn
 
 from .head import HEADS
 from .spec import CellModel, ModelSpec
+
+# oneDNN's convolution with a fused activation: x86 CPU builds (where it has been checked; elsewhere, plain).
+_FUSED_CONVOLUTION = (getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+                      if torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+                      else None)
+
+
+class ConvReLU(torch.autograd.Function):
+    """relu(conv(x)) with the ReLU applied by oneDNN as the convolution writes its output: one pass over CL1's
+    largest map instead of two. Backward is autograd's own for the pair, so gradients are the plain path's."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, stride, padding, dilation, groups):
+        out = _FUSED_CONVOLUTION(x, weight, bias, padding, stride, dilation, groups, "relu", [None], "")
+        ctx.save_for_backward(x, weight, out)
+        ctx.shape = (stride, padding, dilation, groups)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.shape
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        grads = torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], stride, padding, dilation,
+                                                    False, [0, 0], groups, list(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None)
+
+
+def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """F.relu(conv(x)), fused where oneDNN can: a CPU batch laid out channels-last (as the CPU path lays it out)
+    in fp32 or bf16 autocast. Traced, compiled and exported graphs keep the two plain operators."""
+    tracing = (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.jit.is_scripting()
+               or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
+    if tracing or _FUSED_CONVOLUTION is None:
+        return F.relu(conv(x))
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    fusable = (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+               and {x.dtype, dtype} <= {torch.float32, torch.bfloat16} and conv.bias is not None
+               and not isinstance(conv.padding, str) and conv.padding_mode == "zeros")
+    if not fusable:
+        return F.relu(conv(x))
+    with torch.autocast("cpu", enabled=False):  # the casts autocast would make, done here for the fused operator
+        return ConvReLU.apply(x.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), list(conv.stride),
+                              list(conv.padding), list(conv.dilation), conv.groups)
 
 
 class ClusterLayer(nn.Module):
@@ -53,11 +98,11 @@ class ClusterLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *first, last = self.convs
         for conv in first:
-            x = F.relu(conv(x), inplace=True)
+            x = conv_relu(conv, x)
         x = last(x)
         size = 2**self.num_pools
         x = F.max_pool2d(x, size, size)
-        return self.bn(F.relu(x, inplace=True))
+        return self.bn(F.relu(x))  # out of place: in place, bf16 channels-last maps take a kernel ~2× slower
 
     def table_rows(self, x: torch.Tensor):
         """Yield (name, output) for each layer in Table 2's order: conv1, relu1, …, pool1, pool2, bn."""

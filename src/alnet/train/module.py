@@ -94,7 +94,8 @@ class CellClassifier(L.LightningModule):
         loss = self.loss(logits, batch["label"])
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
-        if self.trainer.progress_bar_callback is not None:  # shown per step, so read per step: a GPU sync each
+        shown = self._trainer is not None and self._trainer.progress_bar_callback is not None  # None: no Trainer
+        if shown:  # the step's loss is shown per step, so read per step: a GPU sync each
             self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits),
                      logger=False)
         return loss

@@ -27,6 +27,7 @@ from ..device import resolve_precision, threads_per_process
 from ..fitting import fit_after_training
 from ..gan.mixing import gan_for_split, mix
 from ..gan.store import round_ratio
+from ..memory import keep_freed_memory
 from ..models import WeightsError, create_model_from, model_spec
 from ..pipeline import answer_rows
 from ..schema import HISTORY_FIELDS, PREDICTION_FIELDS, SUBJECT_FIELDS, read_csv, read_predictions, write_csv
@@ -180,6 +181,7 @@ def train_run(
             check_hybrid(config)
         except (ValueError, WeightsError) as err:
             raise RunError(f"{err}; nothing was written to {run}") from None
+    keep_freed_memory()  # alnet.memory: each step reuses the last one's activation maps
     if config.devices > 1:
         torch.set_num_threads(threads_per_process(config.devices))
     L.seed_everything(config.seed, workers=True, verbose=False)
