@@ -57,6 +57,10 @@ def test_resume_refuses_settings_it_would_ignore(synthetic_root, tmp_path):
                                  "--epochs", "5", "--synthetic", str(tmp_path)])
     assert result.exit_code == 2
     assert "--epochs, --synthetic would be ignored" in " ".join(result.output.split())
+    # Where and how fast it runs is the caller's: a resume on more cores than the machine has is refused too.
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path / "run"), "--data", str(synthetic_root),
+                                 "--devices", "99", "--no-progress"])
+    assert result.exit_code == 2 and "devices 99 is more than this machine has" in result.output
 
 
 def test_bad_configuration_and_checkpoint_files_are_one_line_errors(synthetic_root, tmp_path):

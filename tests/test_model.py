@@ -79,6 +79,13 @@ def test_fused_convolution_and_relu_give_the_plain_paths_outputs_and_gradients(m
     assert torch.allclose(fused_out, plain_out, rtol=tolerance, atol=tolerance * float(plain_out.abs().max()))
     for got, expected in zip(fused_grads, plain_grads):
         assert torch.allclose(got, expected, rtol=tolerance, atol=tolerance * float(expected.abs().max()))
+    # A hooked convolution (Grad-CAM, feature maps) is called as a module, so its hooks run.
+    monkeypatch.setattr(alnet_module, "_FUSED_CONVOLUTION", lambda *args: calls.append(1) or fused(*args))
+    seen = []
+    model.cl1.conv1.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        model(x)
+    assert seen == [(4, 32, 132, 132)] and len(calls) == 3  # cl2.conv1, unhooked, still fused
 
 
 def test_keras_initialisation_glorot_uniform_zero_bias_and_batchnorm_settings():

@@ -27,7 +27,9 @@ def _checkpoint_of(target: Path) -> Path:
         return target
     chosen = RunDir(target).final_checkpoint()
     if chosen is None:
-        fail(f"{target}: neither a checkpoint file nor a finished run directory; pass a .ckpt or a run directory")
+        what = ("a link to nothing (or a loop of links)" if target.is_symlink() and not target.exists() else
+                "neither a checkpoint file nor a finished run directory")
+        fail(f"{target}: {what}; pass a .ckpt or a run directory")
     return chosen
 
 

@@ -163,7 +163,7 @@ def train(
         given = [name for name, value in settings.items() if value is not None]
         if given:
             fail(f"--resume continues {resume} with the settings in its config.yaml, so {', '.join(given)} would "
-                 "be ignored; leave them out, or start a new run with --out")
+                 f"be ignored; leave {'it' if len(given) == 1 else 'them'} out, or start a new run without --resume")
         runtime = {"precision": precision, "devices": devices, "strategy": strategy, "deterministic": deterministic}
         run_config = replace(RunConfig.from_yaml(run.config),  # where and how fast: a resume may change these
                              **{key: value for key, value in runtime.items() if value is not None})

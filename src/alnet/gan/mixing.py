@@ -72,7 +72,7 @@ def mix(gan: TrainedGan, split: Split, images: torch.Tensor, labels: torch.Tenso
     train_labels = labels[torch.from_numpy(np.asarray(split.train, dtype=np.int64))].numpy()
     count = round_ratio(ratio, len(split.train))
     if count < 1:
-        raise GanError(f"a synthetic ratio of {ratio:g} gives no generated cell for the {len(split.train)} training "
+        raise GanError(f"a synthetic ratio of {ratio!r} gives no generated cell for the {len(split.train)} training "
                        f"cells of split {split.name}; raise --synthetic-ratio or leave out --synthetic")
     made_labels = generated_labels(count, train_labels)
     made = torch.from_numpy(generate(gan.generator, made_labels, seed=seed, size=size))

@@ -56,12 +56,24 @@ class ConvReLU(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (Grad-CAM's, feature maps', a profiler's): the fused operator
+    does not call the module, so such a call keeps the plain path."""
+    from torch.nn.modules import module as hooks
+
+    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    every = (getattr(hooks, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                      "_global_backward_hooks", "_global_backward_pre_hooks"))
+    return any(own) or any(every)
+
+
 def conv_relu(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """F.relu(conv(x)), fused where oneDNN can: a CPU batch laid out channels-last (as the CPU path lays it out)
-    in fp32 or bf16 autocast. Traced, compiled and exported graphs keep the two plain operators."""
+    in fp32 or bf16 autocast. Traced, compiled and exported graphs, and a convolution with hooks, keep the two
+    plain operators."""
     tracing = (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.jit.is_scripting()
                or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export())
-    if tracing or _FUSED_CONVOLUTION is None:
+    if tracing or _FUSED_CONVOLUTION is None or _hooked(conv):
         return F.relu(conv(x))
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
     fusable = (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)

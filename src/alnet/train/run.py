@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -160,14 +160,16 @@ def train_run(
     log: Callable[[str], None] = print,
     tracking: Tracking | None = None,
 ) -> dict:
-    """Train and test every split of the configured protocol; returns metrics.json's content. `tracking`: the
+    """Train and test every split of the configured protocol; returns metrics.json's content. With `resume`, the
+    run's config.yaml decides what is computed and `config` only its RUNTIME_SETTINGS. `tracking`: the
     experiment logger beside the CSV log (default: the CSV log only)."""
     quiet_lightning()
     run = RunDir(run_dir)
     if resume:
         if not run.exists():
             raise RunError(f"{run}: no config.yaml, so nothing to resume; start a new run with --out")
-        config = RunConfig.from_yaml(run.config)
+        # What the run computes comes from its config.yaml; where and how fast it runs, from the caller.
+        config = replace(RunConfig.from_yaml(run.config), **{key: getattr(config, key) for key in RUNTIME_SETTINGS})
     elif is_main_process() and run.exists():  # DDP ranks > 0 start after rank 0 wrote it
         raise RunError(f"{run}: a run already lives here; continue it with --resume {run} or pick another --out")
     elif is_main_process() and run.path.exists() and (not run.path.is_dir() or any(run.path.iterdir())):
@@ -244,7 +246,7 @@ def check_gans(config: RunConfig, splits: list[Split], cells: list[Cell], resume
     splits keep the GAN they started with."""
     for split in splits:
         if round_ratio(config.synthetic_ratio, len(split.train)) < 1:
-            raise RunError(f"a synthetic ratio of {config.synthetic_ratio:g} gives no generated cell for the "
+            raise RunError(f"a synthetic ratio of {config.synthetic_ratio!r} gives no generated cell for the "
                            f"{len(split.train)} training cells of split {split.name}; raise --synthetic-ratio or "
                            "leave out --synthetic")
         gan = gan_for_split(config.synthetic, split, cells, config)
