@@ -154,7 +154,7 @@ def test_a_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(small_
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     assert (tmp_path / "resumed" / "checkpoints" / "fold_1" / "last.ckpt").is_file()
     messages = []
-    resumed = train_run(RunConfig(), small_prepared, tmp_path / "resumed", resume=True, progress=False,
+    resumed = train_run(config, small_prepared, tmp_path / "resumed", resume=True, progress=False,
                         log=messages.append)
     assert "fold_0: already finished, kept" in messages
     assert any(m.startswith("fold_1: resuming from") for m in messages)
