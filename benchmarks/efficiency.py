@@ -79,8 +79,9 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
 
     Each leaf layer, and each top-level block that holds layers (ALNet's clusters), runs inside a torch.profiler
     range of its own name; FLOPs come from FlopCounterMode. A block's row holds its layers' rows and what runs
-    between them (functional activations, pooling, and layers called fused, without their module: ALNet's
-    first convolution of a cluster with its ReLU)."""
+    between them (functional activations, pooling). The hooks that open the ranges make ALNet's fused
+    convolution + ReLU (`alnet.models.alnet.conv_relu`) run as its two plain operators, so those rows time the
+    unfused form: the whole pass's figures (benchmarks/train.py's infer_efficiency) time the fused one."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     prefix = type(model).__name__
@@ -105,8 +106,8 @@ def layer_profile(model: torch.nn.Module, images: torch.Tensor, autocast=None, t
     context = autocast or nullcontext
     with torch.no_grad(), context():
         model(images)  # warm-up
-        with FlopCounterMode(display=False) as counter:  # NCHW: fused layers take their plain, counted path
-            model(images.contiguous())
+        with FlopCounterMode(display=False) as counter:
+            model(images)
         for name, module in leaves.items():
             handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name))]
         try:
