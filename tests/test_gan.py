@@ -235,10 +235,10 @@ def test_a_gan_trained_on_another_copy_of_the_test_cells_is_refused_whatever_the
 
 
 def test_a_ratio_that_draws_no_generated_cell_is_refused_before_anything_is_written(gan_dir, mini_64):
-    from alnet.train.run import RunError, check_gans
+    from alnet.train.run import check_gans
 
     prepared, splits = mini_64
-    with pytest.raises(RunError, match="gives no generated cell"):
+    with pytest.raises(GanError, match="gives no generated cell"):
         check_gans(RunConfig(synthetic=str(gan_dir), synthetic_ratio=0.01), splits, prepared.cells)
     check_gans(RunConfig(synthetic=str(gan_dir), synthetic_ratio=0.1), splits, prepared.cells)
 

@@ -65,16 +65,21 @@ def gan_for_split(gan_dir: Path | str, split: Split, cells: list[Cell], config) 
     return gan
 
 
+def generated_count(ratio: float, split: Split) -> int:
+    """How many generated cells `ratio` adds to the split's training side; GanError when it rounds to none."""
+    count = round_ratio(ratio, len(split.train))
+    if count < 1:
+        raise GanError(f"a synthetic ratio of {ratio!r} gives no generated cell for the {len(split.train)} training "
+                       f"cells of split {split.name}; raise --synthetic-ratio or leave out --synthetic")
+    return count
+
+
 def mix(gan: TrainedGan, split: Split, images: torch.Tensor, labels: torch.Tensor, ratio: float, seed: int,
         size: int) -> Mixed:
     """`round(ratio × training cells)` generated cells in the training side's class shares, drawn with `seed`,
     appended after the real rows."""
     train_labels = labels[torch.from_numpy(np.asarray(split.train, dtype=np.int64))].numpy()
-    count = round_ratio(ratio, len(split.train))
-    if count < 1:
-        raise GanError(f"a synthetic ratio of {ratio!r} gives no generated cell for the {len(split.train)} training "
-                       f"cells of split {split.name}; raise --synthetic-ratio or leave out --synthetic")
-    made_labels = generated_labels(count, train_labels)
+    made_labels = generated_labels(generated_count(ratio, split), train_labels)
     made = torch.from_numpy(generate(gan.generator, made_labels, seed=seed, size=size))
     first = len(images)
     new_rows = np.arange(first, first + len(made), dtype=np.int64)

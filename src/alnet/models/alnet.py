@@ -25,6 +25,7 @@ import platform
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from .head import HEADS
 from .spec import CellModel, ModelSpec
@@ -59,10 +60,8 @@ class ConvReLU(torch.autograd.Function):
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` would run hooks (Grad-CAM's, feature maps', a profiler's): the fused operator
     does not call the module, so such a call keeps the plain path."""
-    from torch.nn.modules import module as hooks
-
     own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    every = (getattr(hooks, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
+    every = (getattr(module_hooks, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks",
                                                       "_global_backward_hooks", "_global_backward_pre_hooks"))
     return any(own) or any(every)
 

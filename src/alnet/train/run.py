@@ -25,8 +25,7 @@ from ..data.cnmc import Cell
 from ..data.protocols import Split, make_splits
 from ..device import resolve_precision, threads_per_process
 from ..fitting import fit_after_training
-from ..gan.mixing import gan_for_split, mix
-from ..gan.store import round_ratio
+from ..gan.mixing import gan_for_split, generated_count, mix
 from ..memory import keep_freed_memory
 from ..models import WeightsError, create_model_from, model_spec
 from ..pipeline import answer_rows
@@ -245,10 +244,7 @@ def check_gans(config: RunConfig, splits: list[Split], cells: list[Cell], resume
     """With --synthetic: each split's GAN exists and never saw its validation or test cells; a resumed run's
     splits keep the GAN they started with."""
     for split in splits:
-        if round_ratio(config.synthetic_ratio, len(split.train)) < 1:
-            raise RunError(f"a synthetic ratio of {config.synthetic_ratio!r} gives no generated cell for the "
-                           f"{len(split.train)} training cells of split {split.name}; raise --synthetic-ratio or "
-                           "leave out --synthetic")
+        generated_count(config.synthetic_ratio, split)  # a ratio that adds no cell is refused here, not later
         gan = gan_for_split(config.synthetic, split, cells, config)
         record = resumed.fold_synthetic(split.name) if resumed else None
         if record is not None and record.is_file():
