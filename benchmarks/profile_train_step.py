@@ -2,7 +2,9 @@
 
 Prints the torch.profiler table of the top operators over a few steps (batch 32, augmentation on), grouped
 into convolution, element-wise/pooling, augmentation and the rest, as one JSON line at the end, with the step's
-train_efficiency (share of this machine's matmul peak in the step's precision; benchmarks/efficiency.py).
+train_efficiency (share of this machine's matmul peak in the step's precision; benchmarks/efficiency.py) and
+convolution_ceiling: the share the step would reach if everything but its convolutions (oneDNN's kernels, forward
+and backward) took no time, i.e. the most that work outside the convolutions can win on this machine.
 Usage: python benchmarks/profile_train_step.py [--steps 4] [--batch-size 32]
 """
 
@@ -60,12 +62,16 @@ def main():
                 shares[name] += e.self_cpu_time_total
                 break
     step_s = total / args.steps / 1e6
+    convolution_s = shares["convolution"] / args.steps / 1e6
     machine = peaks()
+    peak = peak_for("bf16" in precision, machine)
     flops = training_flops(build_module(config, []).model)
     print(json.dumps({"precision": precision, "batch_size": args.batch_size,
                       "step_ms": round(1000 * step_s, 1), **machine,
-                      **efficiency("train", args.batch_size / step_s, flops, peak_for("bf16" in precision, machine)),
-                      **{f"{k}_share": round(v / total, 3) for k, v in shares.items()}}))
+                      **efficiency("train", args.batch_size / step_s, flops, peak),
+                      **{f"{k}_share": round(v / total, 3) for k, v in shares.items()},
+                      "convolution_ms": round(1000 * convolution_s, 1),
+                      "convolution_ceiling": round(args.batch_size * flops / convolution_s / 1e9 / peak, 3)}))
 
 
 if __name__ == "__main__":
