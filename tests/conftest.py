@@ -79,6 +79,26 @@ def mini_checkpoint(mini_root, tmp_path_factory) -> Path:
     return base / "run" / "checkpoints" / "fold_0" / "last.ckpt"
 
 
+def steps_that_show_the_loss(device: str, steps: int) -> list[int]:
+    """The training steps (batch indices) whose loss a CellClassifier hands to the progress bar on `device`."""
+    from dataclasses import asdict
+    from types import SimpleNamespace
+
+    import torch
+
+    from alnet.config import RunConfig
+    from alnet.train.module import CellClassifier
+
+    module = CellClassifier(asdict(RunConfig(image_size=136, augment=False))).to(device)
+    module._trainer = SimpleNamespace(progress_bar_callback=object())  # a trainer that shows a progress bar
+    batch = {"image": torch.rand(2, 3, 136, 136, device=device), "label": torch.tensor([0, 1], device=device)}
+    shown = []
+    for step in range(steps):
+        module.log = lambda name, *args, step=step, **kwargs: shown.append(step)
+        module.training_step(batch, step)
+    return shown
+
+
 def predict_rows(pipeline, files, **options) -> tuple[list[dict], list]:
     """What `alnet predict` writes for `files`: its predictions.csv rows (a refused picture with no call and no
     probability), and the files it could not read."""

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import steps_that_show_the_loss
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
@@ -16,6 +17,7 @@ from alnet.data.cache import prepare
 from alnet.data.cnmc import scan
 from alnet.data.transforms import Preprocessing, load_image
 from alnet.train.batches import CellData, tensors
+from alnet.train.module import LOSS_SHOWN_EVERY
 from alnet.train.run import train_run
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
@@ -120,3 +122,9 @@ def test_compiled_training_on_the_gpu_gives_the_gradients_of_eager_fp64():
     for (name, ref), got in zip(reference.named_parameters(), compiled.parameters()):
         scale = ref.grad.abs().max().clamp(min=1e-6)
         assert float((got.grad.double() - ref.grad).abs().max() / scale) < 1e-2, name
+
+
+def test_a_gpu_loss_is_read_for_the_progress_bar_once_every_loss_shown_every_steps():
+    """Each read makes the host wait for the GPU; between reads, the host queues steps ahead of the device."""
+    steps = 2 * LOSS_SHOWN_EVERY + 1
+    assert steps_that_show_the_loss("cuda", steps) == [0, LOSS_SHOWN_EVERY, 2 * LOSS_SHOWN_EVERY]

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -54,8 +56,6 @@ def test_fast_forward_equals_the_layer_by_layer_order_of_table_2():
 def test_fused_convolution_and_relu_give_the_plain_paths_outputs_and_gradients(monkeypatch, bf16):
     """On the CPU, a cluster's first convolution and its ReLU run as one oneDNN operator (alnet.models.alnet
     .conv_relu); the network must compute, and train, exactly as with the two operators."""
-    import copy
-
     import alnet.models.alnet as alnet_module
 
     fused = alnet_module._FUSED_CONVOLUTION
@@ -183,6 +183,20 @@ def test_the_pipeline_answers_with_batchnorm_folded_and_the_same_outputs_in_fp32
     np.testing.assert_allclose(outputs.features, features.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(outputs.probability_raw, probability_all(logits, "sigmoid").numpy(), atol=1e-5)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the caller's model is untouched
+
+
+@pytest.mark.slow
+def test_compiled_alnet_computes_what_eager_alnet_computes():
+    """`compile: on` or `off` answers the same: a GPU run compiles its network (`compile: auto`); on a CPU,
+    inductor's forward pass is exact where its gradients are not (test below), so the forward is checked here,
+    against eager ALNet with its fused convolutions."""
+    torch.manual_seed(0)
+    model = create_model("alnet", input_size=136).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 136, 136).contiguous(memory_format=torch.channels_last)  # eager: the fused convolutions
+    compiled = copy.deepcopy(model)
+    compiled.compile()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_compile_on_a_cpu_is_refused_before_anything_is_written(small_prepared_cpu, tmp_path):

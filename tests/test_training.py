@@ -8,6 +8,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import steps_that_show_the_loss
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
@@ -299,3 +300,9 @@ def test_freed_activation_memory_is_reused_not_faulted_in_again():
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     assert faults < size // 4096 // 4  # one fresh block alone would fault in 16,384 pages
 
+
+
+def test_the_progress_bar_shows_every_steps_loss_on_a_cpu():
+    """Reading a CPU loss costs nothing, so the bar's loss is that of the step just taken (on a GPU it is read
+    every LOSS_SHOWN_EVERY steps: tests/test_cuda.py)."""
+    assert steps_that_show_the_loss("cpu", 3) == [0, 1, 2]

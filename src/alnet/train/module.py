@@ -4,7 +4,8 @@ Batches arrive as uint8 from `batches.py`; they become floats here, on the devic
 after a per-batch reseed, so that a resumed run draws the same augmentations and dropout masks. Losses and
 accuracies accumulate on the device (torchmetrics) and are read once per epoch, when the epoch's row goes to
 the trainer's loggers (`loggers.py`); the CSV log is the run's history. Without a progress bar nothing is read
-per step, so a GPU never waits for the host inside an epoch.
+per step, so a GPU never waits for the host inside an epoch; with one, a GPU's step loss is read for it once every
+LOSS_SHOWN_EVERY steps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from ..data.transforms import to_float
 from ..device import resolve_precision, use_compile
 from ..models import create_model_from, probability_all
 from .loggers import log_epoch
+
+# Reading a loss on the host makes the host wait for the device: per step on a GPU, that wait keeps the host from
+# queueing the next step while this one runs. The progress bar's loss is therefore refreshed every this many steps
+# there (every step on a CPU, where reading it costs nothing).
+LOSS_SHOWN_EVERY = 25
 
 
 class CellClassifier(L.LightningModule):
@@ -95,7 +101,7 @@ class CellClassifier(L.LightningModule):
         self.train_loss.update(loss.detach(), weight=len(logits))
         self.train_accuracy.update(self.probability_all(logits.detach()), batch["label"])
         shown = self._trainer is not None and self._trainer.progress_bar_callback is not None  # None: no Trainer
-        if shown:  # the step's loss is shown per step, so read per step: a GPU sync each
+        if shown and (loss.device.type == "cpu" or batch_idx % LOSS_SHOWN_EVERY == 0):
             self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(logits),
                      logger=False)
         return loss
