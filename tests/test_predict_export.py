@@ -86,6 +86,11 @@ def test_tta_averages_the_four_flips(mini_checkpoint, mini_root):
 def test_export_and_predict_refuse_what_they_cannot_use(tmp_path, mini_checkpoint, mini_root):
     result = runner.invoke(app, ["export", str(tmp_path / "missing.ckpt"), "--onnx", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "no such checkpoint" in result.output
+    (tmp_path / "gone.ckpt").symlink_to(tmp_path / "deleted.ckpt")
+    for command in (["export", str(tmp_path / "gone.ckpt"), "--onnx", str(tmp_path / "m.onnx")],
+                    ["explain", str(tmp_path / "gone.ckpt"), str(_a_cell(mini_root)), "--gradcam"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and "gone.ckpt: a link to nothing" in result.output, command
     result = runner.invoke(app, ["predict", str(tmp_path / "missing.onnx"), str(_a_cell(mini_root))])
     assert result.exit_code == 2 and "alnet export" in result.output
     for content in (b"", b"\x08\x01garbage that is no protobuf"):

@@ -82,13 +82,17 @@ class TrainedModel:
         return probability_all(logits, self.head)
 
 
+def not_a_file(path: Path) -> str:
+    """What a path that is not a readable file is, for a one-line error."""
+    return ("not a regular file" if path.exists() else
+            "a link to nothing (or a loop of links)" if path.is_symlink() else "no such checkpoint")
+
+
 def read_checkpoint(path: Path | str) -> dict:
     """The checkpoint's content (tensors and plain containers only), or a one-line CheckpointError."""
     path = Path(path)
     if not path.is_file():
-        what = ("not a regular file" if path.exists() else
-                "a link to nothing (or a loop of links)" if path.is_symlink() else "no such checkpoint")
-        raise CheckpointError(f"{path}: {what}; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
+        raise CheckpointError(f"{path}: {not_a_file(path)}; pass a .ckpt from RUN_DIR/checkpoints/<fold>/")
     try:
         check_torch_file(path, MAX_CHECKPOINT_BYTES)
     except ValueError as err:

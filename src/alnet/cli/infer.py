@@ -21,13 +21,14 @@ Int8Option = Annotated[bool, typer.Option(
 
 def _checkpoint_of(target: Path) -> Path:
     """A checkpoint file, or the model that stands for a run directory (its final model, else fold 0's)."""
+    from ..checkpoint import not_a_file
     from ..train.rundir import RunDir
 
     if target.is_file():
         return target
     chosen = RunDir(target).final_checkpoint()
     if chosen is None:
-        what = ("a link to nothing (or a loop of links)" if target.is_symlink() and not target.exists() else
+        what = (not_a_file(target) if target.is_symlink() and not target.exists() else
                 "neither a checkpoint file nor a finished run directory")
         fail(f"{target}: {what}; pass a .ckpt or a run directory")
     return chosen
