@@ -93,6 +93,17 @@ def test_augmentation_matrix_rotates_zooms_and_mirrors_about_the_centre():
     assert zoomed.min() > 0.99  # zooming in never reaches the border: no black corners
 
 
+def test_augmented_batch_keeps_the_layout_of_the_cache_batch():
+    """Batches come from the uint8 cache as channels-last floats; the augmented batch stays so, and the model's
+    input needs no copy."""
+    from alnet.data.augment import BatchAugment
+    from alnet.data.transforms import to_float
+
+    batch = to_float(torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+    out = BatchAugment()(batch)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.shape == batch.shape
+
+
 def test_augmentation_is_reproducible_after_a_reseed_and_stays_in_range():
     augment = make_augment()
     images = torch.rand(8, 3, 32, 32)

@@ -53,7 +53,10 @@ class BatchAugment(nn.Module):
         theta = self.matrices(p["angle"], p["scale"], p["flip"]).to(images.dtype)
         grid = F.affine_grid(theta, list(images.shape), align_corners=False)
         out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return (out * p["contrast"].view(-1, 1, 1, 1).to(images.dtype)).clamp_(0, 1)
+        # The contrast is written straight into the input's layout (channels-last, from the cache), so that the
+        # model's input needs no copy of its own.
+        out = torch.mul(out, p["contrast"].view(-1, 1, 1, 1).to(images.dtype), out=torch.empty_like(images))
+        return out.clamp_(0, 1)
 
 
 def make_augment(rotation: float = 15.0, zoom: float = 0.1, contrast: float = 0.2) -> nn.Module:
