@@ -54,8 +54,22 @@ def test_calibration_never_worsens_nll_even_on_perfectly_separated_or_one_class_
     for prob, labels in (separated, inverted):
         t = fit_temperature(prob, labels)
         assert np.isfinite(t) and t > 0
-        assert negative_log_likelihood(labels, apply_temperature(prob, t)) <= negative_log_likelihood(labels, prob)
+        assert negative_log_likelihood(labels, apply_temperature(prob, t)) <= \
+            negative_log_likelihood(labels, prob) + 1e-12
     assert fit_temperature(np.array([0.7, 0.9]), np.array([1, 1])) == 1.0
+
+
+def test_calibration_leaves_t_at_1_where_every_validation_call_is_right():
+    """Right calls only: the NLL falls without end as T → 0, so a fit would make every later answer 0 or 1
+    (T at the range's end); the network's own probabilities are kept, and the run says why."""
+    from alnet.fitting import fit_on_validation
+
+    prob, labels = np.array([0.1, 0.45, 0.55, 0.9]), np.array([0, 0, 1, 1])
+    assert fit_temperature(prob, labels) == 1.0
+    assert "called right" in fit_on_validation(labels, prob, ["a", "b", "c", "d"])["calibration"]["note"]
+    two_wrong = np.array([0.1, 0.55, 0.45, 0.9])  # the middle two called wrong: a best temperature exists
+    assert 0.05 < fit_temperature(two_wrong, labels) < 1.0
+    assert "note" not in fit_on_validation(labels, two_wrong, ["a", "b", "c", "d"])["calibration"]
 
 
 def test_temperature_recovers_a_known_overconfidence():

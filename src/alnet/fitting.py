@@ -30,7 +30,13 @@ from .int8 import Int8Error, calibrate, calibration_images, supports_int8
 from .models import model_spec
 from .pipeline import Pipeline, cache_batches, torch_network
 from .schema import CALIBRATION_KEY, INPUT_GATE_KEY, INT8_KEY, REVIEW_KEY
-from .trust.calibration import apply_temperature, fit_temperature, negative_log_likelihood
+from .trust.calibration import (
+    UNBOUNDED_NOTE,
+    apply_temperature,
+    every_call_right,
+    fit_temperature,
+    negative_log_likelihood,
+)
 from .trust.feature_check import FeatureGate
 from .trust.image_check import ImageCheck
 from .trust.input_gate import InputGate, fit_gate
@@ -85,7 +91,8 @@ def fit_on_validation(labels, prob_raw, subjects, target_coverage: float = DEFAU
     calibrated = apply_temperature(prob_raw, temperature)
     calibration = {"method": "temperature", "temperature": temperature, "fitted_on": where,
                    "validation_nll_before": negative_log_likelihood(labels, prob_raw),
-                   "validation_nll_after": negative_log_likelihood(labels, calibrated)}
+                   "validation_nll_after": negative_log_likelihood(labels, calibrated),
+                   **({"note": UNBOUNDED_NOTE} if every_call_right(prob_raw, labels) else {})}
     return {"calibration": calibration, "review": review_band(calibrated, target_coverage, where)}
 
 

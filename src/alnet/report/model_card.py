@@ -300,8 +300,8 @@ def _test_calibration(entries: list[tuple[str, dict]]) -> list[str]:
         before, after = c.get("before") or {}, c.get("after") or {}
         scores = [f"{number(before[k])} → {number(after[k])}" if after else number(before.get(k))
                   for k, _ in CALIBRATION_SCORES]
-        method = (f"temperature, T = {_value(c.get('temperature'))}" if c.get("method") == "temperature"
-                  else c.get("note") or str(c.get("method")))
+        method = (f"temperature, T = {_value(c.get('temperature'))}" + (f" ({c['note']})" if c.get("note") else "")
+                  if c.get("method") == "temperature" else c.get("note") or str(c.get("method")))
         rows.append([name, method, *scores])
     return ["", "### Calibration", "",
             "Scores of P(ALL) on the test cells, the network's own → calibrated (lower is better); the temperature "

@@ -44,15 +44,30 @@ def negative_log_likelihood(labels, prob) -> float:
     return float(F.binary_cross_entropy(p, torch.as_tensor(np.asarray(labels, dtype=np.float64))))
 
 
+UNBOUNDED_NOTE = ("every validation cell was called right: the data set no limit on how sure P(ALL) may be, so the "
+                  "network's own probabilities are kept")
+
+
+def every_call_right(prob_raw, labels) -> bool:
+    """Whether P(ALL) calls every cell right (ALL above 0.5, HEM below). Then the NLL of σ(logit(p) / T) falls
+    without end as T → 0: the data say only "sharper is better", not how sharp."""
+    labels, prob_raw = np.asarray(labels), np.asarray(prob_raw, dtype=np.float64)
+    return len(labels) > 0 and bool(np.all((prob_raw > 0.5) == (labels == 1)) and np.all(prob_raw != 0.5))
+
+
 def fit_temperature(prob_raw, labels) -> float:
     """The temperature T that minimises the NLL of σ(logit(p) / T) on (prob_raw, labels).
 
     The NLL is convex in 1/T (a one-coefficient logistic regression on the logit), so L-BFGS finds the
     minimum and clamping it to INVERSE_TEMPERATURE_RANGE gives the minimum within that range. T = 1 (no
-    change) is kept whenever the fit does not lower the NLL, so calibration never worsens it on these data."""
+    change) is kept whenever the fit does not lower the NLL, so calibration never worsens it on these data,
+    and where every call is right: there the minimum is at T → 0 (`every_call_right`), and a small split's few
+    validation cells would make every later answer nearly 0 or 1, however wrong."""
     labels = np.asarray(labels, dtype=np.float64)
     if len(labels) == 0 or labels.min() == labels.max():
         return 1.0  # one class only: nothing to calibrate against
+    if every_call_right(prob_raw, labels):
+        return 1.0
     z = logit_torch(torch.as_tensor(np.asarray(prob_raw, dtype=np.float64)))
     y = torch.as_tensor(labels)
     inverse = torch.ones((), dtype=torch.float64, requires_grad=True)
