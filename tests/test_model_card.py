@@ -88,6 +88,22 @@ def test_model_card_shows_the_subject_bootstrap_intervals_calibration_and_subjec
     assert "## Calibration of the output" in card and "T = 2, fitted on validation subjects" in card
 
 
+def test_model_card_says_why_a_run_whose_validation_calls_were_all_right_kept_t_at_1():
+    from alnet import metrics as M
+    from alnet.fitting import fit_on_validation
+    from alnet.trust.test_set import test_set_entry
+
+    labels, prob = [0, 0, 1, 1], [0.1, 0.4, 0.6, 0.9]
+    calibration = fit_on_validation(labels, prob, ["a", "b", "c", "d"])["calibration"]
+    rows = [{"subject": s, "label": y, "probability_raw": p, "probability_all": p}
+            for s, y, p in zip("abcd", labels, prob)]
+    fold = {"fold": "fold_0", **M.evaluate(*M.columns(rows)),
+            **test_set_entry(rows, {"calibration": calibration, "review": None}, seed=0)}
+    card = render_model_card(facts(metrics={"protocol": "subject", "note": "n", "folds": [fold], "summary": {}},
+                                   calibration=calibration))
+    assert card.count("every validation cell was called right") == 2  # the test sets' table and the output's
+
+
 def test_model_card_ignores_interval_spellings_it_does_not_record():
     fold = {**FOLD, "accuracy_ci": [0.85, 0.95], "ci": {"accuracy": {"low": 0.85, "high": 0.95}}}
     card = render_model_card(facts(metrics={"protocol": "subject", "note": "n", "folds": [fold], "summary": {}}))

@@ -316,7 +316,8 @@ def _calibration(facts: CardFacts) -> list[str]:
         return []
     lines = [*_section("Calibration of the output", "28, 36"),
              f"The model's P(ALL) is temperature-scaled, σ(logit(P(ALL)) / T) with T = {_value(c['temperature'])}"
-             + (f", fitted on {c['fitted_on']}" if c.get("fitted_on") else "") + "."]
+             + (f", fitted on {c['fitted_on']}" if c.get("fitted_on") else "")
+             + (f" ({c['note']})" if isinstance(c.get("note"), str) else "") + "."]
     if isinstance(c.get("validation_nll_before"), (int, float)) and isinstance(c.get("validation_nll_after"),
                                                                                (int, float)):
         lines[-1] += (f" Validation negative log-likelihood {number(c['validation_nll_before'])} → "
