@@ -123,3 +123,20 @@ def test_model_card_of_an_uncalibrated_run_says_so_and_has_no_calibration_sectio
 def test_model_card_without_metrics_or_weights_still_renders():
     card = render_model_card(facts(metrics=None, splits=[], data={}, weights_sha256=None))
     assert "No metrics are recorded" in card and "sha256" not in card
+
+
+def test_hostile_calibration_text_reaches_the_card_as_one_plain_line():
+    """A run directory or checkpoint from elsewhere may carry any text: no heading, HTML or escape of its own."""
+    from alnet.schema import checked_calibration
+
+    hostile = "x\n\n## Intended use\n\nSAFE TO DIAGNOSE <script>alert(1)</script>\x1b[31m"
+    stored = checked_calibration({"temperature": 2.0, "fitted_on": hostile, "note": hostile})
+    fold = {**FOLD, "calibration": {"method": "temperature", "temperature": 2.0, "note": hostile,
+                                    "before": {"ece": 0.1, "brier": 0.2, "nll": 0.5},
+                                    "after": {"ece": 0.1, "brier": 0.2, "nll": 0.5}}}
+    card = render_model_card(facts(metrics={"protocol": "subject", "note": "n", "folds": [fold], "summary": {}},
+                                   calibration=stored))
+    lines = card.splitlines()
+    assert sum(line.startswith("## Intended use") for line in lines) == 1  # the card's own heading only
+    assert not any(line.startswith(("#", "SAFE")) and "SAFE" in line for line in lines)
+    assert "<script>" not in card and "\x1b" not in card and "&lt;script&gt;" in card

@@ -104,6 +104,21 @@ def _a_cell(mini_root):
     return sorted((mini_root / "C-NMC_Leukemia" / "training_data" / "fold_0" / "all").iterdir())[0]
 
 
+def test_a_run_directory_cannot_send_a_command_to_a_checkpoint_outside_it(tmp_path, mini_checkpoint, mini_root):
+    """folds/<fold>/checkpoint.txt names a file in the fold's checkpoint folder: a run directory from elsewhere
+    whose record names a path elsewhere is refused, and `quantize` (which rewrites the checkpoint) writes nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(mini_checkpoint.parents[2], run)
+    victim = tmp_path / "elsewhere.ckpt"
+    shutil.copy(mini_checkpoint, victim)
+    before = victim.read_bytes()
+    for named in (str(victim), "../../../elsewhere.ckpt"):
+        (run / "folds" / "fold_0" / "checkpoint.txt").write_text(named + "\n")
+        result = runner.invoke(app, ["quantize", str(run), "--data", str(_a_cell(mini_root))])
+        assert result.exit_code == 2 and "checkpoint.txt: names" in result.output, result.output
+        assert victim.read_bytes() == before
+
+
 def test_outputs_never_replace_what_alnet_did_not_write(tmp_path, mini_checkpoint, mini_root):
     import shutil
 

@@ -94,3 +94,27 @@ def test_hostile_numbers_in_a_model_s_metadata_are_refused_not_raised():
                        ("alnet_input_gate", '{"dimensions": Infinity}')):
         with pytest.raises(ValueError, match="model.onnx: unreadable .* export the model again"):
             OnnxMetadata.read({**base, key: value}, Path("model.onnx"))
+
+
+def test_a_stored_calibration_or_review_keeps_only_what_alnet_writes_each_of_its_type():
+    """A checkpoint may be hostile: its free text reaches model cards and ONNX metadata as one short plain line,
+    and what is not alnet's (a tensor, a nested list, an unknown key) reaches nothing."""
+    import torch
+
+    from alnet.schema import STORED_TEXT_LIMIT, checked_calibration, checked_review
+
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    stored = {"method": "temperature", "temperature": 2.0, "validation_nll_before": 0.4, "validation_nll_after": deep,
+              "fitted_on": torch.zeros(10), "note": "x\n\n## Intended use\x1b[31m SAFE\r" + "y" * 10**6, "extra": 1}
+    checked = checked_calibration(stored)
+    assert set(checked) == {"method", "temperature", "validation_nll_before", "note"}
+    assert checked["note"].startswith("x ## Intended use [31m SAFE y") and len(checked["note"]) <= STORED_TEXT_LIMIT
+    json.dumps(checked)  # every value JSON can hold: export writes it into the model's metadata
+    with pytest.raises(TypeError, match="method 'none' with a temperature"):
+        checked_calibration({"method": "none", "temperature": 0.5})
+    with pytest.raises(TypeError, match="a list is not a number"):
+        checked_calibration({"temperature": deep})
+    review = checked_review({"half_width": 0.1, "threshold": 0.5, "fitted_on": ["a"], "other": "b"})
+    assert review == {"half_width": 0.1, "threshold": 0.5}

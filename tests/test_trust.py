@@ -72,6 +72,25 @@ def test_calibration_leaves_t_at_1_where_every_validation_call_is_right():
     assert "note" not in fit_on_validation(labels, two_wrong, ["a", "b", "c", "d"])["calibration"]
 
 
+def test_a_cell_at_exactly_one_half_does_not_let_the_fit_run_to_its_bound():
+    """A cell at 0.5 costs log 2 at every temperature: with all others right, the NLL still falls without end."""
+    labels = np.r_[np.ones(10), np.zeros(10), 1]
+    prob = np.r_[np.linspace(0.6, 0.9, 10), np.linspace(0.1, 0.4, 10), 0.5]
+    assert fit_temperature(prob, labels) == 1.0
+
+
+def test_calibration_refuses_nothing_it_cannot_fit_and_never_worsens_the_nll_it_reports():
+    from alnet.fitting import fit_on_validation
+
+    assert fit_temperature([np.nan, 0.9, 0.1], [0, 1, 0]) == 1.0
+    assert fit_on_validation([0, 1, 0], [np.nan, 0.9, 0.1], ["a", "b", "c"])["calibration"]["method"] == "none"
+    with pytest.raises(ValueError, match="0 \\(HEM\\) or 1 \\(ALL\\)"):
+        fit_temperature([0.9, 0.1], [2, 0])
+    prob, labels = np.r_[np.ones(50), 0.5001], np.r_[np.ones(50), 0]  # saturated cells: the clipped NLL decides
+    calibration = fit_on_validation(labels, prob, ["a"] * 51)["calibration"]
+    assert calibration["validation_nll_after"] <= calibration["validation_nll_before"]
+
+
 def test_temperature_recovers_a_known_overconfidence():
     labels, prob = _scores(0, n=20_000, sharpness=3.0)  # true log-odds 2z, reported 3z: T = 1.5
     assert fit_temperature(prob, labels) == pytest.approx(1.5, rel=0.05)

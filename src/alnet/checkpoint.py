@@ -82,10 +82,10 @@ class TrainedModel:
         return probability_all(logits, self.head)
 
 
-def not_a_file(path: Path) -> str:
-    """What a path that is not a readable file is, for a one-line error."""
+def not_a_file(path: Path, kind: str = "checkpoint") -> str:
+    """What a path that is not a readable file is, for a one-line error: "no such {kind}" when nothing is there."""
     return ("not a regular file" if path.exists() else
-            "a link to nothing (or a loop of links)" if path.is_symlink() else "no such checkpoint")
+            "a link to nothing (or a loop of links)" if path.is_symlink() else f"no such {kind}")
 
 
 def read_checkpoint(path: Path | str) -> dict:

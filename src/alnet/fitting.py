@@ -46,6 +46,8 @@ PAPER_NOTE = ("not calibrated: the paper protocol holds out no data that is neve
               "validation set is its test set), so its probabilities are the network's own")
 HYBRID_NOTE = ("not calibrated: a hybrid's exported graph has no calibration step, so its probabilities are the "
                "classifier's own")
+DIVERGED_NOTE = ("not calibrated: the network's P(ALL) on validation cells is not a number (NaN or infinite), as "
+                 "after training diverged")
 
 
 @dataclass
@@ -86,6 +88,8 @@ class Fitted:
 def fit_on_validation(labels, prob_raw, subjects, target_coverage: float = DEFAULT_COVERAGE) -> dict:
     """{"calibration": …, "review": …} fitted on one split's validation cells (raw P(ALL) and true labels)."""
     labels, prob_raw = np.asarray(labels).astype(int), np.asarray(prob_raw, dtype=float)
+    if not np.isfinite(prob_raw).all():
+        return not_fitted(DIVERGED_NOTE)
     where = f"validation subjects: {len(labels)} cells of {len(set(subjects))} subjects"
     temperature = fit_temperature(prob_raw, labels)
     calibrated = apply_temperature(prob_raw, temperature)

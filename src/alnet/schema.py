@@ -207,30 +207,69 @@ HALF_WIDTH_RANGE = (0.0, 0.5)
 
 
 def _number(value, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
-            or not math.isfinite(value):  # the range first: an int of 400 digits has no float, it is out of range
-        raise TypeError(f"{str(value)[:40]} is not a number in [{low}, {high}]")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a {type(value).__name__} is not a number in [{low}, {high}]")  # no str() of a file's object
+    if not low <= value <= high or not math.isfinite(value):  # the range first: a 400-digit int has no float
+        shown = f"{value:.6g}" if isinstance(value, float) or abs(value) < 10**15 else "a huge integer"
+        raise TypeError(f"{shown} is not a number in [{low}, {high}]")
     return float(value)
 
 
+STORED_TEXT_LIMIT = 300  # characters kept of a stored free-text entry (`fitted_on`, `note`)
+
+
+def stored_text(value) -> str | None:
+    """A stored free-text entry as one line of plain text: control characters (line breaks, terminal escapes)
+    become spaces, at most STORED_TEXT_LIMIT characters; None when it is not a string. Model cards and the ONNX
+    metadata print it."""
+    if not isinstance(value, str):
+        return None
+    text = " ".join("".join(c if c.isprintable() else " " for c in value[:STORED_TEXT_LIMIT]).split())
+    return text or None
+
+
+def _stored_entry(value: dict, numbers: dict[str, tuple[float, float]], texts: tuple[str, ...]) -> dict:
+    """The entries of a stored mapping that alnet writes, each of its type: numbers within their range (others
+    left out) and texts (`stored_text`); anything else a file may hold is dropped, so that it reaches no model
+    card, JSON or metadata."""
+    kept = {}
+    for key, (low, high) in numbers.items():
+        try:
+            kept[key] = _number(value.get(key), low, high)
+        except TypeError:
+            pass
+    kept.update({key: text for key in texts if (text := stored_text(value.get(key)))})
+    return kept
+
+
 def checked_calibration(value) -> dict | None:
-    """A stored `calibration`, or None when there is none; TypeError when it is malformed."""
+    """A stored `calibration`, or None when there is none; TypeError when it is malformed. Only what alnet writes
+    is kept (`_stored_entry`): the temperature (which must be sane), the validation NLLs, `fitted_on`, `note`."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise TypeError("calibration is not a mapping")
     if value.get("temperature") is None:
         return None  # stored as "not calibrated", with a note
-    return {**value, "temperature": _number(value["temperature"], *TEMPERATURE_RANGE)}
+    method = value.get("method", "temperature")
+    if not isinstance(method, str) or method != "temperature":
+        raise TypeError(f"calibration method {str(method)[:40]!r} with a temperature")
+    temperature = _number(value["temperature"], *TEMPERATURE_RANGE)
+    nll = (0.0, float("inf"))
+    return {"method": "temperature", "temperature": temperature,
+            **_stored_entry(value, {"validation_nll_before": nll, "validation_nll_after": nll}, ("fitted_on", "note"))}
 
 
 def checked_review(value) -> dict | None:
-    """A stored `review` band, or None; TypeError when it is malformed."""
+    """A stored `review` band, or None; TypeError when it is malformed. Only what alnet writes is kept."""
     if value is None:
         return None
     if not isinstance(value, dict):
         raise TypeError("review is not a mapping")
-    return {**value, "half_width": _number(value.get("half_width"), *HALF_WIDTH_RANGE)}
+    half_width = _number(value.get("half_width"), *HALF_WIDTH_RANGE)
+    return {"half_width": half_width, **_stored_entry(
+        value, {"threshold": (0.0, 1.0), "target_coverage": (0.0, 1.0), "validation_coverage": (0.0, 1.0)},
+        ("fitted_on",))}
 
 
 # ONNX metadata --------------------------------------------------------------------------------------------------

@@ -356,17 +356,17 @@ def package(
 ):
     """Write a bioimage.io model package: rdf.yaml (format 0.5), ONNX and TorchScript weights, test tensors,
     a Grad-CAM cover and the model card."""
-    from ..checkpoint import load_trained_model, read_checkpoint
+    from ..checkpoint import load_trained_model
     from ..infer.package import FILES, build_package
     from ..report.model_card import checkpoint_card
 
     checkpoint = _checkpoint_of(target)
+    trained = load_trained_model(checkpoint)  # first: a checkpoint that cannot be read is named in one line
     run = _run_of(checkpoint)
     image = image or _test_image_of(run)
     if image is None:
         fail(f"{checkpoint}: no test image of its run is on disk; pass a cell image with --image")
-    trained = load_trained_model(checkpoint)
-    card = checkpoint_card(checkpoint, trained.config, run, read_checkpoint(checkpoint).get("calibration"))
+    card = checkpoint_card(checkpoint, trained.config, run, trained.calibration)
     out = build_package(checkpoint, out_dir, image, card, authors=author, licence=licence, zip_archive=zip_archive,
                         maintainers=maintainer or [])
     result(f"wrote the bioimage.io package {out}/ ({', '.join(FILES.values())})"

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image
 
-from ..checkpoint import load_trained_model
+from ..checkpoint import load_trained_model, not_a_file
 from ..data.cnmc import IMAGE_SUFFIXES
 from ..data.transforms import batch_to_float, load_image
 from ..int8 import Int8Error
@@ -61,7 +61,8 @@ def _onnx_pipeline(path: Path) -> Pipeline:
     import onnxruntime as ort
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX model; write one with `alnet export CHECKPOINT --onnx FILE`")
+        raise FileNotFoundError(f"{path}: {not_a_file(path, 'ONNX model')}; write one with `alnet export CHECKPOINT "
+                                "--onnx FILE`")
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as err:  # empty, truncated or not ONNX at all: onnxruntime raises its own error types

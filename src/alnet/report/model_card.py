@@ -13,12 +13,14 @@ The trust entries of metrics.json (`intervals`: subject-bootstrap intervals of a
 from __future__ import annotations
 
 import hashlib
+import html
 import importlib.metadata
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..labels import THRESHOLD
+from ..schema import stored_text
 from . import paper
 from .tables import METRIC_NAMES, number
 
@@ -52,6 +54,12 @@ class CardFacts:
 
 
 # --- pure rendering --------------------------------------------------------------------------------------------
+
+def _text(value) -> str:
+    """Free text from a run's files or a checkpoint (a calibration's `note`, `fitted_on`) as one plain markdown
+    line: no line breaks or terminal escapes (`schema.stored_text`), no HTML; "" for what is not text."""
+    return html.escape(stored_text(value) or "", quote=False)
+
 
 def _value(value) -> str:
     if isinstance(value, bool) or value is None:
@@ -300,8 +308,9 @@ def _test_calibration(entries: list[tuple[str, dict]]) -> list[str]:
         before, after = c.get("before") or {}, c.get("after") or {}
         scores = [f"{number(before[k])} → {number(after[k])}" if after else number(before.get(k))
                   for k, _ in CALIBRATION_SCORES]
-        method = (f"temperature, T = {_value(c.get('temperature'))}" + (f" ({c['note']})" if c.get("note") else "")
-                  if c.get("method") == "temperature" else c.get("note") or str(c.get("method")))
+        note = _text(c.get("note"))
+        method = (f"temperature, T = {_value(c.get('temperature'))}" + (f" ({note})" if note else "")
+                  if c.get("method") == "temperature" else note or _text(c.get("method")))
         rows.append([name, method, *scores])
     return ["", "### Calibration", "",
             "Scores of P(ALL) on the test cells, the network's own → calibrated (lower is better); the temperature "
@@ -316,8 +325,8 @@ def _calibration(facts: CardFacts) -> list[str]:
         return []
     lines = [*_section("Calibration of the output", "28, 36"),
              f"The model's P(ALL) is temperature-scaled, σ(logit(P(ALL)) / T) with T = {_value(c['temperature'])}"
-             + (f", fitted on {c['fitted_on']}" if c.get("fitted_on") else "")
-             + (f" ({c['note']})" if isinstance(c.get("note"), str) else "") + "."]
+             + (f", fitted on {_text(c.get('fitted_on'))}" if _text(c.get("fitted_on")) else "")
+             + (f" ({_text(c.get('note'))})" if _text(c.get("note")) else "") + "."]
     if isinstance(c.get("validation_nll_before"), (int, float)) and isinstance(c.get("validation_nll_after"),
                                                                                (int, float)):
         lines[-1] += (f" Validation negative log-likelihood {number(c['validation_nll_before'])} → "

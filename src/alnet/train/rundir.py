@@ -145,9 +145,18 @@ class RunDir:
         (self.fold(name) / "checkpoint.txt").write_text(Path(checkpoint).name + "\n")
 
     def chosen_checkpoint(self, name: str) -> Path | None:
-        """The checkpoint a finished fold was tested with; None while the fold is unfinished."""
+        """The checkpoint a finished fold was tested with; None while the fold is unfinished. The record holds a
+        file name in the fold's checkpoint folder, never a path, so a run directory from elsewhere cannot send a
+        command (`quantize` rewrites the checkpoint) to a file outside it; anything else is a ValueError."""
         record = self.fold(name) / "checkpoint.txt"
-        return self.checkpoints(name) / record.read_text().strip() if record.is_file() else None
+        if not record.is_file():
+            return None
+        with open(record, encoding="utf-8", errors="replace") as handle:
+            chosen = handle.read(256).strip()
+        if not chosen or chosen in (".", "..") or any(c in chosen for c in "/\\\0\n"):
+            raise ValueError(f"{record}: names {chosen[:80]!r}, not a checkpoint file of {self.checkpoints(name)}; "
+                             "this run directory was altered: pass its checkpoint (.ckpt) itself")
+        return self.checkpoints(name) / chosen
 
     def final_checkpoint(self) -> Path | None:
         """The checkpoint that stands for the whole run: the final model (prelim), else fold 0's."""

@@ -44,15 +44,16 @@ def negative_log_likelihood(labels, prob) -> float:
     return float(F.binary_cross_entropy(p, torch.as_tensor(np.asarray(labels, dtype=np.float64))))
 
 
-UNBOUNDED_NOTE = ("every validation cell was called right: the data set no limit on how sure P(ALL) may be, so the "
-                  "network's own probabilities are kept")
+UNBOUNDED_NOTE = ("every validation cell was called right, so these cells put no limit on how sure P(ALL) may be: "
+                  "the network's own probabilities are kept")
 
 
 def every_call_right(prob_raw, labels) -> bool:
-    """Whether P(ALL) calls every cell right (ALL above 0.5, HEM below). Then the NLL of σ(logit(p) / T) falls
-    without end as T → 0: the data say only "sharper is better", not how sharp."""
+    """Whether no cell is on the wrong side of 0.5 (a cell at exactly 0.5 costs log 2 at any T). Then the NLL of
+    σ(logit(p) / T) falls without end as T → 0: the data say only "sharper is better", not how sharp."""
     labels, prob_raw = np.asarray(labels), np.asarray(prob_raw, dtype=np.float64)
-    return len(labels) > 0 and bool(np.all((prob_raw > 0.5) == (labels == 1)) and np.all(prob_raw != 0.5))
+    margin = np.where(labels == 1, prob_raw - 0.5, 0.5 - prob_raw)  # NaN is never right
+    return len(labels) > 0 and bool(np.all(margin >= 0)) and bool(np.any(margin > 0))
 
 
 def fit_temperature(prob_raw, labels) -> float:
@@ -60,15 +61,20 @@ def fit_temperature(prob_raw, labels) -> float:
 
     The NLL is convex in 1/T (a one-coefficient logistic regression on the logit), so L-BFGS finds the
     minimum and clamping it to INVERSE_TEMPERATURE_RANGE gives the minimum within that range. T = 1 (no
-    change) is kept whenever the fit does not lower the NLL, so calibration never worsens it on these data,
-    and where every call is right: there the minimum is at T → 0 (`every_call_right`), and a small split's few
-    validation cells would make every later answer nearly 0 or 1, however wrong."""
-    labels = np.asarray(labels, dtype=np.float64)
-    if len(labels) == 0 or labels.min() == labels.max():
-        return 1.0  # one class only: nothing to calibrate against
+    change) is kept whenever the fit does not lower the NLL as `negative_log_likelihood` reports it, so
+    calibration never worsens it on these data; where every call is right, since there the minimum is at
+    T → 0 (`every_call_right`) and a small split's few validation cells would make every later answer nearly 0
+    or 1, however wrong; and where a probability is not a number. Labels must be 0 (HEM) or 1 (ALL)."""
+    prob_raw, labels = np.asarray(prob_raw, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if prob_raw.shape != labels.shape or prob_raw.ndim != 1:
+        raise ValueError(f"{prob_raw.shape} probabilities for {labels.shape} labels")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (HEM) or 1 (ALL)")
+    if len(labels) == 0 or labels.min() == labels.max() or not np.isfinite(prob_raw).all():
+        return 1.0  # one class only (nothing to calibrate against) or a network that gave no number
     if every_call_right(prob_raw, labels):
         return 1.0
-    z = logit_torch(torch.as_tensor(np.asarray(prob_raw, dtype=np.float64)))
+    z = logit_torch(torch.as_tensor(prob_raw))
     y = torch.as_tensor(labels)
     inverse = torch.ones((), dtype=torch.float64, requires_grad=True)
     optimiser = torch.optim.LBFGS([inverse], lr=1.0, max_iter=200, tolerance_grad=1e-10,
@@ -85,10 +91,9 @@ def fit_temperature(prob_raw, labels) -> float:
     fitted = float(inverse.detach().clamp(low, high))
     if not np.isfinite(fitted):
         return 1.0
-    with torch.no_grad():
-        nll = float(F.binary_cross_entropy_with_logits(z * fitted, y))
-        unchanged = float(F.binary_cross_entropy_with_logits(z, y))
-    return 1.0 / fitted if nll < unchanged else 1.0
+    lowered = (negative_log_likelihood(labels, apply_temperature(prob_raw, 1.0 / fitted))
+               < negative_log_likelihood(labels, prob_raw))
+    return 1.0 / fitted if lowered else 1.0
 
 
 def calibration_scores(labels, prob) -> dict[str, float]:
