@@ -112,11 +112,63 @@ def test_a_run_directory_cannot_send_a_command_to_a_checkpoint_outside_it(tmp_pa
     victim = tmp_path / "elsewhere.ckpt"
     shutil.copy(mini_checkpoint, victim)
     before = victim.read_bytes()
+    record = run / "folds" / "fold_0" / "checkpoint.txt"
     for named in (str(victim), "../../../elsewhere.ckpt"):
-        (run / "folds" / "fold_0" / "checkpoint.txt").write_text(named + "\n")
+        record.write_text(named + "\n")
         result = runner.invoke(app, ["quantize", str(run), "--data", str(_a_cell(mini_root))])
-        assert result.exit_code == 2 and "checkpoint.txt: names" in result.output, result.output
+        assert result.exit_code == 2 and "checkpoint.txt: does not name a file" in result.output, result.output
         assert victim.read_bytes() == before
+    record.write_text(mini_checkpoint.name + "\n")  # a proper record, but the fold's folder is a link out
+    shutil.rmtree(run / "checkpoints" / "fold_0")
+    (run / "checkpoints" / "fold_0").symlink_to(victim.parent)
+    victim.rename(victim.parent / mini_checkpoint.name)
+    victim = victim.parent / mini_checkpoint.name
+    result = runner.invoke(app, ["quantize", str(run), "--data", str(_a_cell(mini_root))])
+    assert result.exit_code == 2 and "leads out of" in result.output, result.output
+    assert victim.read_bytes() == before
+
+
+def test_package_takes_its_test_image_only_from_the_cells_the_run_recorded(tmp_path, mini_checkpoint, mini_root):
+    """A predictions.csv from elsewhere may name any file; the package (which is shared) shows a C-NMC cell under
+    the run's data root, never a file like a private photo."""
+    import csv
+
+    from alnet.cli.infer import _test_image_of
+    from alnet.train.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(mini_checkpoint.parents[2], run.path)
+    run.write_json(run.data, {**run.read_json(run.data), "root": str(mini_root)})  # as `alnet train --data` records
+    with open(run.predictions, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    photo = tmp_path / "holiday.jpg"
+    photo.write_bytes(b"private")
+    named = tmp_path / "UID_1_1_1_all.bmp"  # a cell's name, but outside the data root
+    named.write_bytes(b"private")
+    rows = [{**rows[0], "path": str(photo)}, {**rows[0], "path": str(named)}, *rows]
+    with open(run.predictions, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    chosen = _test_image_of(run)
+    assert chosen == Path(rows[2]["path"]) and chosen.resolve().is_relative_to(run.data_root().resolve())
+
+
+def test_a_run_directory_s_own_files_are_replaced_never_written_through(tmp_path, mini_checkpoint, mini_root):
+    """RUN/evaluation.json (and every file alnet writes into a run) is written beside and renamed into place: a
+    link standing there from elsewhere is refused before the work, and never followed."""
+    run = tmp_path / "run"
+    shutil.copytree(mini_checkpoint.parents[2], run)
+    outside = tmp_path / "outside.json"
+    outside.write_text("precious")
+    (run / "evaluation.json").symlink_to(outside)
+    result = runner.invoke(app, ["evaluate", str(run), "--data", str(mini_root), "--no-progress"])
+    assert result.exit_code == 2 and "is a link" in result.output, result.output
+    assert outside.read_text() == "precious"
+    from alnet.schema import write_text
+
+    write_text(run / "evaluation.json", "{}")  # the run's own writer replaces the link itself
+    assert outside.read_text() == "precious" and not (run / "evaluation.json").is_symlink()
 
 
 def test_outputs_never_replace_what_alnet_did_not_write(tmp_path, mini_checkpoint, mini_root):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,12 +148,41 @@ def _cell(value) -> object:
     return value
 
 
+def write_atomically(path: Path | str, write) -> None:
+    """`write(temporary path)`, then rename into place: a killed process never leaves a half-written file, and a
+    link or pipe standing at `path` (in a run directory from elsewhere, say) is replaced, never written through.
+    A folder standing there is a ValueError naming it."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise ValueError(f"{path}: a folder stands where alnet writes this file; move it away")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path | str, text: str) -> None:
+    """Every text file alnet writes into a run or output folder (JSON, Markdown, HTML) goes through here."""
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
 def write_csv(path: Path | str, rows: list[dict], fields: list[str]) -> None:
-    """Every CSV alnet writes goes through here: the schema's columns in order, formulas neutralised."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+    """Every CSV alnet writes goes through here: the schema's columns in order, formulas neutralised, written
+    atomically (`write_atomically`)."""
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({key: _cell(value) for key, value in row.items()} for row in rows)
+
+    write_atomically(path, write)
 
 
 def read_csv(path: Path | str) -> list[dict]:
@@ -209,7 +240,8 @@ HALF_WIDTH_RANGE = (0.0, 0.5)
 def _number(value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"a {type(value).__name__} is not a number in [{low}, {high}]")  # no str() of a file's object
-    if not low <= value <= high or not math.isfinite(value):  # the range first: a 400-digit int has no float
+    if not low <= value <= high or (isinstance(value, int) and abs(value) > 10**300) or not math.isfinite(value):
+        # the range and the size first: a 400-digit int has no float
         shown = f"{value:.6g}" if isinstance(value, float) or abs(value) < 10**15 else "a huge integer"
         raise TypeError(f"{shown} is not a number in [{low}, {high}]")
     return float(value)

@@ -198,7 +198,8 @@ def quality(
     real cells of subjects it never saw, in the features of an ALNet trained on real cells."""
     from ..checkpoint import load_trained_model
     from ..gan.quality import measure_quality
-    from ..gan.store import QUALITY, read_gan, write_atomically
+    from ..gan.store import QUALITY, read_gan
+    from ..schema import write_atomically
     from ..train.rundir import RunDir
 
     chosen = _chosen_split(gan_dir, split)

@@ -7,7 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import check_output, console, fail, handles_errors, print_problems, progress_bar, result, warn
+from .common import (
+    check_output,
+    console,
+    fail,
+    handles_errors,
+    print_problems,
+    printable,
+    progress_bar,
+    result,
+    say,
+    warn,
+)
 from .gate import GateOption, NoGateOption, image_check_from
 
 CALIBRATION_IMAGES = 256  # as alnet.int8 (not imported here: --help stays fast)
@@ -290,7 +301,9 @@ def quantize(
     trained = load_trained_model(checkpoint)
     if not supports_int8(trained.model):
         fail(f"{checkpoint}: {trained.name} has no int8 form, only ALNet has; pass an ALNet checkpoint")
-    writable_checkpoint(checkpoint)  # refused before the work, not after
+    rewritten = writable_checkpoint(checkpoint)  # refused before the work, not after
+    if target.is_dir() and not rewritten.is_relative_to(target.resolve()):  # a run directory from elsewhere
+        fail(f"{checkpoint}: leads out of {target} (to {rewritten}); pass that checkpoint itself to rewrite it")
     files, missing = expand_paths(data)
     print_problems([f"{item}: matches no image file; skipped" for item in missing], "--data item(s) without images")
     if not files:
@@ -329,14 +342,30 @@ def _run_of(checkpoint: Path):
 
 
 def _test_image_of(run) -> Path | None:
-    """A cell the run tested on (its predictions.csv), if one is still on disk."""
+    """A cell the run tested on (its predictions.csv), if one is still on disk: a C-NMC image (a training cell's
+    name, or a test set's number) under the data root the run recorded. A run directory from elsewhere may name
+    any file, and the image goes into a package that is shared."""
     import csv
 
-    if run is None or not run.predictions.is_file():
+    from ..data.cnmc import IMAGE_SUFFIXES, parse_name
+
+    def a_cell(path: Path) -> bool:
+        try:
+            return path.stem.isdigit() or bool(parse_name(path.name))
+        except ValueError:
+            return False
+
+    root = run.data_root() if run is not None and run.predictions.is_file() else None
+    if root is None:
         return None
+    root = root.resolve()
     with open(run.predictions, newline="") as handle:
-        return next((Path(row["path"]) for row in csv.DictReader(handle) if Path(row.get("path", "")).is_file()),
-                    None)
+        for row in csv.DictReader(handle):
+            path = Path(row.get("path") or "")
+            if (path.suffix.lower() in IMAGE_SUFFIXES and a_cell(path) and path.is_file()
+                    and path.resolve().is_relative_to(root)):
+                return path
+    return None
 
 
 @handles_errors
@@ -344,7 +373,8 @@ def package(
     target: Annotated[Path, typer.Argument(help="A checkpoint (.ckpt) or a run directory (its final model).")],
     out_dir: Annotated[Path, typer.Option("--out", help="The package folder to write (new or empty).")],
     image: Annotated[Optional[Path], typer.Option(
-        help="A cell image for the test input and the cover (default: a test image of the checkpoint's run).")]
+        help="A cell image for the test input and the cover (default: a C-NMC test cell of the checkpoint's run, "
+        "under the data root it recorded).")]
     = None,
     zip_archive: Annotated[bool, typer.Option("--zip", help="Also write the package as OUT.zip.")] = False,
     author: Annotated[Optional[list[str]], typer.Option(
@@ -363,9 +393,11 @@ def package(
     checkpoint = _checkpoint_of(target)
     trained = load_trained_model(checkpoint)  # first: a checkpoint that cannot be read is named in one line
     run = _run_of(checkpoint)
-    image = image or _test_image_of(run)
     if image is None:
-        fail(f"{checkpoint}: no test image of its run is on disk; pass a cell image with --image")
+        image = _test_image_of(run)
+        if image is None:
+            fail(f"{checkpoint}: no test image of its run is on disk; pass a cell image with --image")
+        say(f"test input and cover: {printable(str(image))} (a test image of {printable(str(run.path))})")
     card = checkpoint_card(checkpoint, trained.config, run, trained.calibration)
     out = build_package(checkpoint, out_dir, image, card, authors=author, licence=licence, zip_archive=zip_archive,
                         maintainers=maintainer or [])

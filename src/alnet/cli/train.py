@@ -86,6 +86,8 @@ def _is_metrics_json(path: Path) -> bool:
     import json
 
     try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 2**26:  # never opens a pipe
+            return False
         content = json.loads(path.read_text())
         return isinstance(content, dict) and {"protocol", "folds"} <= set(content)
     except (OSError, UnicodeDecodeError, ValueError):
@@ -216,16 +218,16 @@ def evaluate(
     from ..train.rundir import RunDir
 
     image_check = image_check_from(gate, no_gate)
-    if out_file is not None:  # checked before the work, not after
+    run = RunDir(target) if target.is_dir() else None
+    if run is not None and not run.exists():
+        fail(f"{target}: not a run directory (no config.yaml); pass a run directory or a .ckpt file")
+    out_file = out_file or (run.evaluation if run is not None else None)
+    if out_file is not None:  # checked before the work, not after (RUN/evaluation.json too: a link, a folder)
         check_output(out_file, force, _is_metrics_json(out_file), inputs=(target,))
-    if target.is_dir():
-        run = RunDir(target)
-        if not run.exists():
-            fail(f"{target}: not a run directory (no config.yaml); pass a run directory or a .ckpt file")
+    if run is not None:
         config = RunConfig.from_yaml(run.config)
         metrics = evaluate_run(run.path, prepare_data(data, cache, workers, config.preprocessing, progress=progress),
                                image_check, gate=not no_gate)
-        out_file = out_file or run.evaluation
     else:
         pipeline = checkpoint_pipeline(target, image_check, gate=not no_gate)
         prepared = prepare_data(data, cache, workers, pipeline.preprocessing, progress=progress)
@@ -234,7 +236,9 @@ def evaluate(
     if out_file is not None:
         import json
 
-        out_file.write_text(json.dumps(metrics, indent=2))
+        from ..schema import write_text
+
+        write_text(out_file, json.dumps(metrics, indent=2))
         result(f"metrics written to {out_file}")
 
 

@@ -17,9 +17,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,22 +171,6 @@ def read_gan(folder: Path | str) -> TrainedGan:
     if not all(torch.isfinite(t).all() for t in generator.state_dict().values() if t.is_floating_point()):
         raise GanError(f"{weights}: holds values that are not finite (NaN or infinity); {fix}")
     return TrainedGan(folder, record, generator.eval())
-
-
-def write_atomically(path: Path, write) -> None:
-    """`write(temporary path)`, then rename into place: a killed process never leaves a half-written file, and a
-    link or pipe standing at `path` is replaced, never written through."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(temporary))
-        os.chmod(temporary, 0o666 & ~umask)  # as an ordinary file (mkstemp makes it private)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def class_counts(n: int, labels: np.ndarray) -> dict[int, int]:

@@ -26,9 +26,9 @@ from ..data.cnmc import Cell
 from ..data.protocols import Split
 from ..data.transforms import to_float
 from ..labels import ALL, HEM
-from ..schema import GAN_HISTORY_FIELDS, write_csv
+from ..schema import GAN_HISTORY_FIELDS, write_atomically, write_csv
 from .networks import MAX_PARAMETERS, RESOLUTIONS, Discriminator, Generator, diff_augment, parameter_count
-from .store import GAN_JSON, GENERATOR, HISTORY, SAMPLES, class_counts, generate, write_atomically
+from .store import GAN_JSON, GENERATOR, HISTORY, SAMPLES, class_counts, generate
 
 LOG_EVERY = 25  # steps between two rows of history.csv
 EMA_DECAY = 0.999
@@ -158,7 +158,7 @@ def train_gan(prepared: Prepared, split: Split, config: GanConfig, folder: Path 
     average = average.float().to("cpu").to(memory_format=torch.contiguous_format)
     state = {k: v.contiguous() for k, v in average.state_dict().items()}
     write_atomically(folder / GENERATOR, lambda p: torch.save({"state_dict": state}, p))
-    write_atomically(folder / HISTORY, lambda p: write_csv(p, history, GAN_HISTORY_FIELDS))
+    write_csv(folder / HISTORY, history, GAN_HISTORY_FIELDS)
     write_atomically(folder / SAMPLES, lambda p: write_samples(
         average, prepared.images[rows], labels.cpu().numpy(), p, config.seed,
         f"{split.name}: generated (left) and real training cells (right)"))

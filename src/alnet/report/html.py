@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from ..models import model_spec
+from ..schema import write_text
 from . import paper
 from .tables import COMPARISON, METRIC_COLUMNS, number
 
@@ -121,7 +122,7 @@ def write_run_report(run, result: dict, config: dict) -> Path:
                      + "</div>"]
     body += ["<h2>Configuration</h2>", _table(["setting", "value"],
                                               [("", [_esc(k), _esc(v)]) for k, v in config.items()])]
-    run.report.write_text(_page(f"alnet run {run.path.name}", "".join(body)))
+    write_text(run.report, _page(f"alnet run {run.path.name}", "".join(body)))
     return run.report
 
 
@@ -199,5 +200,5 @@ def write_comparison_report(comparison, rows: list[dict], table9: list[dict], pr
         roc = comparison.run(r["model"]).figures / "roc.png"
         if roc.is_file():
             body += [f"<h2>{_esc(r['model'])}: ROC</h2>", _image(roc, f"{r['model']} ROC", 420)]
-    comparison.report.write_text(_page("alnet model comparison", "".join(body)))
+    write_text(comparison.report, _page("alnet model comparison", "".join(body)))
     return comparison.report

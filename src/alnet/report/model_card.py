@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..labels import THRESHOLD
-from ..schema import stored_text
+from ..schema import stored_text, write_text
 from . import paper
 from .tables import METRIC_NAMES, number
 
@@ -62,11 +62,17 @@ def _text(value) -> str:
 
 
 def _value(value) -> str:
+    """A value from a run's files as the card shows it; what is not a number or text (a file from elsewhere may
+    hold anything) is shown by its type only."""
     if isinstance(value, bool) or value is None:
         return str(value).lower() if isinstance(value, bool) else "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**15 else "(a huge integer)"
+    if isinstance(value, str):
+        return _text(value)
+    return f"({type(value).__name__})"
 
 
 def _interval(entry: dict, metric: str) -> tuple[float, float] | None:
@@ -204,7 +210,7 @@ def _model(facts: CardFacts) -> list[str]:
              f"- **Output**: two logits (HEM, ALL) → P(ALL) by the `{c.get('head', 'sigmoid')}` head rule.",
              f"- **Initialisation**: {start}"]
     if facts.weights_sha256:
-        lines.append(f"- **Weights**: `{facts.weights_name}`, sha256 `{facts.weights_sha256}`")
+        lines.append(f"- **Weights**: `{_value(facts.weights_name).replace('`', '')}`, sha256 `{facts.weights_sha256}`")
     if facts.versions:
         lines.append("- **Software**: " + ", ".join(f"{k} {v}" for k, v in facts.versions.items()))
     return lines
@@ -362,7 +368,7 @@ def _availability(facts: CardFacts) -> list[str]:
 def render_model_card(facts: CardFacts) -> str:
     """The model card as Markdown, from facts alone (no files, no clock)."""
     c = facts.config
-    title = f"# Model card: {c['model']}" + (f" ({facts.run_name})" if facts.run_name else "")
+    title = f"# Model card: {_value(c['model'])}" + (f" ({_value(facts.run_name)})" if facts.run_name else "")
     lines = [title, "",
              f"Reporting follows {CHECKLIST}; each section names the items it answers. "
              "Item 5: a retrospective use of a public dataset. Items 18 (inter-rater variability) and 19 "
@@ -395,11 +401,11 @@ def software_versions() -> dict[str, str]:
 
 def card_facts(run, weights: Path | None = None, calibration: dict | None = None) -> CardFacts:
     """Facts from a run directory (`train.rundir.RunDir`); `weights` defaults to the run's final checkpoint."""
-    import yaml
+    from ..config import read_yaml
 
     weights = weights or run.final_checkpoint()
     return CardFacts(
-        config=yaml.safe_load(run.config.read_text()),
+        config=read_yaml(run.config),
         metrics=run.read_json(run.metrics) if run.metrics.is_file() else None,
         splits=run.read_json(run.splits) if run.splits.is_file() else [],
         data=run.read_json(run.data) if run.data.is_file() else {},
@@ -412,15 +418,19 @@ def checkpoint_card(checkpoint: Path, config: dict, run=None, calibration: dict 
     """The card of one checkpoint (for a package): from its run directory when it has one, else from the
     checkpoint's own configuration."""
     checkpoint = Path(checkpoint)
-    if run is not None and run.exists():
-        facts = card_facts(run, weights=checkpoint, calibration=calibration)
-    else:
-        facts = CardFacts(config=config, weights_name=checkpoint.name, weights_sha256=sha256_of(checkpoint),
-                          versions=software_versions(), calibration=calibration)
-    return render_model_card(facts)
+    if run is None or not run.exists():
+        return render_model_card(CardFacts(config=config, weights_name=checkpoint.name,
+                                           weights_sha256=sha256_of(checkpoint), versions=software_versions(),
+                                           calibration=calibration))
+    try:
+        return render_model_card(card_facts(run, weights=checkpoint, calibration=calibration))
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError) as err:
+        # A run directory from elsewhere, or edited by hand: its files are not as alnet writes them.
+        raise ValueError(f"{run.path}: its metrics.json, splits.json or data.json is not as alnet writes them "
+                         f"({type(err).__name__}); pass the checkpoint file itself, without its run") from None
 
 
 def write_model_card(run) -> Path:
     """RUN/model_card.md from the run's files."""
-    run.model_card.write_text(render_model_card(card_facts(run)))
+    write_text(run.model_card, render_model_card(card_facts(run)))
     return run.model_card

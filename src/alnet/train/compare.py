@@ -13,7 +13,7 @@ from ..data.cache import Prepared
 from ..data.protocols import make_splits
 from ..metrics import METRICS
 from ..models import create_model_from, model_spec, trainable_parameters
-from ..schema import read_csv, read_predictions, write_csv
+from ..schema import read_csv, read_predictions, write_csv, write_text
 from ..trust.subjects import paired_difference
 from .loggers import Tracking
 from .run import RunError, check_devices, check_gans, config_changes, train_run
@@ -77,7 +77,7 @@ def compare(models: list[str], base: RunConfig, prepared: Prepared, out: Path | 
             differences[name] = paired_difference(read_predictions(comparison.run(name).predictions),
                                                   read_predictions(comparison.run(f"{name}{WITH_GENERATED}").predictions),
                                                   seed=base.seed)
-        comparison.generated.write_text(json.dumps({"gan_dir": base.synthetic, "ratio": base.synthetic_ratio,
+        write_text(comparison.generated, json.dumps({"gan_dir": base.synthetic, "ratio": base.synthetic_ratio,
                                                     "difference": differences}, indent=2))
     write_tables(comparison, rows, table9, base.protocol, note, differences)
     return rows, table9
@@ -157,7 +157,7 @@ def write_tables(comparison: ComparisonDir, rows: list[dict], table9: list[dict]
               "Published results on C-NMC 2019 (the paper's Table 10): "
               + "; ".join(f"{work} {number(acc)}" for work, acc in paper.TABLE_10) + ".", "",
               f"Paper: {paper.CITATION}"]
-    comparison.markdown.write_text("\n".join(lines) + "\n")
+    write_text(comparison.markdown, "\n".join(lines) + "\n")
     write_comparison_report(comparison, rows, table9, protocol, note)
 
 

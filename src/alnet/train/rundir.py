@@ -30,6 +30,8 @@ import os
 import time
 from pathlib import Path
 
+from ..schema import write_text
+
 FINAL_MODEL_FOLDS = ("prelim", "fold_0")  # the model a run stands for: trained on all folds, else the first
 
 
@@ -142,7 +144,7 @@ class RunDir:
     def record_chosen(self, name: str, checkpoint: Path | str) -> None:
         """Remember which checkpoint a fold was tested with (folds/<fold>/checkpoint.txt)."""
         self.fold(name).mkdir(parents=True, exist_ok=True)
-        (self.fold(name) / "checkpoint.txt").write_text(Path(checkpoint).name + "\n")
+        write_text(self.fold(name) / "checkpoint.txt", Path(checkpoint).name + "\n")
 
     def chosen_checkpoint(self, name: str) -> Path | None:
         """The checkpoint a finished fold was tested with; None while the fold is unfinished. The record holds a
@@ -151,11 +153,13 @@ class RunDir:
         record = self.fold(name) / "checkpoint.txt"
         if not record.is_file():
             return None
-        with open(record, encoding="utf-8", errors="replace") as handle:
+        altered = f"{record}: {{}}; this run directory was altered: pass its checkpoint (.ckpt) itself"
+        if record.is_symlink():  # alnet writes a file; a link's target is never quoted back
+            raise ValueError(altered.format("a link, not the record alnet writes"))
+        with open(record, encoding="utf-8-sig", errors="replace") as handle:
             chosen = handle.read(256).strip()
         if not chosen or chosen in (".", "..") or any(c in chosen for c in "/\\\0\n"):
-            raise ValueError(f"{record}: names {chosen[:80]!r}, not a checkpoint file of {self.checkpoints(name)}; "
-                             "this run directory was altered: pass its checkpoint (.ckpt) itself")
+            raise ValueError(altered.format(f"does not name a file of {self.checkpoints(name)}"))
         return self.checkpoints(name) / chosen
 
     def final_checkpoint(self) -> Path | None:
@@ -176,7 +180,7 @@ class RunDir:
         return json.loads(path.read_text())
 
     def write_json(self, path: Path, value) -> None:
-        path.write_text(json.dumps(value, indent=2))
+        write_text(path, json.dumps(value, indent=2))
 
 
 class ComparisonDir:
