@@ -113,6 +113,16 @@ def test_probability_of_all_is_above_half_exactly_when_the_all_output_wins():
         assert p[0] < 0.5 < p[1] and torch.isclose(p[2], torch.tensor(0.5))
 
 
+def test_probability_of_all_of_two_sigmoids_is_their_quotient_and_stays_finite_where_both_say_no():
+    """σ(b) / (σ(a) + σ(b)), also where both outputs are so negative that both sigmoids round to 0 (0/0)."""
+    logits = torch.tensor([[2.0, -1.0], [-3.5, 0.25], [-54.0, -23.0], [-1000.0, -1001.0]])
+    s = torch.sigmoid(logits.double())
+    quotient = (s[:, 1] / (s[:, 0] + s[:, 1])).float()
+    p = probability_all(logits, "sigmoid")
+    torch.testing.assert_close(p[:3], quotient[:3])
+    assert torch.isfinite(p).all() and p[2] > 0.999 and torch.isclose(p[3], torch.sigmoid(torch.tensor(-1.0)))
+
+
 def test_registry_is_the_one_way_in_and_names_unknown_models():
     assert "alnet" in available_models()
     with pytest.raises(ValueError, match="alnet"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 HEADS = ("sigmoid", "softmax")
 
@@ -12,8 +13,11 @@ def probability_all(logits: torch.Tensor, head: str) -> torch.Tensor:
     p > 0.5 exactly when the ALL output is the larger one (Keras' argmax prediction)."""
     if head == "softmax":
         return torch.softmax(logits.float(), dim=1)[:, 1]
-    s = torch.sigmoid(logits.float())
-    return s[:, 1] / (s[:, 0] + s[:, 1])
+    # σ(b) / (σ(a) + σ(b)) = σ(log σ(b) − log σ(a)) = σ(softplus(−a) − softplus(−b)). The quotient itself is 0/0
+    # (NaN) where both outputs are strongly negative: both sigmoids round to 0 (in onnxruntime already below −18).
+    # softplus exports as a stable operator, so the graph and PyTorch agree there too.
+    logits = logits.float()
+    return torch.sigmoid(F.softplus(-logits[:, 0]) - F.softplus(-logits[:, 1]))
 
 
 def logits_for(p: torch.Tensor, head: str) -> torch.Tensor:
