@@ -152,6 +152,9 @@ def test_package_takes_its_test_image_only_from_the_cells_the_run_recorded(tmp_p
         writer.writerows(rows)
     chosen = _test_image_of(run)
     assert chosen == Path(rows[2]["path"]) and chosen.resolve().is_relative_to(run.data_root().resolve())
+    for root in ("/", str(tmp_path), "."):  # the file system, a folder that is no C-NMC copy, a relative root
+        run.write_json(run.data, {**run.read_json(run.data), "root": root})
+        assert _test_image_of(run) is None, root
 
 
 def test_a_run_directory_s_own_files_are_replaced_never_written_through(tmp_path, mini_checkpoint, mini_root):
@@ -169,6 +172,18 @@ def test_a_run_directory_s_own_files_are_replaced_never_written_through(tmp_path
 
     write_text(run / "evaluation.json", "{}")  # the run's own writer replaces the link itself
     assert outside.read_text() == "precious" and not (run / "evaluation.json").is_symlink()
+    import matplotlib.pyplot as plt
+
+    from alnet.report.figures import save_figure, write_run_figures
+
+    (run / "figures" / "roc.png").unlink()
+    (run / "figures" / "roc.png").symlink_to(outside)  # figures too
+    save_figure(plt.figure(), run / "figures" / "roc.png")
+    assert outside.read_text() == "precious" and not (run / "figures" / "roc.png").is_symlink()
+    shutil.rmtree(run / "figures")
+    (run / "figures").symlink_to(tmp_path)  # a figures folder that leads out of the run
+    with pytest.raises(ValueError, match="a link, not the run's own folder"):
+        write_run_figures(run / "figures", {}, [])
 
 
 def test_outputs_never_replace_what_alnet_did_not_write(tmp_path, mini_checkpoint, mini_root):

@@ -155,7 +155,7 @@ def write_atomically(path: Path | str, write) -> None:
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         raise ValueError(f"{path}: a folder stands where alnet writes this file; move it away")
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.")  # a legal long name too
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)

@@ -347,7 +347,7 @@ def _test_image_of(run) -> Path | None:
     any file, and the image goes into a package that is shared."""
     import csv
 
-    from ..data.cnmc import IMAGE_SUFFIXES, parse_name
+    from ..data.cnmc import IMAGE_SUFFIXES, DatasetError, locate, parse_name
 
     def a_cell(path: Path) -> bool:
         try:
@@ -356,15 +356,19 @@ def _test_image_of(run) -> Path | None:
             return False
 
     root = run.data_root() if run is not None and run.predictions.is_file() else None
-    if root is None:
+    if root is None or not root.is_absolute() or root.resolve() == Path(root.anchor):
+        return None  # alnet records an absolute data root, never the file system's
+    try:
+        locate(root)  # a C-NMC layout, not any folder
+        root = root.resolve()
+        with open(run.predictions, newline="") as handle:
+            for row in csv.DictReader(handle):
+                path = Path(row.get("path") or "")
+                if (path.suffix.lower() in IMAGE_SUFFIXES and a_cell(path) and path.is_file()
+                        and path.resolve().is_relative_to(root)):
+                    return path
+    except (OSError, csv.Error, UnicodeDecodeError, ValueError, DatasetError):  # not as alnet writes them
         return None
-    root = root.resolve()
-    with open(run.predictions, newline="") as handle:
-        for row in csv.DictReader(handle):
-            path = Path(row.get("path") or "")
-            if (path.suffix.lower() in IMAGE_SUFFIXES and a_cell(path) and path.is_file()
-                    and path.resolve().is_relative_to(root)):
-                return path
     return None
 
 

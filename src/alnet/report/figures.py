@@ -12,6 +12,12 @@ import numpy as np  # noqa: E402
 
 from .. import metrics as M  # noqa: E402
 from ..labels import ALL, HEM, NAMES, is_all  # noqa: E402
+from ..schema import write_atomically  # noqa: E402
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """A PNG as every file alnet writes into a run: beside its place, then renamed into it (never through a link)."""
+    write_atomically(path, lambda temporary: fig.savefig(temporary, dpi=dpi, format="png"))
 
 
 def plot_history(history: list[dict], path: Path, title: str) -> None:
@@ -28,7 +34,7 @@ def plot_history(history: list[dict], path: Path, title: str) -> None:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -46,7 +52,7 @@ def plot_confusion(confusion: dict, path: Path, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -63,11 +69,13 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title
     ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def write_run_figures(out: Path, predictions: dict[str, list[dict]], history: list[dict]) -> list[Path]:
+    if out.is_symlink():  # a run directory from elsewhere: its figures/ would lead the writes out of it
+        raise ValueError(f"{out}: a link, not the run's own folder; remove it and resume the run again")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     curves = {}

@@ -17,6 +17,7 @@ from ..labels import ALL, HEM, NAMES, THRESHOLD  # noqa: E402
 from ..trust.calibration import reliability  # noqa: E402
 from ..trust.review import risk_coverage  # noqa: E402
 from ..trust.test_set import raw_probabilities  # noqa: E402
+from .figures import save_figure  # noqa: E402
 from .tables import number  # noqa: E402
 
 COLOURS = {ALL: "#c0392b", HEM: "#2e6fb7"}
@@ -37,7 +38,7 @@ def plot_reliability(sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     axes[0].set_ylabel("share of ALL cells")
     axes[1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -64,7 +65,7 @@ def plot_subjects(sets: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], pat
         ax.scatter([], [], color=COLOURS[label], label=f"true {NAMES[label]}")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -83,7 +84,7 @@ def plot_risk_coverage(sets: dict[str, tuple[np.ndarray, np.ndarray, float | Non
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
 
 

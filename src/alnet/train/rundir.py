@@ -171,9 +171,10 @@ class RunDir:
         return None
 
     def data_root(self) -> Path | None:
-        """The data root the run was trained on (data.json), None when not recorded."""
-        root = self.read_json(self.data).get("root") if self.data.is_file() else None
-        return Path(root) if root else None
+        """The data root the run was trained on (data.json), None when not recorded (or not as alnet writes it)."""
+        data = self.read_json(self.data) if self.data.is_file() else None
+        root = data.get("root") if isinstance(data, dict) else None
+        return Path(root) if isinstance(root, str) and root else None
 
     # small files -----------------------------------------------------------------------------------------------
     def read_json(self, path: Path) -> dict | list:
