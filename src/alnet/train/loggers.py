@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError
+from ..schema import write_text
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
 # logger → (module it needs, the extra that installs it)
@@ -89,7 +90,7 @@ def make_loggers(tracking: Tracking, csv_folder: Path, tensorboard_folder: Path,
         loggers.append(logger)
         if isinstance(logger.run_id, str):  # None on DDP ranks other than 0, which log nothing
             csv_folder.mkdir(parents=True, exist_ok=True)
-            run_id_file.write_text(logger.run_id + "\n")
+            write_text(run_id_file, logger.run_id + "\n")
     for logger in loggers:
         logger.log_hyperparams(params)
     return loggers
