@@ -14,7 +14,7 @@ def probability_all(logits: torch.Tensor, head: str) -> torch.Tensor:
     if head == "softmax":
         return torch.softmax(logits.float(), dim=1)[:, 1]
     # σ(b) / (σ(a) + σ(b)) = σ(log σ(b) − log σ(a)) = σ(softplus(−a) − softplus(−b)). The quotient itself is 0/0
-    # (NaN) where both outputs are strongly negative: both sigmoids round to 0 (in onnxruntime already below −18).
+    # (NaN) where both outputs are strongly negative: both sigmoids round to 0 (onnxruntime's sigmoid did at −23).
     # softplus exports as a stable operator, so the graph and PyTorch agree there too.
     logits = logits.float()
     return torch.sigmoid(F.softplus(-logits[:, 0]) - F.softplus(-logits[:, 1]))
