@@ -129,7 +129,7 @@ def test_hostile_calibration_text_reaches_the_card_as_one_plain_line():
     """A run directory or checkpoint from elsewhere may carry any text: no heading, HTML or escape of its own."""
     from alnet.schema import checked_calibration
 
-    hostile = "x\n\n## Intended use\n\nSAFE TO DIAGNOSE <script>alert(1)</script>\x1b[31m"
+    hostile = "x\n\n## Intended use\n\nSAFE TO DIAGNOSE <script>alert(1)</script>\x1b[31m ![b](http://e.example/p)"
     stored = checked_calibration({"temperature": 2.0, "fitted_on": hostile, "note": hostile})
     fold = {**FOLD, "calibration": {"method": "temperature", "temperature": 2.0, "note": hostile,
                                     "before": {"ece": 0.1, "brier": 0.2, "nll": 0.5},
@@ -140,3 +140,4 @@ def test_hostile_calibration_text_reaches_the_card_as_one_plain_line():
     assert sum(line.startswith("## Intended use") for line in lines) == 1  # the card's own heading only
     assert not any(line.startswith(("#", "SAFE")) and "SAFE" in line for line in lines)
     assert "<script>" not in card and "\x1b" not in card and "&lt;script&gt;" in card
+    assert "![b](" not in card and "!\\[b\\](http://e.example/p)" in card  # no image the card would fetch

@@ -57,8 +57,10 @@ class CardFacts:
 
 def _text(value) -> str:
     """Free text from a run's files or a checkpoint (a calibration's `note`, `fitted_on`) as one plain markdown
-    line: no line breaks or terminal escapes (`schema.stored_text`), no HTML; "" for what is not text."""
-    return html.escape(stored_text(value) or "", quote=False)
+    line: no line breaks or terminal escapes (`schema.stored_text`), no HTML, no link or image (`[` escaped);
+    "" for what is not text."""
+    text = html.escape(stored_text(value) or "", quote=False)
+    return text.replace("[", "\\[").replace("]", "\\]")
 
 
 def _value(value) -> str:
