@@ -66,12 +66,14 @@ def main():
     machine = peaks()
     peak = peak_for("bf16" in precision, machine)
     flops = training_flops(build_module(config, []).model)
+    # The step's efficiency as if its convolutions were all it did.
+    ceiling = efficiency("convolution", args.batch_size / convolution_s, flops, peak)["convolution_efficiency"]
     print(json.dumps({"precision": precision, "batch_size": args.batch_size,
                       "step_ms": round(1000 * step_s, 1), **machine,
                       **efficiency("train", args.batch_size / step_s, flops, peak),
                       **{f"{k}_share": round(v / total, 3) for k, v in shares.items()},
                       "convolution_ms": round(1000 * convolution_s, 1),
-                      "convolution_ceiling": round(args.batch_size * flops / convolution_s / 1e9 / peak, 3)}))
+                      "convolution_ceiling": ceiling}))
 
 
 if __name__ == "__main__":
