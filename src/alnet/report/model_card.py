@@ -331,10 +331,10 @@ def _calibration(facts: CardFacts) -> list[str]:
     c = facts.calibration
     if not c or c.get("temperature") is None:
         return []
+    fitted_on, note = _text(c.get("fitted_on")), _text(c.get("note"))
     lines = [*_section("Calibration of the output", "28, 36"),
              f"The model's P(ALL) is temperature-scaled, σ(logit(P(ALL)) / T) with T = {_value(c['temperature'])}"
-             + (f", fitted on {_text(c.get('fitted_on'))}" if _text(c.get("fitted_on")) else "")
-             + (f" ({_text(c.get('note'))})" if _text(c.get("note")) else "") + "."]
+             + (f", fitted on {fitted_on}" if fitted_on else "") + (f" ({note})" if note else "") + "."]
     if isinstance(c.get("validation_nll_before"), (int, float)) and isinstance(c.get("validation_nll_after"),
                                                                                (int, float)):
         lines[-1] += (f" Validation negative log-likelihood {number(c['validation_nll_before'])} → "
